@@ -1,0 +1,1 @@
+"""LoRA for PaliGemma (filled by the LoRA issue)."""

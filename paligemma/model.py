@@ -1,0 +1,147 @@
+"""PaliGemma = SigLIP vision tower + linear projector + Gemma decoder, as a prefix-LM.
+
+The sequence the decoder sees (the processor builds it):
+
+    [<image> x N] <bos> prompt \\n | suffix <eos>
+    '-------- prefix (token_type 0) ---------' '- suffix (1) -'
+
+Each `<image>` placeholder is replaced by one projected SigLIP patch embedding. The prefix attends
+bidirectionally to itself; suffix tokens attend causally to everything before them. Left padding is
+honoured through `attention_mask` and does not shift position ids, which start at 1.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import PaliGemmaConfig
+from .gemma import GemmaForCausalLM
+from .siglip import SiglipVisionTower
+
+
+class MultiModalProjector(nn.Module):
+    def __init__(self, config: PaliGemmaConfig):
+        super().__init__()
+        self.linear = nn.Linear(config.vision.hidden_size, config.projection_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class PaliGemma(nn.Module):
+    def __init__(self, config: PaliGemmaConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = SiglipVisionTower(config.vision)
+        self.multi_modal_projector = MultiModalProjector(config)
+        self.language_model = GemmaForCausalLM(config.text)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None) -> "PaliGemma":
+        """Local folder or hub repo id (hub layout, single or sharded safetensors); see weights.py."""
+        from .weights import load_pretrained
+        return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, revision=revision)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.model.embed_tokens.weight.device
+
+    def set_gradient_checkpointing(self, enabled: bool = True):
+        self.vision_tower.vision_model.gradient_checkpointing = enabled
+        self.language_model.model.gradient_checkpointing = enabled
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, D_text): one decoder embedding per image patch."""
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D) decoder inputs with image features at the <image> positions.
+
+        Text embeddings are scaled by sqrt(D); image features are not. (Older transformers divide the
+        image features by sqrt(D_text) and then scale the whole sequence: the same function.)
+        """
+        is_image = input_ids == self.config.image_token_index
+        # the <image> id may lie past the embedding table; its rows are overwritten anyway
+        x = self.language_model.model.embed(input_ids.masked_fill(is_image, 0))
+        if pixel_values is None:
+            return x
+        feats = self.image_features(pixel_values).to(x.dtype)  # (B, N, D)
+        n_placeholders = int(is_image.sum())
+        if n_placeholders != feats.shape[0] * feats.shape[1]:
+            raise ValueError(f"input_ids hold {n_placeholders} <image> tokens (id {self.config.image_token_index}) "
+                             f"but pixel_values give {feats.shape[0]} images x {feats.shape[1]} patches")
+        return x.masked_scatter(is_image[..., None], feats)
+
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None,
+                      position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T) -> (B, T, D) final-normed decoder states. With a cache, the T tokens are appended to it."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prefix = attention_mask.bool() if token_type_ids is None else (token_type_ids == 0) & attention_mask.bool()
+        if pixel_values is None and (cache is None or cache.length == 0) \
+                and bool((input_ids == self.config.image_token_index).any()):
+            raise ValueError("input_ids hold <image> tokens but no pixel_values were given")
+        x = self.embed(input_ids, pixel_values)
+        start, slots = 0, None
+        if cache is None:
+            valid, is_prefix = attention_mask.bool(), prefix
+        else:
+            start = cache.length
+            slots = cache.append_mask(attention_mask, prefix)
+            valid, is_prefix = cache.valid, cache.prefix
+        if position_ids is None:  # 1-based count of real tokens so far: padding does not shift positions
+            seen = cache.seen[:, None] if cache is not None else 0
+            position_ids = (seen + attention_mask.long().cumsum(-1)).clamp(min=1)
+        if cache is not None:
+            cache.seen += attention_mask.long().sum(-1)
+        masks = attention_masks(start, T, valid, is_prefix, self.config.text.sliding_window)
+        return self.language_model.model(x, position_ids, masks, cache, slots)
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None,
+                position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
+        """Same inputs as transformers' PaliGemmaForConditionalGeneration; returns logits (B, T, vocab)."""
+        h = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids, position_ids, cache)
+        return self.language_model.logits(h)
+
+    def loss(self, input_ids, pixel_values, attention_mask, token_type_ids, labels) -> torch.Tensor:
+        """Mean next-token cross-entropy over tokens whose label is not -100.
+
+        Logits are computed only where a label exists: at 257k vocabulary entries the full
+        (B, T, vocab) tensor would dwarf everything else in a training step.
+        """
+        h = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids)
+        target = labels[:, 1:]  # position t predicts token t + 1
+        keep = target != -100
+        logits = self.language_model.logits(h[:, :-1][keep]).float()  # (K, vocab)
+        return F.cross_entropy(logits, target[keep])
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        t = self.config.text
+        return KVCache(batch, max_len, t.num_hidden_layers, t.num_key_value_heads, t.head_dim,
+                       self.dtype, self.device)
+
+
+def attention_masks(start: int, T: int, valid: torch.Tensor, prefix: torch.Tensor, window: int | None) -> dict:
+    """Boolean masks (B, 1, T, S), True = may attend, for queries at slots start..start+T-1.
+
+    valid (B, S): slot holds a real token; prefix (B, S): slot is in the bidirectional prefix.
+    A query may see key j when j is a real token and either j <= i (within `window` on sliding
+    layers) or both lie in the prefix. Every query also sees itself, so that padding rows are never
+    empty (an empty softmax row gives NaN, and NaN * 0 still poisons the real rows).
+    """
+    S = valid.shape[1]
+    q = torch.arange(start, start + T, device=valid.device)[:, None]  # (T, 1)
+    k = torch.arange(S, device=valid.device)[None, :]  # (1, S)
+    both_prefix = prefix[:, start:start + T, None] & prefix[:, None, :]  # (B, T, S)
+
+    def mask(causal):
+        return (((causal[None] | both_prefix) & valid[:, None, :]) | (k == q)[None])[:, None]
+
+    masks = {"full": mask(k <= q)}
+    masks["sliding"] = mask((k <= q) & (k > q - window)) if window is not None else masks["full"]
+    return masks

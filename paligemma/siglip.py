@@ -1,0 +1,103 @@
+"""SigLIP vision tower: a ViT that turns an image into one token per patch.
+
+PaliGemma uses SigLIP's encoder output for every patch and drops its attention-pooling head, so
+the head is not built here (its weights are skipped by name when loading). Module names follow the
+hub keys `vision_tower.vision_model.*`.
+"""
+import torch
+import torch.utils.checkpoint
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VisionConfig
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
+        self.position_embedding = nn.Embedding(c.num_patches, c.hidden_size)  # learned, one per patch
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
+        return x + self.position_embedding.weight
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.n_head = c.num_attention_heads
+        self.q_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.k_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.v_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = (p(x).view(B, N, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hs); no mask: every patch sees every patch
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiglipEncoderLayer(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = SiglipAttention(c)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = SiglipMLP(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipEncoder(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(SiglipEncoderLayer(c) for _ in range(c.num_hidden_layers))
+
+
+class SiglipVisionModel(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.embeddings = SiglipEmbeddings(c)
+        self.encoder = SiglipEncoder(c)
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [-1, 1] -> (B, N, D) with N = (S / patch)^2."""
+        x = self.embeddings(pixel_values)
+        for layer in self.encoder.layers:
+            x = checkpoint(layer, x) if self.gradient_checkpointing and self.training else layer(x)
+        return self.post_layernorm(x)
+
+
+class SiglipVisionTower(nn.Module):
+    """Exists only so that parameter names read `vision_tower.vision_model.*`, as in the hub files."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.vision_model = SiglipVisionModel(c)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_model(pixel_values)
+
+
+def checkpoint(fn, *args):
+    # non-reentrant: works with frozen inputs and lets every LoRA weight inside `fn` get its gradient
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)

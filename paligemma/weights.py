@@ -1,0 +1,176 @@
+"""Checkpoint loading: hub folder or repo id -> PaliGemma, without a float32 detour.
+
+The model is built on the `meta` device (no memory), then each tensor is read from its safetensors
+file straight into a buffer of the target dtype and assigned to its parameter. A float32 file
+loaded as bf16 never exists in memory as float32: conversion goes chunk by chunk, so peak memory
+is the loaded model plus one chunk. (Memory-mapping the file instead would count every page read
+against the process until the map is closed: file size + model size.)
+"""
+import json
+import re
+import struct
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, PaliGemmaConfig
+
+# What the hub ships that PaliGemma does not use.
+SKIPPED = [
+    r"vision_tower\.vision_model\.head\..*",  # SigLIP's attention-pooling head
+    r"language_model\.lm_head\.weight",  # tied to embed_tokens, never stored by the hub files
+]
+
+# Other key layouts -> the hub layout (which is also our module layout). transformers >= 4.52 saves
+# `vision_tower.*` without `vision_model.`; its in-memory names add a leading `model.`.
+KEY_REWRITES = [
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
+]
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
+             "preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json"]
+CHUNK_BYTES = 64 << 20
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def resolve(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub snapshot (only the files PaliGemma needs; offline cache honoured)."""
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_repo_id).startswith((".", "/")) or str(path_or_repo_id).count("/") != 1:
+        raise CheckpointError(f"{path_or_repo_id}: not a checkpoint folder, and not a hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=HUB_FILES))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (expected a 'weight_map'): {e}") from e
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are not there: {missing}")
+        return files
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no model.safetensors, no model.safetensors.index.json, no *.safetensors")
+    return files
+
+
+def read_header(path: Path) -> dict:
+    """safetensors layout: u64 little-endian header size, JSON header, then raw tensor bytes."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    for info in header.values():
+        info["offset"] = 8 + n + info["data_offsets"][0]
+    return header
+
+
+def read_tensor(path: Path, info: dict, dtype: torch.dtype, device) -> torch.Tensor:
+    """One tensor, converted to `dtype` chunk by chunk: never a full-size copy in the file's dtype."""
+    src = DTYPES[info["dtype"]]
+    out = torch.empty(info["shape"], dtype=dtype if src.is_floating_point else src)
+    flat = out.view(-1)
+    itemsize = torch.empty((), dtype=src).element_size()
+    per_chunk = max(1, CHUNK_BYTES // itemsize)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(info["offset"])
+        if src == out.dtype:  # same dtype: read straight into the destination
+            f.readinto(memoryview(flat.view(torch.uint8).numpy()))
+        else:
+            buf = torch.empty(min(per_chunk, flat.numel()), dtype=src)
+            for i in range(0, flat.numel(), per_chunk):
+                n = min(per_chunk, flat.numel() - i)
+                f.readinto(memoryview(buf[:n].view(torch.uint8).numpy()))
+                flat[i:i + n].copy_(buf[:n])
+    return out.to(device)
+
+
+def canonical(key: str) -> str:
+    for pattern, repl in KEY_REWRITES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype, device) -> dict:
+    """Read every tensor the model needs; error on anything missing, unexpected or mis-shaped."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state, unexpected, wrong_shape, sources = {}, [], [], {}
+    for path in weight_files(folder):
+        for key, info in read_header(path).items():
+            name = canonical(key)
+            if any(re.fullmatch(p, name) for p in SKIPPED):
+                continue
+            if name not in expected:
+                unexpected.append(f"{key} ({path.name})")
+            elif tuple(info["shape"]) != expected[name]:
+                wrong_shape.append(f"{key} ({path.name}): file {tuple(info['shape'])}, model {expected[name]}")
+            elif name in sources:
+                unexpected.append(f"{key} ({path.name}): duplicate of {sources[name]}")
+            else:
+                sources[name] = f"{key} ({path.name})"
+                state[name] = read_tensor(path, info, dtype, device)
+    missing = sorted(set(expected) - set(state))
+    problems = [f"missing keys: {missing}"] * bool(missing) + [f"unexpected keys: {unexpected}"] * bool(unexpected) \
+        + [f"wrong shapes: {wrong_shape}"] * bool(wrong_shape)
+    if problems:
+        raise CheckpointError(f"{folder}: checkpoint does not fit the config:\n  " + "\n  ".join(problems))
+    return state
+
+
+def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None):
+    folder = resolve(path_or_repo_id, revision)
+    if not (folder / "config.json").exists():
+        raise ConfigError(f"{folder}: no config.json")
+    config = PaliGemmaConfig.from_json(folder / "config.json")
+    with torch.device("meta"):
+        model = cls(config)
+    model.load_state_dict(load_state(folder, model, dtype, device), strict=True, assign=True)
+    return model.eval()
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | Path, max_shard_bytes: int | None = None):
+    """Write config.json + safetensors in the hub layout (sharded with an index past max_shard_bytes)."""
+    from safetensors.torch import save_file
+    from .atomic import atomic_dir
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_dir(directory) as tmp:
+        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+        shards, current, size = [], {}, 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if max_shard_bytes and current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[k], size = v, size + nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

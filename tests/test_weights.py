@@ -1,0 +1,114 @@
+"""Checkpoint loading: layouts, shards, dtype conversion and errors that name the problem."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+from paligemma import CheckpointError, ConfigError, PaliGemma
+from paligemma.weights import save_pretrained
+from tests.conftest import batch, load_hf, save_hf, tiny_hf_config
+
+
+def copy_with(src, dst, edit):
+    """Copy a checkpoint folder, passing its state dict through `edit`."""
+    shutil.copytree(src, dst)
+    state = edit(load_file(dst / "model.safetensors"))
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(**batch(16, prompt_lens=(5,), suffix_len=2))
+
+
+def test_hub_layout_with_pooling_head(pg1_dir, tmp_path):
+    """The hub files say vision_tower.vision_model.* and carry SigLIP's head, which is skipped."""
+    def to_hub(state):
+        state = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in state.items()}
+        state["vision_tower.vision_model.head.probe"] = torch.zeros(1, 1, 32)
+        return state
+    hub = copy_with(pg1_dir, tmp_path / "hub", to_hub)
+    assert any(k.startswith("vision_tower.vision_model.") for k in load_file(hub / "model.safetensors"))
+    assert_close(logits(PaliGemma.from_pretrained(hub)), logits(PaliGemma.from_pretrained(pg1_dir)), rtol=0, atol=0)
+
+
+def test_sharded_equals_single_file(tmp_path):
+    config = tiny_hf_config("gemma2")
+    single = save_hf(config, tmp_path / "single")
+    sharded = save_hf(config, tmp_path / "sharded", max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    assert_close(logits(PaliGemma.from_pretrained(sharded)), logits(PaliGemma.from_pretrained(single)), rtol=0, atol=0)
+
+
+def test_bf16_from_float32_rounds_each_tensor(pg1_dir):
+    ref = load_file(pg1_dir / "model.safetensors")
+    model = PaliGemma.from_pretrained(pg1_dir, dtype=torch.bfloat16)
+    got = model.state_dict()
+    w = "language_model.model.layers.0.mlp.up_proj.weight"
+    assert got[w].dtype == torch.bfloat16 and torch.equal(got[w], ref[w].to(torch.bfloat16))
+
+
+def test_chunked_conversion_matches(pg1_dir, monkeypatch):
+    import paligemma.weights as weights
+    monkeypatch.setattr(weights, "CHUNK_BYTES", 100)  # forces many chunks per tensor
+    a = PaliGemma.from_pretrained(pg1_dir, dtype=torch.bfloat16).state_dict()
+    monkeypatch.undo()
+    b = PaliGemma.from_pretrained(pg1_dir, dtype=torch.bfloat16).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_our_save_loads_in_both(pg2_dir, tmp_path):
+    ours = PaliGemma.from_pretrained(pg2_dir)
+    save_pretrained(ours, tmp_path / "single")
+    save_pretrained(ours, tmp_path / "sharded", max_shard_bytes=30_000)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ref = logits(ours)
+    for folder in ("single", "sharded"):
+        assert_close(logits(PaliGemma.from_pretrained(tmp_path / folder)), ref, rtol=0, atol=0)
+        with torch.no_grad():
+            hf = load_hf(tmp_path / folder)(**batch(16, prompt_lens=(5,), suffix_len=2)).logits
+        assert_close(hf, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_key(pg1_dir, tmp_path):
+    key = "language_model.model.layers.1.mlp.up_proj.weight"
+    bad = copy_with(pg1_dir, tmp_path / "bad", lambda s: {k: v for k, v in s.items() if k != key})
+    with pytest.raises(CheckpointError, match=r"missing keys: \['" + key.replace(".", r"\.")):
+        PaliGemma.from_pretrained(bad)
+
+
+def test_unexpected_key(pg1_dir, tmp_path):
+    bad = copy_with(pg1_dir, tmp_path / "bad", lambda s: {**s, "language_model.model.extra.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"unexpected keys: \['language_model\.model\.extra\.weight"):
+        PaliGemma.from_pretrained(bad)
+
+
+def test_wrong_shape(pg1_dir, tmp_path):
+    key = "multi_modal_projector.linear.bias"
+    bad = copy_with(pg1_dir, tmp_path / "bad", lambda s: {**s, key: torch.zeros(7)})
+    with pytest.raises(CheckpointError, match=r"multi_modal_projector\.linear\.bias.*file \(7,\), model \(48,\)"):
+        PaliGemma.from_pretrained(bad)
+
+
+def test_missing_config_field(pg1_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(pg1_dir, bad)
+    d = json.loads((bad / "config.json").read_text())
+    del d["vision_config"]["hidden_size"]
+    (bad / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=r"config\.json: vision_config: missing required field\(s\) \['hidden_size'\]"):
+        PaliGemma.from_pretrained(bad)
+
+
+def test_folder_without_weights(pg1_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    shutil.copy(pg1_dir / "config.json", tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        PaliGemma.from_pretrained(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        PaliGemma.from_pretrained(tmp_path / "does-not-exist")
