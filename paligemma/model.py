@@ -120,6 +120,12 @@ class PaliGemma(nn.Module):
         logits = self.language_model.logits(h[:, :-1][keep]).float()  # (K, vocab)
         return F.cross_entropy(logits, target[keep])
 
+    def generate(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None, max_new_tokens=32,
+                 **kwargs) -> torch.Tensor:
+        """New tokens only, (B, <= max_new_tokens), padded after <eos>; see generation.py for the options."""
+        from .generation import generate
+        return generate(self, input_ids, pixel_values, attention_mask, token_type_ids, max_new_tokens, **kwargs)
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         t = self.config.text
         return KVCache(batch, max_len, t.num_hidden_layers, t.num_key_value_heads, t.head_dim,

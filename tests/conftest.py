@@ -74,3 +74,37 @@ def batch(n_image_tokens: int, prompt_lens=(5,), suffix_len: int = 0, seed: int 
         types[i, T - suffix_len:] = 1
     pixels = torch.rand(len(prompt_lens), 3, image_size, image_size, generator=g) * 2 - 1
     return dict(input_ids=ids, attention_mask=mask, token_type_ids=types, pixel_values=pixels)
+
+
+WORDS = ("a an the of with and near two three many some green blue red white grey large small river road "
+         "field building plane airport parking lot trees houses bridge lake beach ships stadium church pond").split()
+
+
+def tiny_tokenizer(folder: Path, vocab_size: int = 299) -> Path:
+    """A Gemma-layout SentencePiece model trained on random remote-sensing-like word salad."""
+    import random
+    from paligemma.tokenizer import train_tokenizer
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice([".", "", " ."])
+             for _ in range(3000)]
+    return train_tokenizer(texts, folder / "tokenizer", vocab_size=vocab_size)
+
+
+@pytest.fixture(scope="session")
+def pg1_tok_dir(tmp_path_factory):
+    """Tiny PaliGemma 1 checkpoint (224 px would be slow: 16 px, 16 image tokens) with a tokenizer."""
+    folder = tmp_path_factory.mktemp("pg1tok")
+    from paligemma.tokenizer import Tokenizer
+    tok = Tokenizer(tiny_tokenizer(folder))
+    assert tok.image_id == IMAGE_TOKEN
+    return save_hf(tiny_hf_config("gemma"), folder)
+
+
+def hf_processor(folder: Path, image_size: int = 16, n_tokens: int = 16):
+    from transformers import GemmaTokenizer, PaliGemmaProcessor, SiglipImageProcessor
+    tok = GemmaTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    ip = SiglipImageProcessor(size={"height": image_size, "width": image_size}, resample=3,
+                              image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ip.image_seq_length = n_tokens
+    return PaliGemmaProcessor(image_processor=ip, tokenizer=tok)

@@ -1,0 +1,49 @@
+"""Caption image files from the command line.
+
+    python -m paligemma.caption --model PATH_OR_ID IMAGE [IMAGE ...] [--prompt "caption en"]
+"""
+import argparse
+
+import torch
+from tqdm import tqdm
+
+from .model import PaliGemma
+from .processor import Processor
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def caption(model, processor, images, prompt="caption en", batch_size=8, **generate_kwargs):
+    """Yield one caption per image, in order."""
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        inputs = processor(chunk, [prompt] * len(chunk))
+        tokens = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, **generate_kwargs)
+        yield from processor.batch_decode(tokens)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--model", required=True, help="checkpoint folder or hub repo id")
+    p.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to apply")
+    p.add_argument("--prompt", default="caption en", help="task prefix (default: caption en)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest caption in tokens")
+    p.add_argument("--num-beams", type=int, default=1, help="beam width (1 = greedy)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    args = p.parse_args(argv)
+    model = PaliGemma.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    if args.adapter:
+        import lora
+        lora.load(model, args.adapter)
+    processor = Processor.from_pretrained(args.model)
+    captions = caption(model, processor, args.images, args.prompt, args.batch_size,
+                       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    for path, text in zip(args.images, tqdm(captions, total=len(args.images), disable=len(args.images) < 4)):
+        print(f"{path}\t{text}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Decoding with the static KV cache: greedy, sampling (temperature, top-k, top-p) and beam search.
+
+One prefill over image + prompt fills the cache; then one token per step. Rows stop at <eos>
+independently; the result holds only the new tokens, `pad_id` after each row's <eos>.
+"""
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def generate(model, input_ids, pixel_values, attention_mask=None, token_type_ids=None, max_new_tokens=32,
+             do_sample=False, temperature=1.0, top_k=None, top_p=None, num_beams=1, length_penalty=1.0,
+             seed=None, eos_id=None, pad_id=None) -> torch.Tensor:
+    """(B, T) prompt -> (B, <= max_new_tokens) new tokens."""
+    eos_id = model.config.eos_token_id if eos_id is None else eos_id
+    pad_id = model.config.pad_token_id if pad_id is None else pad_id
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    cache = model.new_cache(B, T + max_new_tokens)
+    logits = model(input_ids, pixel_values, attention_mask, token_type_ids, cache=cache)[:, -1]  # (B, V)
+    if num_beams > 1:
+        if do_sample:
+            raise ValueError("beam search with sampling is not supported: choose num_beams=1 or do_sample=False")
+        return _beam_search(model, cache, logits, B, num_beams, max_new_tokens, length_penalty, eos_id, pad_id)
+    gen = torch.Generator(device=logits.device).manual_seed(seed) if seed is not None else None
+    one = torch.ones(B, 1, dtype=torch.long, device=logits.device)  # each new token: real, in the suffix
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=logits.device)
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    for t in range(max_new_tokens):
+        if do_sample:
+            token = _sample(logits.float(), temperature, top_k, top_p, gen)
+        else:
+            token = logits.argmax(-1)
+        token = token.masked_fill(done, pad_id)
+        out[:, t] = token
+        done |= token == eos_id
+        if t + 1 == max_new_tokens or bool(done.all()):  # one host sync per step: cheap next to a decoder pass
+            return out[:, :t + 1]
+        logits = model(token[:, None], None, one, one, cache=cache)[:, -1]
+    return out
+
+
+def _sample(logits, temperature, top_k, top_p, gen):
+    """transformers' order: temperature, then top-k, then top-p (nucleus), then a draw."""
+    logits = logits / max(temperature, 1e-5)
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)  # ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+
+
+def _beam_search(model, cache, logits, B, nb, max_new_tokens, length_penalty, eos_id, pad_id):
+    """Beam search with transformers' scoring: sum of log-probs / length**length_penalty, the 2 * nb best
+    candidates per step, finished hypotheses kept in a per-row pool of nb, and its early-stop rule."""
+    dev, V = logits.device, logits.shape[-1]
+    cache.reorder(torch.arange(B, device=dev).repeat_interleave(nb))  # each row's prompt, nb times
+    logits = logits.repeat_interleave(nb, 0)  # (B*nb, V)
+    running = torch.full((B, nb, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    run_scores = torch.zeros(B, nb, device=dev)
+    run_scores[:, 1:] = -1e9  # all beams start identical: let only the first one expand at step 0
+    finished = running.clone()
+    fin_scores = torch.full((B, nb), -1e9, device=dev)
+    fin_full = torch.zeros(B, nb, dtype=torch.bool, device=dev)
+    open_rows = torch.ones(B, 1, dtype=torch.bool, device=dev)  # rows whose pool can still improve
+    one = torch.ones(B * nb, 1, dtype=torch.long, device=dev)
+    top_nb = torch.arange(2 * nb, device=dev) < nb  # only the nb best candidates may finish
+    rows = torch.arange(B, device=dev)[:, None]
+    for t in range(max_new_tokens):
+        scores = F.log_softmax(logits.float(), -1).view(B, nb, V) + run_scores[..., None]
+        cand_scores, idx = scores.view(B, -1).topk(2 * nb)  # (B, 2nb)
+        beam, token = idx // V, idx % V
+        cand = running[rows, beam]  # (B, 2nb, L)
+        cand[..., t] = token
+        stops = (token == eos_id) | (t + 1 == max_new_tokens)
+        # the nb best candidates that go on
+        go_scores = cand_scores - 1e9 * stops
+        pick = go_scores.topk(nb).indices
+        running, run_scores, src = cand[rows, pick], go_scores.gather(1, pick), beam.gather(1, pick)
+        # candidates that just finished compete for the pool of nb finished hypotheses
+        new_fin = cand_scores / (t + 1) ** length_penalty
+        new_fin = new_fin - 1e9 * ~(stops & top_nb) - 1e9 * ~open_rows
+        merged = torch.cat([fin_scores, new_fin], 1)
+        keep = merged.topk(nb).indices
+        fin_scores = merged.gather(1, keep)
+        finished = torch.cat([finished, cand], 1)[rows, keep]
+        fin_full = torch.cat([fin_full, stops & top_nb], 1).gather(1, keep)
+        worst = torch.where(fin_full, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, -1e9))
+        open_rows &= (run_scores[:, :1] / (t + 1) ** length_penalty > worst).any(-1, keepdim=True)
+        if not bool(open_rows.any()) or bool(stops.all()):
+            break
+        cache.reorder((src + rows * nb).view(-1))
+        logits = model(running[..., t].reshape(-1, 1), None, one, one, cache=cache)[:, -1]
+    best = finished[:, 0]  # (B, L), pool sorted best first
+    length = int(((best == eos_id).cumsum(-1) == 0).sum(-1).add(1).clamp(max=t + 1).max())
+    return best[:, :length]

@@ -1,0 +1,122 @@
+"""Generation with the KV cache against transformers' generate, token for token."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from paligemma import PaliGemma
+from tests.conftest import batch, load_hf, save_hf, tiny_hf_config
+
+N_IMG = 16
+
+
+GREEDY = dict(prompt_lens=(3, 7, 5), seed=1)
+BEAMS = dict(prompt_lens=(3, 7), seed=4)
+
+
+def eos_prone(folder, inputs):
+    """Random tiny models never pick <eos>. The head is tied and <eos> is never an input, so giving
+    <eos> the embedding of a token the model does pick for `inputs` (x 1.01) makes <eos> win where
+    that token would have been chosen: in some rows, at some step."""
+    token = PaliGemma.from_pretrained(folder).generate(**batch(N_IMG, **inputs), max_new_tokens=20)[1, 3]
+    state = load_file(folder / "model.safetensors")
+    emb = state["language_model.model.embed_tokens.weight"]
+    emb[1] = emb[token] * 1.01
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def make_pair(family, tmp_path_factory, inputs):
+    folder = eos_prone(save_hf(tiny_hf_config(family), tmp_path_factory.mktemp(family), seed=3), inputs)
+    return PaliGemma.from_pretrained(folder), load_hf(folder)
+
+
+@pytest.fixture(scope="module", params=["gemma", "gemma2"])
+def pair(request, tmp_path_factory):
+    return make_pair(request.param, tmp_path_factory, GREEDY)
+
+
+@pytest.fixture(scope="module", params=["gemma", "gemma2"])
+def beam_pair(request, tmp_path_factory):
+    return make_pair(request.param, tmp_path_factory, BEAMS)
+
+
+def until_eos(row, eos=1):
+    row = row.tolist()
+    return row[:row.index(eos) + 1] if eos in row else row
+
+
+def test_greedy_matches_transformers(pair):
+    ours, hf = pair
+    inputs = batch(N_IMG, **GREEDY)
+    T = inputs["input_ids"].shape[1]
+    got = ours.generate(**inputs, max_new_tokens=20)
+    ref = hf.generate(**inputs, max_new_tokens=20, do_sample=False)[:, T:]
+    assert (ref == 1).any() and not (ref == 1).any(1).all()  # some rows stop, some run to the end
+    assert got.shape == ref.shape
+    assert torch.equal(got, ref)  # both pad with 0 after <eos>
+
+
+def test_batched_equals_one_by_one(pair):
+    ours, _ = pair
+    inputs = batch(N_IMG, prompt_lens=(3, 9, 5), seed=2)
+    got = ours.generate(**inputs, max_new_tokens=12)
+    for i in range(3):
+        keep = inputs["attention_mask"][i].bool()
+        alone = ours.generate(inputs["input_ids"][i:i + 1, keep], inputs["pixel_values"][i:i + 1],
+                              token_type_ids=inputs["token_type_ids"][i:i + 1, keep], max_new_tokens=12)
+        assert until_eos(got[i]) == until_eos(alone[0])
+
+
+@pytest.mark.parametrize("num_beams", [2, 3])
+def test_beam_search_matches_transformers(beam_pair, num_beams):
+    ours, hf = beam_pair
+    inputs = batch(N_IMG, **BEAMS)
+    T = inputs["input_ids"].shape[1]
+    got = ours.generate(**inputs, max_new_tokens=10, num_beams=num_beams)
+    ref = hf.generate(**inputs, max_new_tokens=10, num_beams=num_beams, do_sample=False)[:, T:]
+    assert (ref == 1).any()  # a hypothesis finishes at <eos>
+    for g, r in zip(got, ref):  # transformers pads finished beams with <eos> where pad_id is 0
+        assert until_eos(g) == until_eos(r)
+
+
+def test_sampling_is_seeded_and_respects_top_k(pair):
+    ours, _ = pair
+    inputs = batch(N_IMG, prompt_lens=(3, 7), seed=5)
+    a = ours.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=1.5, seed=0)
+    b = ours.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=1.5, seed=0)
+    c = ours.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=1.5, seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = ours.generate(**inputs, max_new_tokens=8)
+    assert torch.equal(ours.generate(**inputs, max_new_tokens=8, do_sample=True, top_k=1, seed=3), greedy)
+    assert torch.equal(ours.generate(**inputs, max_new_tokens=8, do_sample=True, top_p=1e-6, seed=3), greedy)
+
+
+def test_sampling_filters_match_transformers():
+    """top-k / top-p / temperature on fixed logits keep exactly the tokens transformers' warpers keep."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from paligemma.generation import _sample
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    ref = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(10)(None, TemperatureLogitsWarper(0.7)(None, logits.clone())))
+    allowed = torch.isfinite(ref)
+    draws = torch.stack([_sample(logits, 0.7, 10, 0.8, torch.Generator().manual_seed(s)) for s in range(300)], 1)
+    assert allowed.gather(1, draws).all()
+    seen = torch.zeros_like(allowed).scatter(1, draws, True)
+    assert torch.equal(seen, allowed)  # and every allowed token does get drawn
+
+
+def test_caption_command(pg1_tok_dir, tmp_path, capsys):
+    """The command prints one caption per image, equal to processor + generate + decode by hand."""
+    import numpy as np
+    from PIL import Image
+    from paligemma.caption import main
+    from paligemma.processor import Processor
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"im{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(paths[-1])
+    main(["--model", str(pg1_tok_dir), "--max-new-tokens", "5", "--batch-size", "2", *map(str, paths)])
+    lines = capsys.readouterr().out.strip().split("\n")
+    model, proc = PaliGemma.from_pretrained(pg1_tok_dir), Processor.from_pretrained(pg1_tok_dir)
+    expected = proc.batch_decode(model.generate(**proc(paths, "caption en"), max_new_tokens=5))
+    assert lines == [f"{p}\t{e}" for p, e in zip(paths, expected)]
