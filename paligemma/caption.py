@@ -42,7 +42,12 @@ def main(argv=None):
     captions = caption(model, processor, args.images, args.prompt, args.batch_size,
                        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     for path, text in zip(args.images, tqdm(captions, total=len(args.images), disable=len(args.images) < 4)):
-        print(f"{path}\t{text}")
+        print(f"{path}\t{one_line(text)}")
+
+
+def one_line(text: str) -> str:
+    """Keep one caption per output line; a broken model's newlines stay visible as \\n."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 if __name__ == "__main__":
