@@ -1,1 +1,14 @@
-"""LoRA for PaliGemma (filled by the LoRA issue)."""
+"""LoRA for PaliGemma, in both towers and the projector.
+
+    import lora
+    names = lora.inject(model, "decoder", r=8, alpha=16)   # or "vision", "projector", "all", a regex, a list
+    print(lora.summary(model))                             # trainable parameters per tower
+    lora.save(model, "adapter/"); lora.load(model, "adapter/")   # PEFT's file format
+    lora.merge(model); lora.unmerge(model)                 # explicit, never a side effect
+"""
+from .inject import PRESETS, inject, lora_layers, merge, summary, train_modules, unmerge
+from .layer import LoRALinear
+from .peft_format import AdapterError, export_merged, load, save
+
+__all__ = ["LoRALinear", "PRESETS", "inject", "merge", "unmerge", "save", "load", "export_merged", "summary",
+           "train_modules", "lora_layers", "AdapterError"]

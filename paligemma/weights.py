@@ -150,11 +150,15 @@ def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", rev
 
 def save_pretrained(model: torch.nn.Module, directory: str | Path, max_shard_bytes: int | None = None):
     """Write config.json + safetensors in the hub layout (sharded with an index past max_shard_bytes)."""
+    save_checkpoint(model.config, model.state_dict(), directory, max_shard_bytes)
+
+
+def save_checkpoint(config: PaliGemmaConfig, state: dict, directory: str | Path, max_shard_bytes: int | None = None):
     from safetensors.torch import save_file
     from .atomic import atomic_dir
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_dir(directory) as tmp:
-        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         shards, current, size = [], {}, 0
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()

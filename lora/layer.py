@@ -1,0 +1,63 @@
+"""The whole idea of LoRA (Hu et al., 2021) in one module.
+
+A frozen linear layer W gets a trainable low-rank detour:  y = W x + (alpha / r) * B A dropout(x),
+with A (r x in) random and B (out x r) zero, so a freshly wrapped model computes exactly what it did.
+rsLoRA (Kalajdzievski, 2023) scales by alpha / sqrt(r) instead, which keeps updates from shrinking
+as r grows. Merging folds B A into W for inference; it is always explicit, never a side effect.
+"""
+import math
+
+import torch
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        self.base = base  # the original layer, kept as is (its weight is not copied)
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the LoRA input only
+        factory = dict(device=base.weight.device, dtype=torch.float32)  # trainable weights stay float32
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
+        if base.weight.device.type != "meta":
+            self.reset_parameters()
+        self.merged = False
+
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's (and nn.Linear's) init
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        a = self.lora_A.weight
+        detour = self.lora_B(self.lora_A(self.dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype))))
+        return y + (detour * self.scaling).to(y.dtype)
+
+    def delta(self) -> torch.Tensor:
+        """(out, in) weight update, computed in float32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged:
+            raise RuntimeError("LoRA weights are already merged into the base layer")
+        w = self.base.weight
+        w.copy_((w.float() + self.delta()).to(w.dtype))  # one rounding to the base dtype
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            raise RuntimeError("LoRA weights are not merged")
+        w = self.base.weight
+        w.copy_((w.float() - self.delta()).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, merged={self.merged}"

@@ -1,0 +1,144 @@
+"""Adapter files in PEFT's format, so an adapter moves freely between this project and PEFT.
+
+    adapter_config.json         peft_type, r, lora_alpha, lora_dropout, target_modules, use_rslora, ...
+    adapter_model.safetensors   base_model.model.<transformers module path>.lora_{A,B}.weight
+
+Our module names are the hub checkpoint keys; transformers' module paths differ by version. This
+is the one place that maps between them (transformers >= 4.52 nests everything under `model.` and
+from 5.0 drops `vision_model.`; older versions used the hub names themselves).
+"""
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .inject import inject, lora_layers
+
+PREFIX = "base_model.model."
+# ours -> transformers 5.x module path (what PEFT writes with the test extra's transformers)
+TO_HF = [
+    (r"^vision_tower\.vision_model\.", "model.vision_tower."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    (r"^language_model\.model\.", "model.language_model."),
+]
+# any transformers version's module path -> ours
+FROM_HF = [
+    (r"^model\.vision_tower\.(vision_model\.)?", "vision_tower.vision_model."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^model\.language_model\.", "language_model.model."),
+]
+
+
+class AdapterError(ValueError):
+    pass
+
+
+def _rewrite(name: str, rules) -> str:
+    for pattern, repl in rules:
+        name, n = re.subn(pattern, repl, name)
+        if n:
+            break
+    return name
+
+
+def to_hf(name: str) -> str:
+    return _rewrite(name, TO_HF)
+
+
+def from_hf(name: str) -> str:
+    return _rewrite(name, FROM_HF)
+
+
+def save(model: nn.Module, directory, base_model_name_or_path: str | None = None):
+    """Write adapter_config.json + adapter_model.safetensors (atomically: a folder is whole or absent)."""
+    from paligemma.atomic import atomic_dir
+    layers = lora_layers(model)
+    if not layers:
+        raise RuntimeError("no LoRA layers to save")
+    first = next(iter(layers.values()))
+    if any((l.r, l.alpha, l.rslora) != (first.r, first.alpha, first.rslora) for l in layers.values()):
+        raise ValueError("all LoRA layers must share r, alpha and rslora to be saved in one PEFT config")
+    if any(l.merged for l in layers.values()):
+        raise RuntimeError("unmerge before saving an adapter: merged weights are in the base layers")
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{PREFIX}{to_hf(name)}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
+        tensors[f"{PREFIX}{to_hf(name)}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    config = {
+        "peft_type": "LORA", "task_type": None, "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout,
+        "use_rslora": first.rslora, "bias": "none", "init_lora_weights": True, "fan_in_fan_out": False,
+        "target_modules": sorted(to_hf(n) for n in layers), "modules_to_save": None,
+        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "use_dora": False,
+    }
+    with atomic_dir(directory) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def load(model: nn.Module, directory) -> list[str]:
+    """Inject the adapter's layers into `model` and load its weights; returns the wrapped names."""
+    directory = Path(directory)
+    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for p in (config_path, weights_path):
+        if not p.exists():
+            raise AdapterError(f"{directory}: no {p.name} (expected a PEFT LoRA adapter folder)")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{config_path}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise AdapterError(f"{config_path}: per-layer {key} is not supported")
+    if config.get("use_dora"):
+        raise AdapterError(f"{config_path}: DoRA adapters are not supported")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise AdapterError(f"{config_path}: missing field {key!r}")
+    state = load_file(weights_path)
+    weights, bad = {}, []
+    for key, tensor in state.items():
+        m = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.(lora_[AB])(?:\.default)?\.weight", key)
+        if m is None:
+            bad.append(key)
+            continue
+        weights[(from_hf(m.group(1)), m.group(2))] = tensor
+    modules = dict(model.named_modules())
+    names = sorted({n for n, _ in weights})
+    unknown = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
+    if bad or unknown:
+        raise AdapterError(f"{weights_path}: keys that do not fit this model: unexpected keys {bad[:10]}, "
+                           f"modules that are not linear layers of the model {unknown[:10]}")
+    wrapped = inject(model, names, r=config["r"], alpha=config["lora_alpha"],
+                     dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False))
+    layers = lora_layers(model)
+    problems = []
+    for (name, part), tensor in weights.items():
+        param = getattr(layers[name], part).weight
+        if param.shape != tensor.shape:
+            problems.append(f"{name}.{part}: file {tuple(tensor.shape)}, model {tuple(param.shape)}")
+        else:
+            with torch.no_grad():
+                param.copy_(tensor)
+    missing = [f"{n}.{p}" for n in names for p in ("lora_A", "lora_B") if (n, p) not in weights]
+    if problems or missing:
+        raise AdapterError(f"{weights_path}: wrong shapes {problems[:10]}, missing {missing[:10]}")
+    return wrapped
+
+
+def export_merged(model: nn.Module, directory):
+    """Save base + merged LoRA as an ordinary hub-layout checkpoint; the model is left unmerged."""
+    from paligemma.weights import save_checkpoint
+    layers = lora_layers(model)
+    for layer in layers.values():
+        layer.merge()
+    try:
+        state = {re.sub(r"\.base\.", ".", k): v for k, v in model.state_dict().items()
+                 if ".lora_A." not in k and ".lora_B." not in k}
+        save_checkpoint(model.config, state, directory)
+    finally:
+        for layer in layers.values():
+            layer.unmerge()

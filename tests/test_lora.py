@@ -1,0 +1,196 @@
+"""LoRA: our module against PEFT and hand-computed values."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import lora
+from paligemma import PaliGemma, PaliGemmaConfig
+from tests.conftest import batch, load_hf
+
+N_IMG = 16
+DATA = Path(__file__).parent / "data"
+
+
+def logits(model, seed=0):
+    with torch.no_grad():
+        return model(**batch(N_IMG, prompt_lens=(4, 6), suffix_len=3, seed=seed))
+
+
+def randomize_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+
+
+@pytest.fixture
+def model(pg2_dir):
+    return PaliGemma.from_pretrained(pg2_dir)
+
+
+def test_fresh_injection_changes_nothing(model):
+    before = logits(model)
+    names = lora.inject(model, "all", r=4, alpha=8)
+    assert len(names) == 2 * 6 + 3 * 7 + 1  # vision q,k,v,out,fc1,fc2 x2; decoder 7 x3; projector
+    assert torch.equal(logits(model), before)
+
+
+def test_suffix_list_reaches_both_towers(model):
+    names = lora.inject(model, ["q_proj", "v_proj"], r=2)
+    assert {n.split(".")[0] for n in names} == {"vision_tower", "language_model"}
+    summary = lora.summary(model)
+    assert "| vision | " in summary and "| decoder | " in summary
+
+
+def test_only_intended_parameters_change(model):
+    lora.inject(model, "decoder", r=4, alpha=8)
+    lora.train_modules(model, ["multi_modal_projector"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = batch(N_IMG, prompt_lens=(4, 6), suffix_len=3)
+    labels = inputs["input_ids"].masked_fill(inputs["token_type_ids"] == 0, -100)
+    model.loss(labels=labels, **inputs).backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    expected = {k for k in before if ".lora_" in k or k.startswith("multi_modal_projector.")}
+    assert changed == expected
+
+
+def test_merge_unmerge_round_trip(model):
+    lora.inject(model, "all", r=4, alpha=8)
+    randomize_lora(model)
+    unmerged = logits(model)
+    lora.merge(model)
+    assert_close(logits(model), unmerged, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        lora.merge(model)
+    lora.unmerge(model)
+    assert_close(logits(model), unmerged, rtol=1e-5, atol=1e-5)  # float32 W + d - d: rounding only
+
+
+def test_merge_in_bf16(pg2_dir):
+    model = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16)
+    lora.inject(model, "all", r=4, alpha=8)
+    randomize_lora(model)
+    unmerged = logits(model).float()
+    lora.merge(model)
+    assert_close(logits(model).float(), unmerged, rtol=0.05, atol=0.05)  # one bf16 rounding of W + BA
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_scaling(model, rslora):
+    lora.inject(model, ["multi_modal_projector.linear"], r=4, alpha=6, rslora=rslora)
+    layer = model.multi_modal_projector.linear
+    assert layer.scaling == (6 / 2 if rslora else 6 / 4)
+    randomize_lora(model)
+    x = torch.randn(3, layer.base.in_features)
+    expected = layer.base(x) + layer.scaling * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_with_activation_checkpointing(model):
+    lora.inject(model, "all", r=4, alpha=8)
+    randomize_lora(model)
+    model.set_gradient_checkpointing(True)
+    model.train()
+    inputs = batch(N_IMG, prompt_lens=(4,), suffix_len=3)
+    labels = inputs["input_ids"].masked_fill(inputs["token_type_ids"] == 0, -100)
+    model.loss(labels=labels, **inputs).backward()
+    for name, layer in lora.lora_layers(model).items():
+        assert layer.lora_B.weight.grad is not None and layer.lora_B.weight.grad.abs().sum() > 0, name
+        assert layer.lora_A.weight.grad is not None, name
+
+
+def test_errors(model, tmp_path):
+    with pytest.raises(ValueError, match="match no module"):
+        lora.inject(model, "nothing_here")
+    with pytest.raises(ValueError, match="nn.Linear only"):
+        lora.inject(model, ["mlp"])
+    lora.inject(model, "projector")
+    with pytest.raises(RuntimeError, match="already has LoRA layers"):
+        lora.inject(model, "decoder")
+
+
+def peft_model(folder, targets, r=4, alpha=8, rslora=False):
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(load_hf(folder), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                      use_rslora=rslora, lora_dropout=0.0))
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_our_adapter_loads_in_peft(pg2_dir, tmp_path, rslora):
+    from peft import PeftModel
+    ours = PaliGemma.from_pretrained(pg2_dir)
+    lora.inject(ours, "all", r=4, alpha=8, rslora=rslora)
+    randomize_lora(ours)
+    lora.save(ours, tmp_path / "adapter", base_model_name_or_path=str(pg2_dir))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias",
+            "base_model_name_or_path"} <= set(config)
+    hf = PeftModel.from_pretrained(load_hf(pg2_dir), tmp_path / "adapter").eval()
+    inputs = batch(N_IMG, prompt_lens=(6,), suffix_len=3)
+    with torch.no_grad():
+        assert_close(ours(**inputs), hf(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_adapter_loads_in_ours(pg2_dir, tmp_path):
+    hf = peft_model(pg2_dir, ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "fc1", "gate_proj", "linear"],
+                    r=3, alpha=5)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path / "peft")
+    ours = PaliGemma.from_pretrained(pg2_dir)
+    names = lora.load(ours, tmp_path / "peft")
+    assert any(n.startswith("vision_tower.vision_model.") for n in names)
+    assert "multi_modal_projector.linear" in names
+    inputs = batch(N_IMG, prompt_lens=(6,), suffix_len=3)
+    hf.eval()
+    with torch.no_grad():
+        assert_close(ours(**inputs), hf(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_that_does_not_fit(pg1_dir, pg2_dir, tmp_path):
+    ours = PaliGemma.from_pretrained(pg2_dir)
+    lora.inject(ours, "decoder", r=4)
+    lora.save(ours, tmp_path / "pg2")
+    with pytest.raises(lora.AdapterError, match="not linear layers of the model.*layers\\.2"):
+        lora.load(PaliGemma.from_pretrained(pg1_dir), tmp_path / "pg2")  # pg1 has 2 layers, pg2 has 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(lora.AdapterError, match="no adapter_config.json"):
+        lora.load(PaliGemma.from_pretrained(pg1_dir), tmp_path / "empty")
+
+
+def test_export_merged_loads_everywhere(pg2_dir, tmp_path):
+    ours = PaliGemma.from_pretrained(pg2_dir)
+    lora.inject(ours, "all", r=4, alpha=8)
+    randomize_lora(ours)
+    inputs = batch(N_IMG, prompt_lens=(6,), suffix_len=3)
+    with torch.no_grad():
+        expected = ours(**inputs)
+    lora.export_merged(ours, tmp_path / "merged")
+    with torch.no_grad():
+        assert_close(PaliGemma.from_pretrained(tmp_path / "merged")(**inputs), expected, rtol=1e-5, atol=1e-5)
+        hf = load_hf(tmp_path / "merged")(**inputs).logits
+    assert_close(hf, expected, rtol=1e-5, atol=1e-5)
+    assert not any(l.merged for l in lora.lora_layers(ours).values())
+
+
+def test_3b_decoder_only_table_on_meta():
+    """The study's setup (decoder q,k,v,o,gate,up,down; r=8) at full PaliGemma-3B size, no weights allocated.
+    Hand count per layer: q, o 8*(2048+2048); k, v 8*(2048+256); gate, up 8*(2048+16384); down 8*(16384+2048)."""
+    config = PaliGemmaConfig.from_json(DATA / "paligemma-3b-pt-224.config.json")
+    with torch.device("meta"):
+        model = PaliGemma(config)
+    lora.inject(model, "decoder", r=8, alpha=16)
+    per_layer = 2 * 8 * 4096 + 2 * 8 * 2304 + 3 * 8 * 18432
+    assert per_layer == 544_768
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 18 * per_layer == 9_805_824
+    table = lora.summary(model)
+    assert "| decoder |" in table and "9,805,824" in table
+    assert "| vision | " in table and "| 0 (0.000%) |" in table
