@@ -1,0 +1,104 @@
+"""Metrics against pycocoevalcap's own scorers (same tokenised inputs) and hand-computed values."""
+import csv
+import gzip
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from paligemma import metrics
+from paligemma.wordnet import DEBIAN, LEXNAMES, lexnames_text
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsicd-subset" / "captions_only.csv"
+
+
+def caption_pairs(n=60, seed=0):
+    """References from UCM-Captions when available (else synthetic), predictions perturbed from them."""
+    rng = random.Random(seed)
+    if SHARED.exists():
+        with open(SHARED) as f:
+            rows = list(csv.DictReader(f))[:n]
+        refs = {r["image"]: [r[f"caption_{i}"] for i in range(1, 6)] for r in rows}
+    else:
+        from paligemma.synthetic import scene
+        refs = {str(i): scene(rng, 16)[1] for i in range(n)}
+    hyps = {}
+    for k, rs in refs.items():
+        words = metrics.tokenize(rng.choice(rs))
+        if rng.random() < 0.5 and len(words) > 3:
+            words[rng.randrange(len(words))] = rng.choice(["plane", "red", "the", "river"])
+        if rng.random() < 0.3:
+            words = words[: max(1, len(words) // 2)]
+        hyps[k] = " ".join(words)
+    return hyps, refs
+
+
+def tokenised(hyps, refs):
+    return ({k: [" ".join(metrics.tokenize(v))] for k, v in hyps.items()},
+            {k: [" ".join(metrics.tokenize(r)) for r in v] for k, v in refs.items()})
+
+
+def test_bleu_rouge_cider_match_pycocoevalcap():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    h, r = tokenised(*caption_pairs())
+    ours = metrics.bleu(h, r)
+    ref, _ = Bleu(4).compute_score(r, h, verbose=0)
+    assert [round(x, 4) for x in ours] == [round(x, 4) for x in ref]
+    assert round(metrics.rouge_l(h, r), 4) == round(Rouge().compute_score(r, h)[0], 4)
+    assert round(metrics.cider_d(h, r), 4) == round(Cider().compute_score(r, h)[0], 4)
+
+
+def test_hand_computed():
+    h = {"a": ["a red plane"]}
+    r = {"a": ["a red plane", "two planes"]}
+    b = metrics.bleu(h, r)
+    assert b[0] == pytest.approx(1.0) and b[2] == pytest.approx(1.0)
+    assert metrics.rouge_l(h, r) == pytest.approx(1.0)
+    # half the words match, hypothesis as long as the closest reference: BLEU-1 = 2/4
+    b = metrics.bleu({"a": ["a red big plane"]}, {"a": ["a blue small plane"]})
+    assert b[0] == pytest.approx(0.5)
+    # LCS 2 of 4 both ways -> P = R = 0.5 -> F = 0.5
+    assert metrics.rouge_l({"a": ["a red big plane"]}, {"a": ["a blue small plane"]}) == pytest.approx(0.5)
+
+
+def test_tokenize_like_ptb():
+    assert metrics.tokenize("Many buildings, and a Plane.") == ["many", "buildings", "and", "a", "plane"]
+
+
+def test_health_sees_the_studys_failures():
+    preds = {"1": "plis plis plis bav bav", "2": "", "3": "a river"}
+    refs = {k: ["a river near a bridge"] for k in preds}
+    hl = metrics.health(preds, refs)
+    assert hl["empty"] == pytest.approx(1 / 3) and hl["repeated_token_3plus"] == pytest.approx(1 / 3)
+    assert hl["distinct_1"] == pytest.approx(4 / 7)
+
+
+def test_mismatched_images_are_an_error():
+    with pytest.raises(ValueError, match="different images"):
+        metrics.score_all({"a": "x"}, {"b": ["x"]}, with_meteor=False)
+
+
+needs_wordnet = pytest.mark.skipif(not (DEBIAN / "data.noun").exists(), reason="Debian wordnet-base not installed")
+
+
+@needs_wordnet
+def test_meteor_matches_nltk_and_uses_synonyms(tmp_path):
+    from nltk.translate.meteor_score import meteor_score
+    h, r = tokenised(*caption_pairs(20))
+    wn = __import__("paligemma.wordnet", fromlist=["x"]).ensure_wordnet()
+    expected = sum(meteor_score([x.split() for x in r[k]], h[k][0].split(), wordnet=wn) for k in h) / len(h)
+    assert metrics.meteor(h, r) == pytest.approx(expected)
+    # nltk matches synonyms after stemming, so a pair Porter leaves alone: auto ~ car
+    exact = metrics.meteor({"a": ["an auto on the road"]}, {"a": ["a car on the road"]})
+    assert exact > metrics.meteor({"a": ["an apple on the road"]}, {"a": ["a car on the road"]})
+
+
+def test_lexnames_match_the_manual_page():
+    page = Path("/usr/share/man/man5/lexnames.5WN.gz")
+    if not page.exists():
+        pytest.skip("lexnames(5WN) manual page not installed")
+    names = re.findall(r"^\d\d\s+(\S+)", gzip.open(page, "rt").read(), re.M)
+    assert names == LEXNAMES and len(lexnames_text().splitlines()) == 45
