@@ -99,14 +99,18 @@ def make_checkpoint(folder: str | Path, captions: list[str], prompt: str = "capt
     from .model import PaliGemma
     from .tokenizer import Tokenizer, train_tokenizer
     from .weights import save_pretrained
+    import shutil
+    import tempfile
     folder = Path(folder)
-    model_file = train_tokenizer(captions + [prompt], folder / "tokenizer", vocab_size=vocab_size)
-    tok = Tokenizer(model_file)
+    tmp = Path(tempfile.mkdtemp())
+    tok = Tokenizer(train_tokenizer(captions + [prompt], tmp / "tokenizer", vocab_size=vocab_size))
     config = tiny_config(vocab_size=len(tok), image_token_index=tok.image_id, image_size=image_size)
     torch.manual_seed(seed)
     model = PaliGemma(config)
     init_weights(model)
-    save_pretrained(model, folder)  # config.json + model.safetensors beside tokenizer.model
+    save_pretrained(model, folder)  # config.json + model.safetensors (replaces the folder whole)
+    shutil.copyfile(tok.path, folder / "tokenizer.model")
+    shutil.rmtree(tmp)
     return folder
 
 

@@ -1,0 +1,195 @@
+"""Fine-tune PaliGemma on image captions (LoRA anywhere, or full), in the spirit of nanoGPT's train.py.
+
+    python train.py                                   # embedded demo: synthetic scenes, tiny model, CPU
+    python train.py --model google/paligemma-3b-pt-224 --data RISC/captions.csv --lora all
+"""
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import lora
+from paligemma import PaliGemma
+from paligemma.data import load_examples
+from paligemma.processor import Processor
+from paligemma.training import (Batches, append_jsonl, collate, first_loss_check, image_reliance, load_checkpoint,
+                                lr_at, save_checkpoint)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint folder or hub id (default: build the tiny demo model)")
+    p.add_argument("--data", help="captions CSV/JSONL or folder (default: generate the synthetic demo set)")
+    p.add_argument("--out", default="runs/demo", help="run folder: checkpoints, metrics.jsonl, adapter")
+    p.add_argument("--prompt", default="caption en", help="task prefix")
+    p.add_argument("--first-caption-only", action="store_true", help="always train on caption_1 (the study's setup)")
+    p.add_argument("--finetune", choices=["lora", "full"], default=None, help="default: full for the demo, else lora")
+    p.add_argument("--lora", default="all", help="LoRA targets: decoder, vision, projector, all, or a regex")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    p.add_argument("--train-modules", nargs="*", default=[], help="whole modules to train too, e.g. multi_modal_projector")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="micro-batch size")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3 demo, 2e-4 otherwise)")
+    p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--max-length", type=int, default=None, help="truncate suffixes to fit this many tokens")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="storage dtype of frozen weights")
+    p.add_argument("--eval-every", type=int, default=100, help="validation loss, samples and image reliance")
+    p.add_argument("--eval-samples", type=int, default=100, help="test images captioned at the end")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint interval")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad examples instead of stopping")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order and caption sampling")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a crash
+    return p.parse_args(argv)
+
+
+def prepare_demo(out: Path) -> tuple[str, str]:
+    """The embedded default: synthetic RISC-layout data + a random tiny checkpoint with its tokenizer."""
+    from paligemma.synthetic import make_checkpoint, make_dataset
+    data, model = out / "data" / "captions.csv", out / "model"
+    if not data.exists():
+        make_dataset(data.parent)
+    if not (model / "model.safetensors").exists():
+        examples, _ = load_examples(data, split="train")
+        make_checkpoint(model, [c for e in examples for c in e.captions])
+    return str(model), str(data)
+
+
+def evaluate_captions(model, processor, examples, prompt, batch_size=32):
+    from paligemma.metrics import health, score_all
+    from paligemma.wordnet import INSTALL
+    preds = {}
+    model.eval()
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        inputs = processor([e.image for e in chunk], [prompt] * len(chunk))
+        tokens = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, max_new_tokens=24)
+        preds.update({str(e.image): c for e, c in zip(chunk, processor.batch_decode(tokens))})
+    refs = {str(e.image): e.captions for e in examples}
+    try:
+        scores = score_all(preds, refs)
+    except RuntimeError as e:
+        if str(e) != INSTALL:
+            raise
+        scores = score_all(preds, refs, with_meteor=False)
+    return scores, health(preds, refs), preds
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    demo = args.model is None
+    if demo:
+        args.model, args.data = prepare_demo(out)
+    full = (args.finetune or ("full" if demo else "lora")) == "full"
+    lr = args.lr or (2e-3 if demo else 2e-4)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = PaliGemma.from_pretrained(args.model, dtype=dtype, device=args.device)
+    processor = Processor.from_pretrained(args.model)
+    train, skipped = load_examples(args.data, "train", skip_bad=args.skip_bad)
+    val, _ = load_examples(args.data, "val", skip_bad=args.skip_bad)
+    test, _ = load_examples(args.data, "test", skip_bad=args.skip_bad)
+    print(f"data: {len(train)} train / {len(val)} val / {len(test)} test images" + (f"; {skipped.report()}" if skipped else ""))
+
+    if full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.float()  # full fine-tuning keeps float32 master weights; autocast computes in bf16
+    else:
+        lora.inject(model, args.lora, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                    rslora=args.rslora)
+        lora.train_modules(model, args.train_modules)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    print(lora.summary(model))
+    model.set_gradient_checkpointing(args.checkpointing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.98),
+                                  fused=args.device.startswith("cuda"))
+    batches = Batches(train, args.batch_size, args.seed)
+    step = 0
+    if args.resume and (out / "checkpoint" / "state.pt").exists():
+        step = load_checkpoint(out / "checkpoint", model, optimizer, batches, rng)
+        print(f"resumed at step {step}")
+    val_batch = collate(processor, val[:args.batch_size], args.prompt, random.Random(0), True, args.max_length)
+    val_prompts = processor([e.image for e in val[:3]], args.prompt)  # no suffix: what generation sees
+    amp = dict(device_type=args.device.split(":")[0], dtype=torch.bfloat16)
+    log = out / "metrics.jsonl"
+
+    if step == 0:
+        before, _, _ = evaluate_captions(model, processor, test[:args.eval_samples], args.prompt)
+        append_jsonl(log, {"step": 0, "test_before": before})
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", mininterval=5)
+    t0, tokens = time.time(), 0
+    for step in bar:
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, lr, args.warmup, args.steps)
+        loss_sum = 0.0
+        for _ in range(args.grad_accum):
+            batch = collate(processor, batches.next(), args.prompt, rng, args.first_caption_only, args.max_length)
+            batch = {k: v.to(args.device) for k, v in batch.items()}
+            with torch.autocast(**amp):
+                loss = model.loss(**batch) / args.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        if step == 0:
+            print(first_loss_check(loss_sum, model.config.text.vocab_size, pretrained=not demo))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            raise FloatingPointError(f"step {step}: non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} "
+                                     f"(loss {loss_sum}, grad norm {grad_norm.item()}); last good checkpoint: {out / 'checkpoint'}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
+                        tok_s=f"{tokens / (time.time() - t0):.0f}")
+        record = {"step": step + 1, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()}
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            model.eval()
+            with torch.autocast(**amp):
+                own, shuffled = image_reliance(model, {k: v.to(args.device) for k, v in val_batch.items()})
+            samples = model.generate(**{k: v.to(args.device) for k, v in val_prompts.items()}, max_new_tokens=24)
+            record.update(val_loss=own, val_loss_shuffled_images=shuffled, image_gap=shuffled - own)
+            tqdm.write(f"step {step + 1}: val loss {own:.3f}, with shuffled images {shuffled:.3f} "
+                       f"(gap {shuffled - own:+.3f}{'  <- the decoder is NOT using the image' if shuffled - own < 0.05 else ''})")
+            for e, text in zip(val[:3], processor.batch_decode(samples)):
+                tqdm.write(f"  {e.image.name}: {text!r}  | ref: {e.captions[0]!r}")
+        append_jsonl(log, record)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(out / "checkpoint", model, optimizer, step + 1, batches, rng, full, vars(args))
+        if args.stop_after is not None and step + 1 >= args.stop_after:
+            return model
+
+    after, hl, preds = evaluate_captions(model, processor, test[:args.eval_samples], args.prompt)
+    append_jsonl(log, {"step": args.steps, "test_after": after, "health": hl})
+    before = next((json.loads(l)["test_before"] for l in open(log) if "test_before" in l), {})
+    print("\n| metric | before | after |\n|---|---:|---:|")
+    for k, v in after.items():
+        print(f"| {k} | {before.get(k, float('nan')):.4f} | {v:.4f} |")
+    print("output health: " + ", ".join(f"{k} {v:.3f}" for k, v in hl.items()))
+    if skipped:
+        print(skipped.report())
+    return model
+
+
+if __name__ == "__main__":
+    main()
