@@ -88,6 +88,17 @@ def evaluate_captions(model, processor, examples, prompt, batch_size=32):
     return scores, health(preds, refs), preds
 
 
+def export(model, full: bool, base: str, out: Path):
+    """The result a user keeps: OUT/final (a hub-layout checkpoint + tokenizer) or OUT/adapter (PEFT)."""
+    import shutil
+    from paligemma.weights import resolve, save_pretrained
+    if full:
+        save_pretrained(model, out / "final")
+        shutil.copyfile(resolve(base) / "tokenizer.model", out / "final" / "tokenizer.model")
+    else:
+        lora.save(model, out / "adapter", base_model_name_or_path=base)
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
@@ -179,6 +190,7 @@ def main(argv=None):
         if args.stop_after is not None and step + 1 >= args.stop_after:
             return model
 
+    export(model, full, args.model, out)
     after, hl, preds = evaluate_captions(model, processor, test[:args.eval_samples], args.prompt)
     append_jsonl(log, {"step": args.steps, "test_after": after, "health": hl})
     before = next((json.loads(l)["test_before"] for l in open(log) if "test_before" in l), {})
