@@ -1,0 +1,117 @@
+"""Training pieces and train.py end to end on a tiny synthetic set."""
+import math
+import random
+
+import pytest
+import torch
+
+from paligemma.data import DataError, Example, load_examples, sample_caption
+from paligemma.training import check_labels, first_loss_check, lr_at
+
+
+def test_lr_schedule_hand_values():
+    assert lr_at(0, 1.0, 10, 110) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 110) == pytest.approx(1.0)
+    assert lr_at(60, 1.0, 10, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lr_at(110, 1.0, 10, 110) == pytest.approx(0.1)
+
+
+def test_caption_sampling():
+    e = Example(image=None, captions=["a", "b", "c", "d", "e"])
+    rng = random.Random(0)
+    assert {sample_caption(e, rng) for _ in range(200)} == set("abcde")
+    assert {sample_caption(e, rng, first_only=True) for _ in range(20)} == {"a"}
+
+
+def test_every_example_needs_a_label():
+    labels = torch.tensor([[-100, 5, 1], [-100, -100, -100]])
+    with pytest.raises(ValueError, match=r"\['1'\] have no unmasked label token"):
+        check_labels({"labels": labels})
+
+
+def test_uniform_first_loss_warns_for_pretrained():
+    with pytest.warns(UserWarning, match="ln\\(vocab\\)"):
+        first_loss_check(11.57, 257_216, pretrained=True)
+
+
+def write_csv(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "captions.csv").write_text("source,split,image,caption_1,caption_2\n" + "\n".join(rows) + "\n")
+    return folder / "captions.csv"
+
+
+def test_bad_data(tmp_path):
+    from PIL import Image
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "ok.png")
+    (tmp_path / "images" / "corrupt.png").write_bytes(b"junk")
+    path = write_csv(tmp_path, ["x,train,ok.png,a field,a lake", "x,train,missing.png,a,b",
+                                "x,train,corrupt.png,a,b", "x,train,ok.png,a field,"])
+    with pytest.raises(DataError, match=r"captions.csv:3: image file .*missing.png not found"):
+        load_examples(path, "train")
+    examples, skipped = load_examples(path, "train", skip_bad=True)
+    assert len(examples) == 1 and len(skipped.reasons) == 3
+    assert "corrupt" in skipped.report() and "empty caption(s) [2]" in skipped.report()
+    with pytest.raises(DataError, match="no examples in split 'test'"):
+        load_examples(path, "test")
+    (tmp_path / "nocap.csv").write_text("image,text\nok.png,a\n")
+    with pytest.raises(DataError, match="no caption column"):
+        load_examples(tmp_path / "nocap.csv")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A small synthetic set and checkpoint shared by the train.py tests."""
+    from paligemma.synthetic import make_checkpoint, make_dataset
+    root = tmp_path_factory.mktemp("run")
+    data = make_dataset(root / "data", n_train=64, n_val=16, n_test=8, size=64)
+    examples, _ = load_examples(data, "train")
+    model = make_checkpoint(root / "model", [c for e in examples for c in e.captions], vocab_size=300)
+    return str(model), str(data)
+
+
+def train_args(model, data, out, *extra):
+    return ["--model", model, "--data", data, "--out", str(out), "--batch-size", "8", "--eval-every", "4",
+            "--eval-samples", "4", "--save-every", "3", "--lr", "1e-3", "--warmup", "2", *extra]
+
+
+@pytest.mark.parametrize("mode", [["--finetune", "full"], ["--finetune", "lora", "--lora", "all", "--lora-r", "4"]])
+def test_resume_equals_uninterrupted(tiny_run, tmp_path, mode):
+    import train
+    model, data = tiny_run
+    a = train.main(train_args(model, data, tmp_path / "a", "--steps", "6", *mode))
+    train.main(train_args(model, data, tmp_path / "b", "--steps", "6", "--stop-after", "3", *mode))
+    b = train.main(train_args(model, data, tmp_path / "b", "--steps", "6", "--resume", *mode))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    trained = [k for k in sa if (".lora_B" in k) or mode[1] == "full"]
+    assert trained
+
+
+def test_loss_falls_and_is_logged(tiny_run, tmp_path):
+    import json
+    import train
+    model, data = tiny_run
+    train.main(train_args(model, data, tmp_path, "--steps", "12", "--finetune", "full"))
+    records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5
+    assert any("image_gap" in r for r in records)
+    assert (tmp_path / "final" / "model.safetensors").exists() and (tmp_path / "final" / "tokenizer.model").exists()
+
+
+def test_non_finite_loss_stops_with_step(tiny_run, tmp_path, monkeypatch):
+    import train
+    from paligemma import PaliGemma
+    model, data = tiny_run
+    original = PaliGemma.loss
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        calls["n"] += 1
+        loss = original(self, *a, **k)
+        return loss * float("nan") if calls["n"] == 5 else loss
+    monkeypatch.setattr(PaliGemma, "loss", poisoned)
+    with pytest.raises(FloatingPointError, match="step 4: non-finite loss"):
+        train.main(train_args(model, data, tmp_path, "--steps", "8", "--finetune", "full", "--eval-every", "100"))
+    assert (tmp_path / "checkpoint" / "state.pt").exists()  # the step-3 checkpoint survives
