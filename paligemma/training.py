@@ -89,12 +89,9 @@ def image_reliance(model, batch: dict) -> tuple[float, float]:
 
 
 def trainable_state(model, full: bool) -> dict:
-    return {k: v for k, v in model.state_dict().items() if full or ".lora_" in k or k in _extra_trainable(model)}
-
-
-def _extra_trainable(model):
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {n for n in names if ".lora_" not in n}
+    """Full fine-tuning: every weight; otherwise only what trains (LoRA and any unfrozen modules)."""
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if full or k in trains}
 
 
 def save_checkpoint(directory, model, optimizer, step: int, batches: Batches, rng: random.Random, full: bool,
