@@ -1,11 +1,14 @@
 """Caption a split and score it with the metrics remote-sensing papers report.
 
     python evaluate.py --model PATH_OR_ID [--adapter DIR] --data CSV_OR_DIR --split test --out DIR
-    python evaluate.py --model M --compare ADAPTER_DIR ...   # base and adapter side by side
+    python evaluate.py --model M --compare ADAPTER_OR_MODEL ...   # two rows side by side: --adapter (or base) vs this
+    python evaluate.py --predictions preds.jsonl --data ... --out DIR   # score captions made elsewhere
 
-Writes OUT/predictions.jsonl and OUT/metrics.json (atomically; an existing OUT needs --overwrite).
+Writes OUT/predictions.jsonl, OUT/predictions.csv and OUT/metrics.json, each atomically; an existing
+non-empty OUT needs --overwrite. Metrics follow the COCO caption toolkit's conventions (see README).
 """
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -13,18 +16,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from paligemma import PaliGemma
 from paligemma.atomic import atomic_file
-from paligemma.data import load_examples
+from paligemma.caption import one_line
+from paligemma.data import DataError, load_examples
 from paligemma.metrics import health, score_all
-from paligemma.processor import Processor
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder or hub repo id")
+    p.add_argument("--model", help="checkpoint folder or hub repo id")
     p.add_argument("--adapter", help="LoRA adapter folder to apply")
-    p.add_argument("--compare", help="a second adapter folder (or 'base') evaluated in the same run")
+    p.add_argument("--compare", help="second row: an adapter folder, another model, or 'base'")
+    p.add_argument("--predictions", help="score this JSONL/CSV of image + prediction instead of running a model")
     p.add_argument("--data", required=True, help="captions CSV/JSONL or folder")
     p.add_argument("--split", default="test", help="split to evaluate")
     p.add_argument("--out", required=True, help="output folder")
@@ -32,16 +35,23 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="caption en", help="task prefix")
     p.add_argument("--references", choices=["all", "first"], default="all",
                    help="score against all references, or only caption_1 (the study's protocol)")
-    p.add_argument("--max-samples", type=int, help="evaluate the first N images (deterministic)")
+    p.add_argument("--max-samples", type=int, help="evaluate the first N images of the split (deterministic)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest caption")
     p.add_argument("--num-beams", type=int, default=1, help="beam width (1 = greedy)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not (args.model or args.predictions):
+        p.error("give --model (to caption the split) or --predictions (to score existing captions)")
+    if args.predictions and (args.model or args.adapter or args.compare):
+        p.error("--predictions scores a file: it does not take --model, --adapter or --compare")
+    return args
 
 
 def predict(model, processor, examples, args) -> list[str]:
@@ -50,13 +60,37 @@ def predict(model, processor, examples, args) -> list[str]:
         chunk = examples[i:i + args.batch_size]
         inputs = {k: v.to(args.device) for k, v in processor([e.image for e in chunk], args.prompt).items()}
         tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                                do_sample=args.do_sample, temperature=args.temperature, seed=args.seed + i)
+                                do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k or None,
+                                top_p=args.top_p if args.top_p < 1 else None, seed=args.seed + i)
         out.extend(processor.batch_decode(tokens))
     return out
 
 
-def evaluate(model, processor, examples, args) -> tuple[dict, list[dict]]:
-    preds = predict(model, processor, examples, args)
+def read_predictions(path, examples) -> list[str]:
+    """Predictions made elsewhere, in the split's order; the images must be exactly the split's."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: predictions file not found")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    for i, r in enumerate(rows, 1):
+        if "image" not in r or "prediction" not in r:
+            raise DataError(f"{path}: row {i} lacks an 'image' or 'prediction' field (has {sorted(r)})")
+    # match on the file name: predictions made on another machine carry other folders
+    preds = {Path(r["image"]).name: r["prediction"] or "" for r in rows}
+    want = {e.image.name for e in examples}
+    extra, missing = sorted(set(preds) - want), sorted(want - set(preds))
+    if extra or missing:
+        raise DataError(f"{path}: its images do not match the references' split: "
+                        f"{len(missing)} without a prediction (e.g. {missing[:3]}), "
+                        f"{len(extra)} not in the split (e.g. {extra[:3]})")
+    return [preds[e.image.name] for e in examples]
+
+
+def score(examples, preds, args) -> tuple[dict, list[dict]]:
     refs = {str(e.image): (e.captions[:1] if args.references == "first" else e.captions) for e in examples}
     by_image = {str(e.image): p for e, p in zip(examples, preds)}
     result = score_all(by_image, refs)
@@ -64,6 +98,32 @@ def evaluate(model, processor, examples, args) -> tuple[dict, list[dict]]:
     rows = [dict(image=str(e.image), prompt=args.prompt, prediction=p, references=e.captions)
             for e, p in zip(examples, preds)]
     return result, rows
+
+
+def load_model(name: str, adapter: str | None, args):
+    """A model folder / hub id, optionally with a LoRA adapter; also its processor."""
+    import lora
+    from paligemma import PaliGemma
+    from paligemma.processor import Processor
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = PaliGemma.from_pretrained(name, dtype=dtype, device=args.device)
+    if adapter:
+        lora.load(model, adapter)
+    return model.eval(), Processor.from_pretrained(name)
+
+
+def rows_to_run(args) -> dict:
+    """label -> (model, adapter). --compare: adapter folders apply to --model; anything else is a model."""
+    first = (args.model, args.adapter)
+    if not args.compare:
+        return {"model": first}
+    if args.compare == "base":
+        second = (args.model, None)
+    elif (Path(args.compare) / "adapter_config.json").exists():
+        second = (args.model, args.compare)
+    else:
+        second = (args.compare, None)
+    return {"A": first, "B": second}
 
 
 def table(results: dict) -> str:
@@ -74,41 +134,60 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    import lora
-    args = parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        sys.exit(f"{out} exists and is not empty: pass --overwrite to replace its files")
-    examples, _ = load_examples(args.data, args.split)
-    if args.max_samples:
-        examples = examples[:args.max_samples]
-    processor = Processor.from_pretrained(args.model)
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    runs = {"model": args.adapter}
-    if args.compare:
-        runs = {"A": args.adapter, "B": None if args.compare == "base" else args.compare}
-    results, rows = {}, {}
-    for label, adapter in runs.items():
-        model = PaliGemma.from_pretrained(args.model, dtype=dtype, device=args.device)
-        if adapter:
-            lora.load(model, adapter)
-        name = f"{label}: {adapter or 'base'}"
-        results[name], rows[name] = evaluate(model, processor, examples, args)
-    out.mkdir(parents=True, exist_ok=True)
+def write_outputs(out: Path, results: dict, rows: dict, protocol: dict):
     with atomic_file(out / "metrics.json") as f:
-        json.dump(results, f, indent=2)
+        json.dump({"protocol": protocol, **results}, f, indent=2)
     with atomic_file(out / "predictions.jsonl") as f:
         for name, rs in rows.items():
             for r in rs:
                 f.write(json.dumps(dict(r, model=name)) + "\n")
+    n_refs = max(len(r["references"]) for rs in rows.values() for r in rs)
+    with atomic_file(out / "predictions.csv") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "image", "prompt", "prediction"] + [f"caption_{i + 1}" for i in range(n_refs)])
+        for name, rs in rows.items():
+            for r in rs:
+                w.writerow([name, r["image"], r["prompt"], r["prediction"]] + r["references"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace its files")
+    examples, _ = load_examples(args.data, args.split)
+    if args.max_samples:
+        examples = examples[:args.max_samples]
+    results, rows = {}, {}
+    if args.predictions:
+        name = f"predictions: {args.predictions}"
+        results[name], rows[name] = score(examples, read_predictions(args.predictions, examples), args)
+    else:
+        for label, (model_name, adapter) in rows_to_run(args).items():
+            model, processor = load_model(model_name, adapter, args)
+            name = f"{label}: {model_name}" + (f" + {adapter}" if adapter else "")
+            results[name], rows[name] = score(examples, predict(model, processor, examples, args), args)
+            del model
+    protocol = dict(data=str(args.data), split=args.split, images=len(examples), references=args.references,
+                    prompt=args.prompt, num_beams=args.num_beams, do_sample=args.do_sample,
+                    max_new_tokens=args.max_new_tokens,
+                    tokenisation="lower-case, punctuation dropped (approximates pycocoevalcap's PTB tokenizer)",
+                    meteor="nltk meteor_score (WordNet 3.0), not the Java Meteor 1.5")
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(out, results, rows, protocol)
     print(table(results))
-    first = next(iter(rows.values()))
-    print("\n| image | reference | prediction |\n|---|---|---|")
-    for r in first[:5]:
-        print(f"| {Path(r['image']).name} | {r['references'][0]} | {r['prediction']} |")
+    for name, r in results.items():
+        print(f"output health ({name}): " + ", ".join(f"{k} {v:.3f}" for k, v in r["health"].items()))
+    names = list(rows)
+    print("\n| image | reference | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
+    for i, r in enumerate(rows[names[0]][:5]):
+        print(f"| {Path(r['image']).name} | {r['references'][0]} | "
+              + " | ".join(one_line(rows[n][i]["prediction"]) for n in names) + " |")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (DataError, FileExistsError, ValueError, OSError) as e:
+        sys.exit(f"evaluate.py: {e}")

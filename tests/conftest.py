@@ -108,3 +108,15 @@ def hf_processor(folder: Path, image_size: int = 16, n_tokens: int = 16):
                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
     ip.image_seq_length = n_tokens
     return PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A small synthetic set and checkpoint shared by the train.py and evaluate.py tests."""
+    from paligemma.data import load_examples
+    from paligemma.synthetic import make_checkpoint, make_dataset
+    root = tmp_path_factory.mktemp("run")
+    data = make_dataset(root / "data", n_train=64, n_val=16, n_test=8, size=64)
+    examples, _ = load_examples(data, "train")
+    model = make_checkpoint(root / "model", [c for e in examples for c in e.captions], vocab_size=300)
+    return str(model), str(data)

@@ -51,6 +51,21 @@ def test_bleu_rouge_cider_match_pycocoevalcap():
     assert round(metrics.cider_d(h, r), 4) == round(Cider().compute_score(r, h)[0], 4)
 
 
+@pytest.mark.parametrize("references", ["all", "first"])
+def test_bleu_matches_nltk_corpus_bleu_where_conventions_agree(references):
+    """nltk counts a hypothesis shorter than n as one n-gram guess (max(1, .)), the COCO toolkit as
+    none; with every hypothesis at least 4 words long both are the same corpus BLEU."""
+    from nltk.translate.bleu_score import corpus_bleu
+    h, r = tokenised(*caption_pairs())
+    h = {k: v for k, v in h.items() if len(v[0].split()) >= 4}
+    r = {k: (r[k][:1] if references == "first" else r[k]) for k in h}
+    ours = metrics.bleu(h, r)
+    for n in range(1, 5):
+        theirs = corpus_bleu([[x.split() for x in r[k]] for k in h], [h[k][0].split() for k in h],
+                             weights=(1 / n,) * n)
+        assert ours[n - 1] == pytest.approx(theirs, abs=1e-6)
+
+
 def test_hand_computed():
     h = {"a": ["a red plane"]}
     r = {"a": ["a red plane", "two planes"]}

@@ -59,17 +59,6 @@ def test_bad_data(tmp_path):
         load_examples(tmp_path / "nocap.csv")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A small synthetic set and checkpoint shared by the train.py tests."""
-    from paligemma.synthetic import make_checkpoint, make_dataset
-    root = tmp_path_factory.mktemp("run")
-    data = make_dataset(root / "data", n_train=64, n_val=16, n_test=8, size=64)
-    examples, _ = load_examples(data, "train")
-    model = make_checkpoint(root / "model", [c for e in examples for c in e.captions], vocab_size=300)
-    return str(model), str(data)
-
-
 def train_args(model, data, out, *extra):
     return ["--model", model, "--data", data, "--out", str(out), "--batch-size", "8", "--eval-every", "4",
             "--eval-samples", "4", "--save-every", "3", "--lr", "1e-3", "--warmup", "2", *extra]

@@ -1,0 +1,178 @@
+"""evaluate.py end to end: its files, its metrics against pycocoevalcap, --compare, protocols, bad input."""
+import csv
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+from paligemma.data import DataError, load_examples
+from paligemma.metrics import tokenize
+
+
+def run(model, data, out, *extra):
+    return evaluate.main(["--model", model, "--data", data, "--out", str(out), "--split", "test",
+                          "--batch-size", "3", "--max-new-tokens", "8", *extra])
+
+
+def read_jsonl(path):
+    return [json.loads(l) for l in open(path)]
+
+
+def test_outputs_are_the_models_batched_captions(tiny_run, tmp_path):
+    from paligemma import PaliGemma
+    from paligemma.processor import Processor
+    model, data = tiny_run
+    results = run(model, data, tmp_path / "e", "--max-samples", "7")  # 3 + 3 + 1: a ragged last batch
+    rows = read_jsonl(tmp_path / "e" / "predictions.jsonl")
+    examples, _ = load_examples(data, "test")
+    assert [r["image"] for r in rows] == [str(e.image) for e in examples[:7]]
+    assert all(r["references"] == e.captions and r["prompt"] == "caption en" for r, e in zip(rows, examples))
+    # each prediction is what the model says for that image alone
+    m, proc = PaliGemma.from_pretrained(model).eval(), Processor.from_pretrained(model)
+    for r, e in zip(rows, examples[:7]):
+        alone = proc.batch_decode(m.generate(**proc([e.image], "caption en"), max_new_tokens=8))[0]
+        assert r["prediction"] == alone
+    with open(tmp_path / "e" / "predictions.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [t["prediction"] for t in table] == [r["prediction"] for r in rows]
+    assert [t["caption_5"] for t in table] == [e.captions[4] for e in examples[:7]]
+    saved = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert saved["protocol"]["images"] == 7 and saved["protocol"]["references"] == "all"
+    name = next(k for k in saved if k != "protocol")
+    assert saved[name] == results[name]  # JSON round-trips floats exactly
+    assert set(saved[name]) >= {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D", "health"}
+    assert set(saved[name]["health"]) >= {"empty", "repeated_token_3plus", "distinct_1", "distinct_2", "mean_length"}
+
+
+def write_predictions(path, examples, rng, fmt="jsonl"):
+    """Perturbed references: scores well above zero and below one."""
+    preds = []
+    for e in examples:
+        words = tokenize(rng.choice(e.captions[1:]))
+        words[rng.randrange(len(words))] = rng.choice(["plane", "lake", "the"])
+        preds.append(" ".join(words[: max(2, len(words) - rng.randrange(3))]))
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps({"image": f"/elsewhere/{e.image.name}", "prediction": p}) + "\n"
+                                for e, p in zip(examples, preds)))
+    else:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "prediction"])
+            w.writerows([e.image.name, p] for e, p in zip(examples, preds))
+    return preds
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_scored_predictions_equal_pycocoevalcap(tiny_run, tmp_path, fmt):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    _, data = tiny_run
+    examples, _ = load_examples(data, "val")
+    preds = write_predictions(tmp_path / f"p.{fmt}", examples, random.Random(1), fmt)
+    result = evaluate.main(["--predictions", str(tmp_path / f"p.{fmt}"), "--data", data, "--split", "val",
+                            "--out", str(tmp_path / "e")])
+    ours = next(iter(result.values()))
+    hyps = {str(i): [" ".join(tokenize(p))] for i, p in enumerate(preds)}
+    refs = {str(i): [" ".join(tokenize(c)) for c in e.captions] for i, e in enumerate(examples)}
+    bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
+    assert [round(ours[f"BLEU-{n}"], 4) for n in range(1, 5)] == [round(b, 4) for b in bleu]
+    assert round(ours["ROUGE-L"], 4) == round(Rouge().compute_score(refs, hyps)[0], 4)
+    assert round(ours["CIDEr-D"], 4) == round(Cider().compute_score(refs, hyps)[0], 4)
+    assert 0.1 < ours["BLEU-4"] < 0.95
+
+
+def test_references_first_is_the_single_reference_protocol(tiny_run, tmp_path):
+    """Predictions equal to caption_2 are perfect against all references, not against caption_1 alone."""
+    _, data = tiny_run
+    examples, _ = load_examples(data, "val")
+    examples = [e for e in examples if tokenize(e.captions[0]) != tokenize(e.captions[1])]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"image": e.image.name, "prediction": e.captions[1]}) + "\n"
+                                              for e in examples))
+    subset = tmp_path / "subset.csv"  # only the images whose first two captions differ
+    with open(data) as f, open(subset, "w", newline="") as g:
+        reader = csv.DictReader(f)
+        w = csv.DictWriter(g, reader.fieldnames)
+        w.writeheader()
+        keep = {e.image.name for e in examples}
+        w.writerows(r for r in reader if r["split"] == "val" and r["image"] in keep)
+    common = ["--predictions", str(tmp_path / "p.jsonl"), "--data", str(subset), "--split", "val"]
+    (tmp_path / "images").symlink_to(load_examples(data, "val")[0][0].image.parent)
+    every = next(iter(evaluate.main(common + ["--out", str(tmp_path / "all")]).values()))
+    first = next(iter(evaluate.main(common + ["--out", str(tmp_path / "first"), "--references", "first"]).values()))
+    assert every["BLEU-4"] == pytest.approx(1.0) and every["CIDEr-D"] > first["CIDEr-D"]
+    assert first["BLEU-1"] < 1.0
+    assert json.loads((tmp_path / "first" / "metrics.json").read_text())["protocol"]["references"] == "first"
+
+
+def test_compare_base_and_adapter(tiny_run, tmp_path):
+    import lora
+    from paligemma import PaliGemma
+    model, data = tiny_run
+    m = PaliGemma.from_pretrained(model)
+    lora.inject(m, "decoder", r=4, alpha=64)
+    torch.manual_seed(0)
+    for layer in lora.lora_layers(m).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)  # an adapter that changes the captions
+    lora.save(m, tmp_path / "adapter")
+    both = run(model, data, tmp_path / "c", "--compare", str(tmp_path / "adapter"), "--max-samples", "4")
+    base = run(model, data, tmp_path / "b", "--max-samples", "4")
+    tuned = run(model, data, tmp_path / "t", "--adapter", str(tmp_path / "adapter"), "--max-samples", "4")
+    a, b = list(both)
+    assert a.startswith("A: ") and b.startswith("B: ") and b.endswith("adapter")
+    assert both[a] == next(iter(base.values())) and both[b] == next(iter(tuned.values()))
+    rows = read_jsonl(tmp_path / "c" / "predictions.jsonl")
+    assert [r["model"] for r in rows] == [a] * 4 + [b] * 4
+    assert [r["prediction"] for r in rows[:4]] != [r["prediction"] for r in rows[4:]]
+
+
+def test_existing_output_is_never_overwritten(tiny_run, tmp_path):
+    model, data = tiny_run
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "metrics.json").write_text("mine")
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        run(model, data, tmp_path / "e", "--max-samples", "2")
+    assert (tmp_path / "e" / "metrics.json").read_text() == "mine"
+    run(model, data, tmp_path / "e", "--max-samples", "2", "--overwrite")
+    assert "BLEU-4" in (tmp_path / "e" / "metrics.json").read_text()
+    assert not [p for p in (tmp_path / "e").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_bad_input_is_named(tiny_run, tmp_path):
+    model, data = tiny_run
+    examples, _ = load_examples(data, "val")
+    rng = random.Random(0)
+    write_predictions(tmp_path / "p.jsonl", examples[:-1], rng)
+    with pytest.raises(DataError, match=rf"p.jsonl: .*1 without a prediction .*{examples[-1].image.name}"):
+        evaluate.main(["--predictions", str(tmp_path / "p.jsonl"), "--data", data, "--split", "val",
+                       "--out", str(tmp_path / "e")])
+    write_predictions(tmp_path / "q.jsonl", examples + load_examples(data, "test")[0][:1], rng)
+    with pytest.raises(DataError, match=r"q.jsonl: .*1 not in the split"):
+        evaluate.main(["--predictions", str(tmp_path / "q.jsonl"), "--data", data, "--split", "val",
+                       "--out", str(tmp_path / "e")])
+    (tmp_path / "r.jsonl").write_text(json.dumps({"img": "x.png", "caption": "a"}) + "\n")
+    with pytest.raises(DataError, match=r"r.jsonl: row 1 lacks an 'image' or 'prediction' field"):
+        evaluate.main(["--predictions", str(tmp_path / "r.jsonl"), "--data", data, "--split", "val",
+                       "--out", str(tmp_path / "e")])
+    with pytest.raises(DataError, match="no examples in split 'tset'"):
+        run(model, data, tmp_path / "e", "--split", "tset")
+    broken = tmp_path / "broken"
+    shutil.copytree(examples[0].image.parent.parent, broken)
+    (broken / examples[1].image.parent.name / examples[1].image.name).unlink()
+    with pytest.raises(DataError, match=rf"captions.csv:\d+: image file .*{examples[1].image.name} not found"):
+        run(model, str(broken / "captions.csv"), tmp_path / "e", "--split", "val")
+    assert not (tmp_path / "e").exists()  # nothing written for a failed run
+
+
+def test_command_line_errors_are_one_line(tiny_run, tmp_path):
+    import subprocess
+    import sys
+    _, data = tiny_run
+    p = subprocess.run([sys.executable, "evaluate.py", "--predictions", str(tmp_path / "none.jsonl"), "--data", data,
+                        "--out", str(tmp_path / "e")], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 1 and p.stderr.strip() == f"evaluate.py: {tmp_path / 'none.jsonl'}: predictions file not found"
