@@ -108,8 +108,9 @@ class PaliGemma(nn.Module):
         h = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids, position_ids, cache)
         return self.language_model.logits(h)
 
-    def loss(self, input_ids, pixel_values, attention_mask, token_type_ids, labels) -> torch.Tensor:
-        """Mean next-token cross-entropy over tokens whose label is not -100.
+    def loss(self, input_ids, pixel_values, attention_mask, token_type_ids, labels, reduction="mean") -> torch.Tensor:
+        """Next-token cross-entropy over tokens whose label is not -100 ("mean", or "sum" for callers that
+        normalise by a count across processes).
 
         Logits are computed only where a label exists: at 257k vocabulary entries the full
         (B, T, vocab) tensor would dwarf everything else in a training step.
@@ -118,7 +119,7 @@ class PaliGemma(nn.Module):
         target = labels[:, 1:]  # position t predicts token t + 1
         keep = target != -100
         logits = self.language_model.logits(h[:, :-1][keep]).float()  # (K, vocab)
-        return F.cross_entropy(logits, target[keep])
+        return F.cross_entropy(logits, target[keep], reduction=reduction)
 
     def generate(self, input_ids, pixel_values, attention_mask=None, token_type_ids=None, max_new_tokens=32,
                  **kwargs) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """The pieces train.py is made of, small enough to test one by one."""
+import dataclasses
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import torch
 
 from .atomic import atomic_dir, atomic_file
 from .data import sample_caption
+from .distributed import shard
 
 
 def lr_at(step: int, lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -51,11 +53,22 @@ class Batches:
         self.epoch, self.index = state["epoch"], state["index"]
 
 
-def collate(processor, examples, prompt: str, rng: random.Random, first_only=False, max_length=None) -> dict:
+def collate(processor, examples, prompt: str, rng: random.Random, first_only=False, max_length=None,
+            rank: int = 0, world: int = 1) -> dict:
+    """Captions are drawn for the whole global batch, so every rank's rng stays in step; then each rank
+    keeps its slice."""
     captions = [sample_caption(e, rng, first_only) for e in examples]
+    examples, captions = shard(examples, rank, world), shard(captions, rank, world)
     batch = processor([e.image for e in examples], [prompt] * len(examples), captions, max_length=max_length)
     check_labels(batch, examples)
     return batch
+
+
+def blind(examples, seed: int) -> list:
+    """The image-blind control: the same captions, each paired with another example's image."""
+    images = [e.image for e in examples]
+    random.Random(seed).shuffle(images)
+    return [dataclasses.replace(e, image=im) for e, im in zip(examples, images)]
 
 
 def check_labels(batch: dict, examples=None):
@@ -122,6 +135,17 @@ def load_checkpoint(directory, model, optimizer, batches: Batches, rng: random.R
     rng.setstate(state["rng"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"]
+
+
+def wandb_run(project: str | None, config: dict, rank: int):
+    """A W&B run on rank 0 when --wandb is given; None otherwise."""
+    if not project or rank:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("--wandb needs the wandb package: pip install wandb") from None
+    return wandb.init(project=project, config=config)
 
 
 def append_jsonl(path, record: dict):

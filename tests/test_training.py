@@ -104,3 +104,33 @@ def test_non_finite_loss_stops_with_step(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="step 4: non-finite loss"):
         train.main(train_args(model, data, tmp_path, "--steps", "8", "--finetune", "full", "--eval-every", "100"))
     assert (tmp_path / "checkpoint" / "state.pt").exists()  # the step-3 checkpoint survives
+
+
+@pytest.mark.parametrize("mode", [["--finetune", "full"], ["--finetune", "lora", "--lora", "all", "--lora-r", "4"]])
+def test_ddp_two_processes_equal_one(tiny_run, tmp_path, mode):
+    """torchrun with 2 gloo processes on the same global batch (8 = 2 x 4, accumulated twice) takes the
+    same steps as 1 process: same logged loss and gradient norm, same weights. float32 so that only
+    summation order differs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    import train
+    model, data = tiny_run
+    args = train_args(model, data, tmp_path / "one", "--steps", "4", "--grad-accum", "2", "--amp", "none",
+                      "--eval-every", "100", *mode)
+    one = train.main(args)
+    two_out = tmp_path / "two"
+    args[args.index("--out") + 1] = str(two_out)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "train.py", *args], cwd=Path(train.__file__).parent, capture_output=True, text=True,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    logs = [[json.loads(l) for l in open(d / "metrics.jsonl") if '"loss"' in l] for d in (tmp_path / "one", two_out)]
+    for a, b in zip(*logs):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert len(logs[1]) == 4
+    state = torch.load(two_out / "checkpoint" / "state.pt", weights_only=False)["model"]
+    ref = one.state_dict()
+    assert state and all(torch.allclose(v, ref[k], atol=1e-5) for k, v in state.items())
