@@ -134,3 +134,26 @@ def test_ddp_two_processes_equal_one(tiny_run, tmp_path, mode):
     state = torch.load(two_out / "checkpoint" / "state.pt", weights_only=False)["model"]
     ref = one.state_dict()
     assert state and all(torch.allclose(v, ref[k], atol=1e-5) for k, v in state.items())
+
+
+def test_overfit_batch_memorises_and_plots(tiny_run, tmp_path, capsys):
+    import json
+    import train
+    model, data = tiny_run
+    train.main(train_args(model, data, tmp_path, "--steps", "60", "--finetune", "full", "--overfit-batch",
+                          "--lr", "3e-3", "--eval-every", "100", "--eval-samples", "8"))
+    out = capsys.readouterr().out
+    assert "the pipeline learns" in out, out[-2000:]
+    losses = [json.loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl") if '"loss"' in l]
+    assert losses[-1] < 0.1 * losses[0]
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_blind_control_keeps_captions_and_moves_images():
+    from paligemma.training import blind
+    examples = [Example(image=f"{i}.png", captions=[f"caption {i}"]) for i in range(50)]
+    shuffled = blind(examples, seed=0)
+    assert [e.captions for e in shuffled] == [e.captions for e in examples]
+    assert sorted(e.image for e in shuffled) == sorted(e.image for e in examples)
+    assert sum(a.image == b.image for a, b in zip(examples, shuffled)) <= 3
