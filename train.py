@@ -167,7 +167,8 @@ def main(argv=None):
     if args.resume and (out / "checkpoint" / "state.pt").exists():
         step = load_checkpoint(out / "checkpoint", model, optimizer, batches, rng)
         say(f"resumed at step {step}")
-    val_batch = collate(processor, val[:args.batch_size], args.prompt, random.Random(0), True, args.max_length)
+    val = val[::max(1, len(val) // args.batch_size)][:args.batch_size]  # spread over the split, not its first rows
+    val_batch = collate(processor, val, args.prompt, random.Random(0), True, args.max_length)
     val_prompts = processor([e.image for e in val[:3]], args.prompt)  # no suffix: what generation sees
     amp = dict(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp == "bf16")
     log = out / "metrics.jsonl"
