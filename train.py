@@ -240,7 +240,7 @@ def validate(model, processor, val_batch, val_prompts, val, amp, step: int) -> d
     samples = model.generate(**{k: v.to(device) for k, v in val_prompts.items()}, max_new_tokens=24)
     gap = shuffled - own
     tqdm.write(f"step {step}: val loss {own:.3f}, with shuffled images {shuffled:.3f} (gap {gap:+.3f}"
-               f"{'  <- the decoder is NOT using the image' if gap < 0.05 else ''})")
+               f"{'  <- the decoder is NOT using the image' if gap < 0.02 else ''})")
     for e, text in zip(val[:3], processor.batch_decode(samples)):
         tqdm.write(f"  {e.image.name}: {text!r}  | ref: {e.captions[0]!r}")
     return dict(val_loss=own, val_loss_shuffled_images=shuffled, image_gap=gap)
