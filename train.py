@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--overfit-batch", action="store_true", help="train on one batch (caption_1) to prove the pipeline learns")
     p.add_argument("--blind", action="store_true", help="control run: train on images shuffled across the set")
     p.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (rank 0)")
+    p.add_argument("--fsdp", action="store_true", help="full fine-tuning sharded over torchrun processes (FSDP2)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad examples instead of stopping")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and caption sampling")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
@@ -99,12 +100,13 @@ def evaluate_captions(model, processor, examples, prompt, batch_size=32):
     return scores, health(preds, refs), preds
 
 
-def export(model, full: bool, base: str, out: Path):
-    """The result a user keeps: OUT/final (a hub-layout checkpoint + tokenizer) or OUT/adapter (PEFT)."""
+def export(model, full: bool, base: str, out: Path, state: dict | None = None):
+    """The result a user keeps: OUT/final (a hub-layout checkpoint + tokenizer) or OUT/adapter (PEFT).
+    `state`: the whole state gathered from FSDP shards."""
     import shutil
-    from paligemma.weights import resolve, save_pretrained
+    from paligemma.weights import resolve, save_checkpoint
     if full:
-        save_pretrained(model, out / "final")
+        save_checkpoint(model.config, state or model.state_dict(), out / "final")
         shutil.copyfile(resolve(base) / "tokenizer.model", out / "final" / "tokenizer.model")
     else:
         lora.save(model, out / "adapter", base_model_name_or_path=base)
@@ -125,6 +127,8 @@ def main(argv=None):
     elif args.data is None:
         raise SystemExit("--data is needed with --model (a captions CSV/JSONL or its folder)")
     full = (args.finetune or ("full" if from_scratch else "lora")) == "full"
+    if args.fsdp and not (full and world > 1):
+        raise SystemExit("--fsdp shards full fine-tuning over processes: use --finetune full under torchrun")
     lr = args.lr or (2e-3 if from_scratch else 2e-4)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -158,14 +162,16 @@ def main(argv=None):
                 p.data = p.data.float()
     say(lora.summary(model))
     model.set_gradient_checkpointing(args.checkpointing)
+    # DDP all-reduces gradients in its backward; FSDP2 shards parameters, gradients and optimizer state
+    summed_loss = distributed.fsdp(model, world, args.device) if args.fsdp else distributed.wrap(model, world, args.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    summed_loss = distributed.wrap(model, world, args.device)  # DDP all-reduces gradients in its backward
+    evals = rank == 0 or args.fsdp  # a sharded model generates only with every rank taking part
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.98),
                                   fused=args.device.startswith("cuda"))
     batches = Batches(train, args.batch_size, args.seed)
     step = 0
     if args.resume and (out / "checkpoint" / "state.pt").exists():
-        step = load_checkpoint(out / "checkpoint", model, optimizer, batches, rng)
+        step = load_checkpoint(out / "checkpoint", model, optimizer, batches, rng, summed_loss if args.fsdp else None)
         say(f"resumed at step {step}")
     val = val[::max(1, len(val) // args.batch_size)][:args.batch_size]  # spread over the split, not its first rows
     val_batch = collate(processor, val, args.prompt, random.Random(0), True, args.max_length)
@@ -174,9 +180,11 @@ def main(argv=None):
     log = out / "metrics.jsonl"
     wb = wandb_run(args.wandb, vars(args), rank)
 
-    if step == 0 and rank == 0:
-        before, _, _ = evaluate_captions(model, processor, test[:args.eval_samples], args.prompt)
-        append_jsonl(log, {"step": 0, "test_before": before})
+    if step == 0 and evals:
+        with distributed.root_gathered(summed_loss):
+            before, _, _ = evaluate_captions(model, processor, test[:args.eval_samples], args.prompt)
+        if rank == 0:
+            append_jsonl(log, {"step": 0, "test_before": before})
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", mininterval=5, disable=rank > 0)
     t0, tokens, first_loss = time.time(), 0, None
     for step in bar:
@@ -191,7 +199,7 @@ def main(argv=None):
             # sum over this rank's label tokens / the global count (x world: DDP averages over ranks)
             n_labels = distributed.global_sum(int((batch["labels"][:, 1:] != -100).sum()), args.device)
             sync = micro == args.grad_accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync else summed_loss.no_sync()), torch.autocast(**amp):
+            with (contextlib.nullcontext() if sync or args.fsdp else summed_loss.no_sync()), torch.autocast(**amp):
                 loss = summed_loss(**batch) * world / (n_labels * args.grad_accum)
             loss.backward()
             loss_sum += loss.item() / world
@@ -201,6 +209,7 @@ def main(argv=None):
             say(first_loss_check(loss_sum, model.config.text.vocab_size, pretrained=not from_scratch))
         first_loss = loss_sum if first_loss is None else first_loss
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
             raise FloatingPointError(f"step {step}: non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} "
                                      f"(loss {loss_sum}, grad norm {grad_norm.item()}); last good checkpoint: {out / 'checkpoint'}")
@@ -209,29 +218,37 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
                         tok_s=f"{tokens / (time.time() - t0):.0f}")
         record = {"step": step + 1, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()}
-        if rank == 0 and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            record.update(validate(model, processor, val_batch, val_prompts, val, amp, step + 1))
+        if evals and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            with distributed.root_gathered(summed_loss):
+                record.update(validate(model, processor, val_batch, val_prompts, val, amp, step + 1, rank))
         if rank == 0:
             append_jsonl(log, record)
             if wb:
                 wb.log(record, step=step + 1)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            states = distributed.full_state(summed_loss, optimizer) if args.fsdp else None
             if rank == 0:
-                save_checkpoint(out / "checkpoint", model, optimizer, step + 1, batches, rng, full, vars(args))
+                save_checkpoint(out / "checkpoint", model, optimizer, step + 1, batches, rng, full, vars(args), states)
             distributed.barrier()
         if args.stop_after is not None and step + 1 >= args.stop_after:
             distributed.cleanup()
             return model
 
+    final_state = distributed.full_state(summed_loss)[0] if args.fsdp else None
     if rank == 0:
-        finish(model, processor, test, args, full, out, log, skipped, first_loss, loss_sum)
+        export(model, full, args.model, out, final_state)
+    if evals:
+        with distributed.root_gathered(summed_loss):
+            after, hl, preds = evaluate_captions(model, processor, test[:args.eval_samples], args.prompt)
+    if rank == 0:
+        report(after, hl, preds, test, args, out, log, skipped, first_loss, loss_sum)
     if wb:
         wb.finish()
     distributed.cleanup()
     return model
 
 
-def validate(model, processor, val_batch, val_prompts, val, amp, step: int) -> dict:
+def validate(model, processor, val_batch, val_prompts, val, amp, step: int, rank: int = 0) -> dict:
     """Validation loss with own vs shuffled images, and a few decoded captions next to their references."""
     model.eval()
     device = model.device
@@ -239,6 +256,8 @@ def validate(model, processor, val_batch, val_prompts, val, amp, step: int) -> d
         own, shuffled = image_reliance(model, {k: v.to(device) for k, v in val_batch.items()})
     samples = model.generate(**{k: v.to(device) for k, v in val_prompts.items()}, max_new_tokens=24)
     gap = shuffled - own
+    if rank:
+        return {}
     tqdm.write(f"step {step}: val loss {own:.3f}, with shuffled images {shuffled:.3f} (gap {gap:+.3f}"
                f"{'  <- the decoder is NOT using the image' if gap < 0.02 else ''})")
     for e, text in zip(val[:3], processor.batch_decode(samples)):
@@ -246,11 +265,9 @@ def validate(model, processor, val_batch, val_prompts, val, amp, step: int) -> d
     return dict(val_loss=own, val_loss_shuffled_images=shuffled, image_gap=gap)
 
 
-def finish(model, processor, test, args, full, out, log, skipped, first_loss, last_loss):
-    """Export, score the test images before/after, plot the curves."""
+def report(after, hl, preds, test, args, out, log, skipped, first_loss, last_loss):
+    """Test metrics before/after, output health, the overfit verdict, the curves."""
     from paligemma import curves
-    export(model, full, args.model, out)
-    after, hl, preds = evaluate_captions(model, processor, test[:args.eval_samples], args.prompt)
     append_jsonl(log, {"step": args.steps, "test_after": after, "health": hl})
     before = next((json.loads(l)["test_before"] for l in open(log) if "test_before" in l), {})
     print("\n| metric | before | after |\n|---|---:|---:|")

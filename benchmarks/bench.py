@@ -22,8 +22,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from checkpoint import shapes  # noqa: E402  (benchmarks/checkpoint.py)
 PROMPT = 12  # <bos> + a short prompt + "\n", after the image tokens
 NEW = 16  # decode steps measured
+PACK = os.environ.get("PACK", "1") == "1"  # inference lines use paligemma.packing on CPU
 
 
 class PeakMemory:
@@ -90,10 +92,12 @@ def inputs(config: dict, batch: int, suffix: int = 0, device="cpu", seed=0) -> d
 
 # --- the two implementations behind one small interface ---------------------------------------------
 
-def load(impl: str, ckpt: str, device: str):
+def load(impl: str, ckpt: str, device: str, pack: bool = True):
     if impl == "ours":
         from paligemma import PaliGemma
-        return PaliGemma.from_pretrained(ckpt, dtype=torch.bfloat16, device=device).eval()
+        from paligemma import packing
+        model = PaliGemma.from_pretrained(ckpt, dtype=torch.bfloat16, device=device).eval()
+        return packing.pack(model) if PACK and pack else model
     from transformers import PaliGemmaForConditionalGeneration
     return PaliGemmaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16, device_map=device).eval()
 
@@ -135,14 +139,16 @@ def measure(impl: str, task: str, ckpt: str, device: str, reps: int, batch: int,
     torch.manual_seed(0)
     config = json.loads((Path(ckpt) / "config.json").read_text())
     if task == "load":
+        import paligemma.weights  # noqa: F401  imports are not the load: count neither library's
+        import transformers.models.paligemma.modeling_paligemma  # noqa: F401
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
-            model = load(impl, ckpt, device)
+            model = load(impl, ckpt, device, pack=False)
             sync(device)
             seconds = time.perf_counter() - t0
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         return dict(seconds=seconds, peak_bytes=mem.delta, model_bytes=nbytes)
-    model = load(impl, ckpt, device)
+    model = load(impl, ckpt, device, pack=task != "train")
     if task == "train":
         model = add_lora(impl, model).train()
         if checkpointing:
@@ -179,7 +185,7 @@ def measure(impl: str, task: str, ckpt: str, device: str, reps: int, batch: int,
     if task == "prefill":
         return dict(seconds=statistics.median(first))
     step = (statistics.median(full) - statistics.median(first)) / NEW
-    decoder = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "language_model" in n)
+    decoder = 2 * sum(torch.Size(shape).numel() for k, shape in shapes(config).items() if k.startswith("language_model"))
     return dict(seconds=step, tokens_per_s=batch / step, decoder_bytes=decoder)
 
 

@@ -4,6 +4,7 @@ Each optimizer step sees one *global* micro-batch, drawn identically on every ra
 seeded order; rank r trains on its contiguous slice. The loss is a sum over label tokens divided by
 the global token count, so N processes produce the same gradient as one process on the whole batch.
 """
+import contextlib
 import os
 
 import torch
@@ -66,3 +67,46 @@ def wrap(model, world: int, device: str) -> nn.Module:
         return loss
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(loss, device_ids=[device] if device.startswith("cuda") else None)
+
+
+# --- FSDP2: full fine-tuning of models that do not fit one device -----------------------------------
+# Each SigLIP and Gemma layer is one unit (gathered for its forward, resharded after); the root unit
+# holds the rest (embedding table = output head, projector, final norms). DDP's arithmetic is kept:
+# gradients are averaged over ranks, so the same loss normalisation gives the same steps.
+
+def fsdp(model, world: int, device: str) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.split(":")[0], (world,))
+    for layer in [*model.vision_tower.vision_model.encoder.layers, *model.language_model.model.layers]:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(SummedLoss(model), mesh=mesh)
+
+
+@contextlib.contextmanager
+def root_gathered(wrapped: nn.Module):
+    """Generation and validation call the model's own methods, not the root's forward, so the root's
+    parameters are gathered by hand around them (layers gather themselves). Every rank must enter."""
+    if not hasattr(wrapped, "unshard") or not dist.is_initialized():
+        yield
+        return
+    wrapped.unshard()
+    try:
+        yield
+    finally:
+        wrapped.reshard()
+
+
+def full_state(wrapped: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
+    """Whole (unsharded) model and optimizer state on rank 0's CPU; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model = {k.removeprefix("model."): v for k, v in get_model_state_dict(wrapped, options=options).items()}
+    return model, (get_optimizer_state_dict(wrapped, optimizer, options=options) if optimizer else None)
+
+
+def load_full_state(wrapped: nn.Module, optimizer, model_state: dict, optimizer_state: dict):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(wrapped, {"model." + k: v for k, v in model_state.items()}, options=options)
+    set_optimizer_state_dict(wrapped, optimizer, optimizer_state, options=options)

@@ -143,7 +143,11 @@ class GemmaForCausalLM(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(…, D) hidden states -> (…, vocab) logits through the tied embedding."""
-        logits = F.linear(h, self.model.embed_tokens.weight)
+        packed = self.__dict__.get("packed_head")  # see packing.py
+        if packed is not None and not (torch.is_grad_enabled() and h.requires_grad):
+            logits = packed(h)
+        else:
+            logits = F.linear(h, self.model.embed_tokens.weight)
         cap = self.model.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

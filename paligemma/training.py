@@ -108,11 +108,13 @@ def trainable_state(model, full: bool) -> dict:
 
 
 def save_checkpoint(directory, model, optimizer, step: int, batches: Batches, rng: random.Random, full: bool,
-                    args: dict):
+                    args: dict, states: tuple[dict, dict] | None = None):
     """Everything needed to continue exactly: weights that train, optimizer, step, data position, RNGs.
-    Written to a temp folder and renamed, so `directory` is always a whole checkpoint."""
+    Written to a temp folder and renamed, so `directory` is always a whole checkpoint. `states`:
+    (model, optimizer) state already gathered from shards (FSDP)."""
+    model_state, optimizer_state = states or (trainable_state(model, full), optimizer.state_dict())
     with atomic_dir(directory) as tmp:
-        torch.save({"model": trainable_state(model, full), "optimizer": optimizer.state_dict(), "step": step,
+        torch.save({"model": model_state, "optimizer": optimizer_state, "step": step,
                     "data": batches.state(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
                     "args": args}, tmp / "state.pt")
         if not full:
@@ -121,16 +123,22 @@ def save_checkpoint(directory, model, optimizer, step: int, batches: Batches, rn
         (tmp / "step.json").write_text(json.dumps({"step": step}))
 
 
-def load_checkpoint(directory, model, optimizer, batches: Batches, rng: random.Random) -> int:
+def load_checkpoint(directory, model, optimizer, batches: Batches, rng: random.Random, sharded=None) -> int:
+    """Restore what save_checkpoint wrote; `sharded`: the FSDP-wrapped model, whose shards are filled
+    from the whole state."""
     state = torch.load(Path(directory) / "state.pt", weights_only=False)
     missing = set(state["model"]) - set(model.state_dict())
     if missing:
         raise ValueError(f"{directory}: checkpoint has weights this model lacks: {sorted(missing)[:5]}")
-    current = model.state_dict()
-    with torch.no_grad():
-        for k, v in state["model"].items():  # only the trained subset is stored
-            current[k].copy_(v)
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded is not None:
+        from .distributed import load_full_state
+        load_full_state(sharded, optimizer, state["model"], state["optimizer"])
+    else:
+        current = model.state_dict()
+        with torch.no_grad():
+            for k, v in state["model"].items():  # only the trained subset is stored
+                current[k].copy_(v)
+        optimizer.load_state_dict(state["optimizer"])
     batches.load(state["data"])
     rng.setstate(state["rng"])
     torch.set_rng_state(state["torch_rng"])

@@ -7,6 +7,7 @@ is the loaded model plus one chunk. (Memory-mapping the file instead would count
 against the process until the map is closed: file size + model size.)
 """
 import json
+import mmap
 import re
 import struct
 from pathlib import Path
@@ -36,7 +37,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
              "preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json"]
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 256 << 20
 
 
 class CheckpointError(ValueError):
@@ -85,24 +86,31 @@ def read_header(path: Path) -> dict:
     return header
 
 
-def read_tensor(path: Path, info: dict, dtype: torch.dtype, device) -> torch.Tensor:
-    """One tensor, converted to `dtype` chunk by chunk: never a full-size copy in the file's dtype."""
+def read_tensor(mm: mmap.mmap, info: dict, dtype: torch.dtype, device) -> torch.Tensor:
+    """One tensor from a memory-mapped file, converted to `dtype` 64 MB at a time.
+
+    Each converted chunk's file pages are dropped from this process (MADV_DONTNEED) at once, so the
+    map never holds more than one chunk: peak memory stays the loaded model plus a chunk, while the
+    conversion reads the page cache directly instead of copying through a buffer first.
+    """
     src = DTYPES[info["dtype"]]
     out = torch.empty(info["shape"], dtype=dtype if src.is_floating_point else src)
     flat = out.view(-1)
     itemsize = torch.empty((), dtype=src).element_size()
     per_chunk = max(1, CHUNK_BYTES // itemsize)
-    with open(path, "rb", buffering=0) as f:
-        f.seek(info["offset"])
-        if src == out.dtype:  # same dtype: read straight into the destination
-            f.readinto(memoryview(flat.view(torch.uint8).numpy()))
-        else:
-            buf = torch.empty(min(per_chunk, flat.numel()), dtype=src)
-            for i in range(0, flat.numel(), per_chunk):
-                n = min(per_chunk, flat.numel() - i)
-                f.readinto(memoryview(buf[:n].view(torch.uint8).numpy()))
-                flat[i:i + n].copy_(buf[:n])
+    for i in range(0, flat.numel(), per_chunk):
+        n = min(per_chunk, flat.numel() - i)
+        start = info["offset"] + i * itemsize
+        flat[i:i + n].copy_(torch.frombuffer(mm, dtype=src, count=n, offset=start))
+        release(mm, start, n * itemsize)
     return out.to(device)
+
+
+def release(mm: mmap.mmap, start: int, length: int):
+    """Unmap [start, start + length) rounded out to whole pages (a shared page is simply read again)."""
+    if hasattr(mm, "madvise"):
+        first = start - start % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, first, min(len(mm), start + length) - first)
 
 
 def canonical(key: str) -> str:
@@ -116,19 +124,21 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype, device)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state, unexpected, wrong_shape, sources = {}, [], [], {}
     for path in weight_files(folder):
-        for key, info in read_header(path).items():
-            name = canonical(key)
-            if any(re.fullmatch(p, name) for p in SKIPPED):
-                continue
-            if name not in expected:
-                unexpected.append(f"{key} ({path.name})")
-            elif tuple(info["shape"]) != expected[name]:
-                wrong_shape.append(f"{key} ({path.name}): file {tuple(info['shape'])}, model {expected[name]}")
-            elif name in sources:
-                unexpected.append(f"{key} ({path.name}): duplicate of {sources[name]}")
-            else:
-                sources[name] = f"{key} ({path.name})"
-                state[name] = read_tensor(path, info, dtype, device)
+        header = read_header(path)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+            for key, info in header.items():
+                name = canonical(key)
+                if any(re.fullmatch(p, name) for p in SKIPPED):
+                    continue
+                if name not in expected:
+                    unexpected.append(f"{key} ({path.name})")
+                elif tuple(info["shape"]) != expected[name]:
+                    wrong_shape.append(f"{key} ({path.name}): file {tuple(info['shape'])}, model {expected[name]}")
+                elif name in sources:
+                    unexpected.append(f"{key} ({path.name}): duplicate of {sources[name]}")
+                else:
+                    sources[name] = f"{key} ({path.name})"
+                    state[name] = read_tensor(mm, info, dtype, device)
     missing = sorted(set(expected) - set(state))
     problems = [f"missing keys: {missing}"] * bool(missing) + [f"unexpected keys: {unexpected}"] * bool(unexpected) \
         + [f"wrong shapes: {wrong_shape}"] * bool(wrong_shape)

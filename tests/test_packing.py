@@ -1,0 +1,38 @@
+"""oneDNN-packed linear layers: the same numbers as the plain model, and no silent training."""
+import pytest
+import torch
+
+from conftest import batch
+from paligemma import PaliGemma
+from paligemma.packing import PackedLinear, pack
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_model_computes_the_same_function(pg2_dir, dtype):
+    plain = PaliGemma.from_pretrained(pg2_dir, dtype=dtype).eval()
+    packed = pack(PaliGemma.from_pretrained(pg2_dir, dtype=dtype))
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 2 * 6 + 3 * 7 + 1
+    inputs = batch(16, prompt_lens=(5, 3), suffix_len=2)
+    with torch.no_grad():
+        a, b = plain(**inputs), packed(**inputs)
+    assert torch.allclose(a.float(), b.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
+    gen = dict(max_new_tokens=6, eos_id=-1)
+    assert torch.equal(plain.generate(**inputs, **gen), packed.generate(**inputs, **gen))
+
+
+def test_packed_state_dict_is_the_plain_one(pg1_dir, tmp_path):
+    from paligemma.weights import save_pretrained
+    plain = PaliGemma.from_pretrained(pg1_dir)
+    packed = pack(PaliGemma.from_pretrained(pg1_dir))
+    sa, sb = plain.state_dict(), packed.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    save_pretrained(packed, tmp_path / "again")  # a packed model still saves a loadable checkpoint
+    again = PaliGemma.from_pretrained(tmp_path / "again").state_dict()
+    assert all(torch.equal(sa[k], again[k]) for k in sa)
+
+
+def test_packed_model_refuses_to_train(pg1_dir):
+    model = pack(PaliGemma.from_pretrained(pg1_dir))
+    model.train()
+    with pytest.raises(RuntimeError, match="packed layers are for inference"):
+        model.loss(**batch(16, suffix_len=2), labels=batch(16, suffix_len=2)["input_ids"])
