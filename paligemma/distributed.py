@@ -90,6 +90,9 @@ def root_gathered(wrapped: nn.Module):
     if not hasattr(wrapped, "unshard") or not dist.is_initialized():
         yield
         return
+    # FSDP2 sets itself up at the root's first forward; a generation before any training step would
+    # reach the layers first, so set it up here (a private call: torch offers no public one)
+    wrapped._get_fsdp_state()._lazy_init()
     wrapped.unshard()
     try:
         yield

@@ -112,8 +112,6 @@ def test_ddp_two_processes_equal_one(tiny_run, tmp_path, mode):
     same steps as 1 process: same logged loss and gradient norm, same weights. float32 so that only
     summation order differs."""
     import json
-    import subprocess
-    import sys
     from pathlib import Path
     import train
     model, data = tiny_run
@@ -122,10 +120,7 @@ def test_ddp_two_processes_equal_one(tiny_run, tmp_path, mode):
     one = train.main(args)
     two_out = tmp_path / "two"
     args[args.index("--out") + 1] = str(two_out)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "train.py", *args], cwd=Path(train.__file__).parent, capture_output=True, text=True,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    torchrun(args, Path(train.__file__).parent)
     logs = [[json.loads(l) for l in open(d / "metrics.jsonl") if '"loss"' in l] for d in (tmp_path / "one", two_out)]
     for a, b in zip(*logs):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
@@ -157,3 +152,47 @@ def test_blind_control_keeps_captions_and_moves_images():
     assert [e.captions for e in shuffled] == [e.captions for e in examples]
     assert sorted(e.image for e in shuffled) == sorted(e.image for e in examples)
     assert sum(a.image == b.image for a, b in zip(examples, shuffled)) <= 3
+
+
+def torchrun(args, cwd):
+    import os
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "train.py", *args], cwd=cwd, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_fsdp_two_processes_equal_one_and_resume(tiny_run, tmp_path):
+    """FSDP2 full fine-tuning on 2 gloo processes: same steps as 1 process, and a run stopped after
+    step 3 and resumed ends where the uninterrupted sharded run does."""
+    import json
+    from pathlib import Path
+    from safetensors.torch import load_file
+    import train
+    model, data = tiny_run
+    cwd = Path(train.__file__).parent
+
+    def args(out, *extra):
+        return train_args(model, data, out, "--steps", "6", "--grad-accum", "2", "--amp", "none",
+                          "--eval-every", "100", "--finetune", "full", *extra)
+    train.main(args(tmp_path / "one"))
+    torchrun(args(tmp_path / "fsdp", "--fsdp"), cwd)
+    torchrun(args(tmp_path / "resumed", "--fsdp", "--stop-after", "3"), cwd)
+    torchrun(args(tmp_path / "resumed", "--fsdp", "--resume"), cwd)
+    logs = {d: [json.loads(l) for l in open(tmp_path / d / "metrics.jsonl") if '"loss"' in l] for d in ("one", "fsdp")}
+    for a, b in zip(logs["one"], logs["fsdp"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    one, fsdp, resumed = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "fsdp", "resumed"))
+    assert set(one) == set(fsdp) == set(resumed)
+    assert all(torch.allclose(fsdp[k], one[k], atol=1e-5) for k in one)
+    assert all(torch.equal(resumed[k], fsdp[k]) for k in one)
+
+
+def test_fsdp_needs_full_finetuning_under_torchrun(tiny_run, tmp_path):
+    import train
+    model, data = tiny_run
+    with pytest.raises(SystemExit, match="--fsdp shards full fine-tuning"):
+        train.main(train_args(model, data, tmp_path, "--steps", "2", "--fsdp", "--finetune", "full"))
