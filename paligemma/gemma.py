@@ -62,7 +62,9 @@ class GemmaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, slots, k, v)  # (B, nkv, S, hs)
-        if self.softcap is None:
+        if T == 1:
+            y = self.decode_attention(q, k, v, mask)
+        elif self.softcap is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=self.n_kv != self.n_head)
         else:  # SDPA cannot soft-cap scores, so Gemma 2 spells attention out
@@ -73,6 +75,19 @@ class GemmaAttention(nn.Module):
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+    def decode_attention(self, q, k, v, mask):
+        """One new query per row (a decode step): the query heads that share a key/value head become
+        the rows of one small matmul against the cache. CPU SDPA spends 3-15x longer on this shape
+        (benchmarks/NOTES.md)."""
+        B = q.shape[0]
+        q = q.view(B, self.n_kv, self.n_head // self.n_kv, self.hd)  # (B, nkv, group, hs)
+        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, nkv, group, S)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # mask (B, 1, 1, S)
+        y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v  # (B, nkv, group, hs)
+        return y.view(B, self.n_head, 1, self.hd)
 
 
 class GemmaMLP(nn.Module):
