@@ -45,7 +45,7 @@ def main():
     config = json.loads((Path(args.ckpt) / "config.json").read_text())
     decoder_bytes = 2 * sum(torch.Size(s).numel() for k, s in shapes(config).items() if k.startswith("language_model"))
     bound = args.bandwidth * 1e9 / decoder_bytes
-    model = load("ours", args.ckpt, args.device)
+    model = load("ours", args.ckpt, args.device, pack=False)  # compile does its own weight handling
     data = inputs(config, 1, device=args.device)
     eager = tokens_per_s(model, data, args.device)
     decoder = model.language_model.model
