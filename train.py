@@ -216,7 +216,7 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
-                        tok_s=f"{tokens / (time.time() - t0):.0f}")
+                        tok_s=f"{tokens / (time.time() - t0):.0f}", refresh=False)
         record = {"step": step + 1, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()}
         if evals and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             with distributed.root_gathered(summed_loss):
