@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from paligemma.atomic import atomic_file
-from paligemma.caption import one_line
+from paligemma.caption import caption, one_line
 from paligemma.data import DataError, load_examples
 from paligemma.metrics import health, score_all
 
@@ -55,15 +55,11 @@ def parse_args(argv=None):
 
 
 def predict(model, processor, examples, args) -> list[str]:
-    out = []
-    for i in tqdm(range(0, len(examples), args.batch_size), desc="captioning", mininterval=5):
-        chunk = examples[i:i + args.batch_size]
-        inputs = {k: v.to(args.device) for k, v in processor([e.image for e in chunk], args.prompt).items()}
-        tokens = model.generate(**inputs, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                                do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k or None,
-                                top_p=args.top_p if args.top_p < 1 else None, seed=args.seed + i)
-        out.extend(processor.batch_decode(tokens))
-    return out
+    captions = caption(model, processor, [e.image for e in examples], args.prompt, args.batch_size, seed=args.seed,
+                       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
+                       temperature=args.temperature, top_k=args.top_k or None,
+                       top_p=args.top_p if args.top_p < 1 else None)
+    return list(tqdm(captions, total=len(examples), desc="captioning", mininterval=5))
 
 
 def read_predictions(path, examples) -> list[str]:

@@ -81,15 +81,12 @@ def prepare_from_scratch(out: Path, data: str | None, skip_bad: bool = False) ->
 
 
 def evaluate_captions(model, processor, examples, prompt, batch_size=32):
+    from paligemma.caption import caption
     from paligemma.metrics import health, score_all
     from paligemma.wordnet import INSTALL
-    preds = {}
     model.eval()
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        inputs = processor([e.image for e in chunk], [prompt] * len(chunk))
-        tokens = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, max_new_tokens=24)
-        preds.update({str(e.image): c for e, c in zip(chunk, processor.batch_decode(tokens))})
+    texts = caption(model, processor, [e.image for e in examples], prompt, batch_size, max_new_tokens=24)
+    preds = {str(e.image): c for e, c in zip(examples, texts)}
     refs = {str(e.image): e.captions for e in examples}
     try:
         scores = score_all(preds, refs)

@@ -185,8 +185,12 @@ def measure(impl: str, task: str, ckpt: str, device: str, reps: int, batch: int,
     if task == "prefill":
         return dict(seconds=statistics.median(first))
     step = (statistics.median(full) - statistics.median(first)) / NEW
-    decoder = 2 * sum(torch.Size(shape).numel() for k, shape in shapes(config).items() if k.startswith("language_model"))
-    return dict(seconds=step, tokens_per_s=batch / step, decoder_bytes=decoder)
+    return dict(seconds=step, tokens_per_s=batch / step, decoder_bytes=decoder_bytes(config))
+
+
+def decoder_bytes(config: dict) -> int:
+    """What one decode step must read: every decoder weight (the tied head included) in bf16."""
+    return 2 * sum(torch.Size(shape).numel() for k, shape in shapes(config).items() if k.startswith("language_model"))
 
 
 def copy_bandwidth(device: str, gib: float = 2.0) -> float:

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import NEW, generate, inputs, load, sync  # noqa: E402
-from checkpoint import shapes  # noqa: E402
+from bench import NEW, decoder_bytes, generate, inputs, load, sync  # noqa: E402
 
 
 def tokens_per_s(model, data, device, reps=3) -> float:
@@ -43,15 +42,15 @@ def main():
     p.add_argument("--out", help="also write the Markdown lines here")
     args = p.parse_args()
     config = json.loads((Path(args.ckpt) / "config.json").read_text())
-    decoder_bytes = 2 * sum(torch.Size(s).numel() for k, s in shapes(config).items() if k.startswith("language_model"))
-    bound = args.bandwidth * 1e9 / decoder_bytes
+    nbytes = decoder_bytes(config)
+    bound = args.bandwidth * 1e9 / nbytes
     model = load("ours", args.ckpt, args.device, pack=False)  # compile does its own weight handling
     data = inputs(config, 1, device=args.device)
     eager = tokens_per_s(model, data, args.device)
     decoder = model.language_model.model
     decoder.forward = torch.compile(decoder.forward, mode=args.mode)
     compiled = tokens_per_s(model, data, args.device)
-    lines = [f"| decode batch 1 | tok/s | of the bound {bound:.0f} tok/s ({decoder_bytes / 1e9:.2f} GB at {args.bandwidth:.0f} GB/s) |",
+    lines = [f"| decode batch 1 | tok/s | of the bound {bound:.0f} tok/s ({nbytes / 1e9:.2f} GB at {args.bandwidth:.0f} GB/s) |",
              "|---|---:|---:|",
              f"| eager | {eager:.1f} | {eager / bound:.0%} |",
              f"| torch.compile ({args.mode}) | {compiled:.1f} | {compiled / bound:.0%} |"]

@@ -14,12 +14,13 @@ from .processor import Processor
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def caption(model, processor, images, prompt="caption en", batch_size=8, **generate_kwargs):
-    """Yield one caption per image, in order."""
+def caption(model, processor, images, prompt="caption en", batch_size=8, seed=None, **generate_kwargs):
+    """Yield one caption per image, in order; with a sampling `seed`, batch i uses seed + i."""
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
         inputs = processor(chunk, [prompt] * len(chunk))
-        tokens = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, **generate_kwargs)
+        kwargs = generate_kwargs if seed is None else dict(generate_kwargs, seed=seed + i)
+        tokens = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, **kwargs)
         yield from processor.batch_decode(tokens)
 
 
