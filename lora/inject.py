@@ -9,7 +9,7 @@ import re
 
 from torch import nn
 
-from .layer import LoRALinear
+from .layer import LoRALinear, is_linear
 
 _N = r"\d+"
 PRESETS = {
@@ -33,7 +33,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def inject(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
            exclude=None) -> list[str]:
-    """Wrap every nn.Linear whose name matches `targets` (a preset name, regex or suffix list) and not
+    """Wrap every linear layer (nn.Linear, or a quantized one: QLoRA) whose name matches `targets` (a preset name, regex or suffix list) and not
     `exclude`; freeze everything else. Returns the wrapped names."""
     targets = PRESETS.get(targets, targets) if isinstance(targets, str) else targets
     if lora_layers(model):
@@ -42,9 +42,9 @@ def inject(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout: fl
               if n and matches(n, targets) and not (exclude and matches(n, exclude))]
     if not chosen:
         raise ValueError(f"LoRA targets {targets!r} match no module of {type(model).__name__}")
-    wrong = [f"{n} ({type(m).__name__})" for n, m in chosen if not isinstance(m, nn.Linear)]
+    wrong = [f"{n} ({type(m).__name__})" for n, m in chosen if not is_linear(m)]
     if wrong:
-        raise ValueError(f"LoRA wraps nn.Linear only; targets {targets!r} also match {wrong[:5]}")
+        raise ValueError(f"LoRA wraps linear layers only (nn.Linear or quantized); targets {targets!r} also match {wrong[:5]}")
     for p in model.parameters():
         p.requires_grad_(False)
     for name, linear in chosen:

@@ -4,6 +4,12 @@ A frozen linear layer W gets a trainable low-rank detour:  y = W x + (alpha / r)
 with A (r x in) random and B (out x r) zero, so a freshly wrapped model computes exactly what it did.
 rsLoRA (Kalajdzievski, 2023) scales by alpha / sqrt(r) instead, which keeps updates from shrinking
 as r grows. Merging folds B A into W for inference; it is always explicit, never a side effect.
+
+QLoRA (Dettmers et al., 2023) is the same detour over a quantized frozen W: the base may be any layer
+with `in_features`, `out_features`, a compute `dtype` and a `dequantize(dtype)` method giving its
+dense weight (the int8 and
+NF4 layers of paligemma/quantize.py, recognised by that shape so that this package imports nothing
+of the model's). Such a base is never merged into: `export_merged` dequantizes, then adds B A.
 """
 import math
 
@@ -11,8 +17,17 @@ import torch
 from torch import nn
 
 
+def is_quantized(module: nn.Module) -> bool:
+    return callable(getattr(module, "dequantize", None)) and hasattr(module, "in_features")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """What LoRA can wrap: nn.Linear, or a quantized linear layer."""
+    return isinstance(module, nn.Linear) or is_quantized(module)
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
@@ -20,10 +35,11 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the LoRA input only
-        factory = dict(device=base.weight.device, dtype=torch.float32)  # trainable weights stay float32
+        device = next(iter(base.state_dict().values())).device  # a quantized base holds buffers, not `weight`
+        factory = dict(device=device, dtype=torch.float32)  # trainable weights stay float32
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
-        if base.weight.device.type != "meta":
+        if device.type != "meta":
             self.reset_parameters()
         self.merged = False
 
@@ -45,6 +61,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
+        if is_quantized(self.base):
+            raise RuntimeError(f"cannot merge into a quantized base ({type(self.base).__name__}): B A would be rounded "
+                               "away; lora.export_merged dequantizes and merges into a dense copy")
         if self.merged:
             raise RuntimeError("LoRA weights are already merged into the base layer")
         w = self.base.weight

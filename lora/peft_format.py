@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .inject import inject, lora_layers
+from .layer import is_linear, is_quantized
 
 PREFIX = "base_model.model."
 # ours -> transformers 5.x module path (what PEFT writes with the test extra's transformers)
@@ -108,7 +109,7 @@ def load(model: nn.Module, directory) -> list[str]:
         weights[(from_hf(m.group(1)), m.group(2))] = tensor
     modules = dict(model.named_modules())
     names = sorted({n for n, _ in weights})
-    unknown = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
+    unknown = [n for n in names if modules.get(n) is None or not is_linear(modules[n])]
     if bad or unknown:
         raise AdapterError(f"{weights_path}: keys that do not fit this model: unexpected keys {bad[:10]}, "
                            f"modules that are not linear layers of the model {unknown[:10]}")
@@ -130,15 +131,31 @@ def load(model: nn.Module, directory) -> list[str]:
 
 
 def export_merged(model: nn.Module, directory):
-    """Save base + merged LoRA as an ordinary hub-layout checkpoint; the model is left unmerged."""
+    """Save base + merged LoRA as an ordinary hub-layout checkpoint; the model itself is not changed."""
     from paligemma.weights import save_checkpoint
+    save_checkpoint(model.config, merged_state(model), directory)
+
+
+@torch.no_grad()
+def merged_state(model: nn.Module) -> dict:
+    """The model's state with each LoRA update folded into its base weight (float32 sum, one rounding to
+    the base's dtype, as `merge` does) and each quantized layer dequantized to a dense `weight` in its
+    compute dtype (bf16 for a model loaded in bf16): what any loader of the hub layout expects."""
     layers = lora_layers(model)
-    for layer in layers.values():
-        layer.merge()
-    try:
-        state = {re.sub(r"\.base\.", ".", k): v for k, v in model.state_dict().items()
-                 if ".lora_A." not in k and ".lora_B." not in k}
-        save_checkpoint(model.config, state, directory)
-    finally:
-        for layer in layers.values():
-            layer.unmerge()
+    if any(l.merged for l in layers.values()):
+        raise RuntimeError("unmerge before exporting: merged weights are already in the base layers")
+    state = {re.sub(r"\.base\.", ".", k): v for k, v in model.state_dict().items()
+             if ".lora_A." not in k and ".lora_B." not in k}
+    for name, module in model.named_modules():
+        owner = name.removesuffix(".base")
+        lora_layer = layers.get(owner)
+        if is_quantized(module):
+            for key in module.state_dict():  # its int8 / 4-bit buffers give way to one dense weight
+                if key != "bias":
+                    del state[f"{owner}.{key}"]
+            w = module.dequantize(torch.float32) + (lora_layer.delta() if lora_layer is not None else 0)
+            state[f"{owner}.weight"] = w.to(module.dtype)
+        elif lora_layer is not None and module is lora_layer.base:
+            w = module.weight
+            state[f"{owner}.weight"] = (w.float() + lora_layer.delta()).to(w.dtype)
+    return state

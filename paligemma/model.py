@@ -37,10 +37,12 @@ class PaliGemma(nn.Module):
         self.language_model = GemmaForCausalLM(config.text)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None) -> "PaliGemma":
-        """Local folder or hub repo id (hub layout, single or sharded safetensors); see weights.py."""
+    def from_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None,
+                        quantize: str | None = None) -> "PaliGemma":
+        """Local folder or hub repo id (hub layout, single or sharded safetensors); see weights.py.
+        quantize="int8" | "nf4": linear layers quantized while loading (quantize.py)."""
         from .weights import load_pretrained
-        return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, revision=revision)
+        return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, revision=revision, quantize=quantize)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -119,8 +119,10 @@ def canonical(key: str) -> str:
     return key
 
 
-def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype, device) -> dict:
-    """Read every tensor the model needs; error on anything missing, unexpected or mis-shaped."""
+def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype, device, convert=None) -> dict:
+    """Read every tensor the model needs; error on anything missing, unexpected or mis-shaped.
+    `convert(name, tensor) -> {name: tensor}` replaces each tensor as soon as it is read (quantize.py:
+    a linear weight becomes its int8 or 4-bit buffers, so no dense copy of the model ever exists)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state, unexpected, wrong_shape, sources = {}, [], [], {}
     for path in weight_files(folder):
@@ -138,8 +140,9 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype, device)
                     unexpected.append(f"{key} ({path.name}): duplicate of {sources[name]}")
                 else:
                     sources[name] = f"{key} ({path.name})"
-                    state[name] = read_tensor(mm, info, dtype, device)
-    missing = sorted(set(expected) - set(state))
+                    tensor = read_tensor(mm, info, dtype, device)
+                    state.update(convert(name, tensor) if convert else {name: tensor})
+    missing = sorted(set(expected) - set(sources))
     problems = [f"missing keys: {missing}"] * bool(missing) + [f"unexpected keys: {unexpected}"] * bool(unexpected) \
         + [f"wrong shapes: {wrong_shape}"] * bool(wrong_shape)
     if problems:
@@ -147,14 +150,21 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype, device)
     return state
 
 
-def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None):
+def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None, quantize=None):
     folder = resolve(path_or_repo_id, revision)
     if not (folder / "config.json").exists():
         raise ConfigError(f"{folder}: no config.json")
     config = PaliGemmaConfig.from_json(folder / "config.json")
     with torch.device("meta"):
         model = cls(config)
-    model.load_state_dict(load_state(folder, model, dtype, device), strict=True, assign=True)
+    convert = None
+    if quantize:  # the file's dense weights are checked against the dense model, then swapped in quantized
+        from . import quantize as q
+        convert = q.converter(model.to(dtype), quantize)  # .to on meta: free, and the layers get `dtype`
+    state = load_state(folder, model, dtype, device, convert)
+    if quantize:
+        q.quantize(model, quantize)  # on meta: empty quantized layers for the state to fill
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 

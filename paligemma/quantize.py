@@ -1,0 +1,284 @@
+"""Quantized linear layers, swapped in after the model is built (as gpt-fast's quantize.py does).
+
+    model = PaliGemma.from_pretrained(path, dtype=torch.bfloat16)
+    quantize.quantize(model, "int8")            # or "nf4"; or from_pretrained(..., quantize="int8")
+
+Two formats, both "weight-only": activations stay bf16 / float32, each weight is stored small and
+turned back into a dense weight (or fed to a fused kernel) when a layer runs.
+
+- int8 (LLM.int8's per-channel absmax, without its outlier split): one float scale per output row,
+  W[o, :] ~= scale[o] * q[o, :], q in [-127, 127]. Half the bytes of bf16. On CPU the fused
+  `torch._weight_int8pack_mm` multiplies by q and scales in one pass (no dense copy): a decode step
+  reads half the bytes (measured in benchmarks/NOTES.md).
+- nf4 (QLoRA, Dettmers et al. 2023, section 3): the weight, flattened, is cut into blocks of 64;
+  each block is divided by its absmax and every value replaced by the nearest of 16 "NormalFloat"
+  levels, the quantiles of a standard normal (the shape of trained weights), stored as 4-bit
+  codes, two per byte. A quarter of the bytes of bf16 plus one float32 absmax per 64 values
+  (+0.5 bit a weight; "double quantization" stores the absmaxes themselves in 8 bits: +0.127 bit).
+  Dequantized per forward: on a GPU this is how QLoRA trains; on a CPU without a fused 4-bit
+  kernel it costs more time than the bytes it saves (NOTES.md).
+
+What stays unquantized, and why:
+- norms, biases, SigLIP's patch and position embeddings: vectors and a conv, < 0.1 % of the bytes;
+- `embed_tokens`: a lookup reads 1 row per token, so its bytes do not limit anything; it is also
+  the tied output head, which reads all of it every step: `head=True` adds an int8 copy for the
+  logits (Int8Head), as packing.py adds a packed one;
+- LoRA's `lora_A` / `lora_B`: they are what trains (float32).
+"""
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("int8", "nf4")
+NF4_BLOCK = 64  # values per absmax (QLoRA's block size)
+DQ_BLOCK = 256  # absmaxes per second-level scale (QLoRA's double quantization)
+ROWS = 4096  # rows quantized at a time: the float32 temporaries stay ~32 MB at 3B widths
+
+
+def nf4_levels() -> torch.Tensor:
+    """QLoRA's 16 NormalFloat levels (Appendix E), built the way the paper describes.
+
+    8 quantiles of N(0, 1) on the positive side and 7 on the negative side (so that 0 is exactly
+    representable, for zero-padding and sparse weights), normalised into [-1, 1]. `offset`
+    is the middle of 1 - 1/(2*15) and 1 - 1/(2*16): the outermost quantile, which would be
+    infinite at 1 itself.
+    """
+    offset = 0.5 * ((1 - 1 / 30) + (1 - 1 / 32))
+    ppf = lambda p: torch.special.ndtri(torch.tensor(p, dtype=torch.float64))  # noqa: E731
+    pos = ppf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1].tolist())  # 8 values > 0
+    neg = -ppf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1].tolist())  # 7 values < 0
+    levels = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
+    return (levels / levels.max()).float()
+
+
+NF4 = nf4_levels()  # (16,) float32
+# every byte -> its two levels (high nibble first): dequantizing is then one gather per byte
+NF4_PAIRS = torch.stack([NF4.repeat_interleave(16), NF4.repeat(16)], dim=1)  # (256, 2)
+
+
+class Int8Linear(nn.Module):
+    """y = x (scale * q)^T + b with q int8 (out, in) and one scale per output row.
+
+    Scales are stored in the compute dtype and q is rounded against the stored scale, so that
+    `dequantize()` is exactly the weight this layer computes with (the tests rely on it).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=torch.bfloat16, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @staticmethod
+    def quantize_weight(w: torch.Tensor) -> dict:
+        """(out, in) float -> {"qweight": int8 (out, in), "scales": (out,) in w's dtype}, ROWS rows at a time."""
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scales = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
+        for i in range(0, w.shape[0], ROWS):
+            rows = w[i:i + ROWS].float()
+            s = (rows.abs().amax(dim=1) / 127).clamp(min=1e-12).to(w.dtype)  # an all-zero row keeps q = 0
+            scales[i:i + ROWS] = s
+            q[i:i + ROWS] = (rows / s.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return {"qweight": q, "scales": scales}
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) weight this layer computes with (a new tensor)."""
+        w = self.qweight.to(self.scales.dtype) * self.scales[:, None]
+        return w if dtype is None else w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_int8(x, self.scales) and not (torch.is_grad_enabled() and x.requires_grad):
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales)
+            y = y.view(*x.shape[:-1], self.out_features)  # (…, out)
+            return y if self.bias is None else y + self.bias
+        # training (the kernel has no backward) and other devices: the dense weight, then one matmul;
+        # autocast casts it as it casts any linear weight
+        dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else self.scales.dtype
+        return F.linear(x, self.dequantize(dtype), None if self.bias is None else self.bias.to(dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dense view for analysis (a new tensor on every access): `dequantize()`."""
+        return self.dequantize()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype it computes in (that of the model it was loaded into)."""
+        return self.scales.dtype
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def fused_int8(x: torch.Tensor, scales: torch.Tensor) -> bool:
+    """torch's fused int8-weight matmul: CPU, activations in the scales' dtype."""
+    return x.device.type == "cpu" and x.dtype == scales.dtype and x.dtype in (torch.bfloat16, torch.float32)
+
+
+class NF4Linear(nn.Module):
+    """y = x W^T + b with W held as 4-bit NormalFloat codes (two per byte) and a float32 absmax per
+    64 values; with `double_quant`, the absmaxes are stored as int8 around their mean, one float32
+    scale per 256 of them."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=torch.bfloat16, device=None,
+                 double_quant: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.double_quant = in_features, out_features, double_quant
+        self.dtype = dtype  # what it computes in: the dtype of the model it was loaded into
+        n_blocks = -(-in_features * out_features // NF4_BLOCK)
+        self.register_buffer("qweight", torch.empty(n_blocks * NF4_BLOCK // 2, dtype=torch.uint8, device=device))
+        if double_quant:
+            self.register_buffer("absmax_q", torch.empty(n_blocks, dtype=torch.int8, device=device))
+            self.register_buffer("absmax_scale", torch.empty(-(-n_blocks // DQ_BLOCK), device=device))
+            self.register_buffer("absmax_mean", torch.empty((), device=device))
+        else:
+            self.register_buffer("absmax", torch.empty(n_blocks, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @staticmethod
+    def quantize_weight(w: torch.Tensor, double_quant: bool = False) -> dict:
+        """(out, in) float -> {"qweight": uint8 (numel/2,), "absmax": float32 (numel/64,)} (or the
+        double-quantized absmax). The flat weight is zero-padded to whole blocks."""
+        flat = w.reshape(-1)
+        n_blocks = -(-flat.numel() // NF4_BLOCK)
+        qweight = torch.empty(n_blocks * NF4_BLOCK // 2, dtype=torch.uint8, device=w.device)
+        absmax = torch.empty(n_blocks, device=w.device)
+        midpoints = (NF4[1:] + NF4[:-1]).to(w.device) / 2  # a value maps to the nearest level
+        step = ROWS * NF4_BLOCK * 32  # blocks per chunk
+        for i in range(0, flat.numel(), step):
+            chunk = flat[i:i + step].float()
+            chunk = F.pad(chunk, (0, -chunk.numel() % NF4_BLOCK)).view(-1, NF4_BLOCK)  # (blocks, 64)
+            m = chunk.abs().amax(dim=1)
+            codes = torch.bucketize(chunk / m.clamp(min=1e-12)[:, None], midpoints, out_int32=True).to(torch.uint8)  # 0..15
+            codes = codes.view(-1, 2)
+            b = i // NF4_BLOCK
+            absmax[b:b + m.numel()] = m
+            qweight[b * NF4_BLOCK // 2:(b + m.numel()) * NF4_BLOCK // 2] = (codes[:, 0] << 4) | codes[:, 1]
+        if not double_quant:
+            return {"qweight": qweight, "absmax": absmax}
+        mean = absmax.mean()
+        centred = F.pad(absmax - mean, (0, -n_blocks % DQ_BLOCK)).view(-1, DQ_BLOCK)
+        scale = (centred.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q = (centred / scale[:, None]).round().clamp(-127, 127).to(torch.int8).view(-1)[:n_blocks]
+        return {"qweight": qweight, "absmax_q": q, "absmax_scale": scale, "absmax_mean": mean}
+
+    def block_absmax(self) -> torch.Tensor:
+        """(blocks,) float32 absmax per 64 values."""
+        if not self.double_quant:
+            return self.absmax
+        scale = self.absmax_scale.repeat_interleave(DQ_BLOCK)[:self.absmax_q.numel()]
+        return self.absmax_q.float() * scale + self.absmax_mean
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) weight this layer computes with (a new tensor): level * absmax in float32,
+        rounded once to `dtype` (default: the dtype the model was loaded in)."""
+        levels = NF4_PAIRS.to(self.qweight.device)[self.qweight.int()].view(-1, NF4_BLOCK)  # (blocks, 64)
+        w = (levels * self.block_absmax()[:, None]).view(-1)[:self.in_features * self.out_features]
+        return w.view(self.out_features, self.in_features).to(dtype or self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else self.dtype
+        return F.linear(x, self.dequantize(dtype), None if self.bias is None else self.bias.to(dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dense view for analysis (a new tensor on every access): `dequantize()`."""
+        return self.dequantize()
+
+    def extra_repr(self) -> str:
+        dq = ", double quantization" if self.double_quant else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocks of {NF4_BLOCK}{dq}"
+
+
+def quantized_linear(linear: nn.Linear, mode: str, double_quant: bool = False) -> nn.Module:
+    """The quantized form of one nn.Linear (built on its device; on `meta`, empty, for loading)."""
+    w = linear.weight
+    kwargs = dict(dtype=w.dtype, device=w.device) | (dict(double_quant=double_quant) if mode == "nf4" else {})
+    q = LAYERS[mode](linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
+    if w.device.type != "meta":
+        fill(q, {"weight": w.detach(), **({"bias": linear.bias.detach()} if linear.bias is not None else {})})
+    return q
+
+
+def fill(q: nn.Module, dense: dict):
+    """Set a quantized layer's buffers from a dense {"weight", "bias"} (assigning, as loading does)."""
+    parts = type(q).quantize_weight(dense["weight"], **({"double_quant": q.double_quant} if isinstance(q, NF4Linear) else {}))
+    if "bias" in dense:
+        parts["bias"] = nn.Parameter(dense["bias"], requires_grad=False)
+    for name, t in parts.items():
+        setattr(q, name, t)
+
+
+LAYERS = {"int8": Int8Linear, "nf4": NF4Linear}
+
+
+def targets(model: nn.Module, skip=()) -> list[str]:
+    """Names of the nn.Linear layers `quantize` would replace: all but LoRA's own and `skip` (a regex
+    matched against the whole name, or a list of names / name suffixes, as in lora.inject)."""
+    def skipped(name):
+        if isinstance(skip, str):
+            return re.fullmatch(skip, name) is not None
+        return any(name == s or name.endswith("." + s) for s in skip)
+    return [n for n, m in model.named_modules()
+            if type(m) is nn.Linear and n.rpartition(".")[2] not in ("lora_A", "lora_B") and not skipped(n)]
+
+
+def check(model: nn.Module, mode: str):
+    if mode not in MODES:
+        raise ValueError(f"quantize: mode {mode!r}; expected one of {MODES}")
+    p = next(model.parameters())
+    if p.dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        raise ValueError(f"quantize: the model is in {p.dtype}; load it in bfloat16, float16 or float32 first")
+
+
+def quantize(model: nn.Module, mode: str, skip=(), head: bool = False, double_quant: bool = False) -> nn.Module:
+    """Replace nn.Linear layers (both towers, projector, decoder; see `targets`) by their `mode`
+    form, in place; `head=True` also gives the tied output head an int8 copy. Returns the model."""
+    check(model, mode)
+    for name in targets(model, skip):
+        parent, _, child = name.rpartition(".")
+        module = model.get_submodule(parent)
+        setattr(module, child, quantized_linear(getattr(module, child), mode, double_quant))
+    if head:
+        int8_head(model)
+    return model
+
+
+def int8_head(model: nn.Module):
+    """An int8 copy of the tied embedding for the logits (the embedding stays for lookups)."""
+    lm = model.language_model
+    lm.__dict__["packed_head"] = Int8Head(lm.model.embed_tokens.weight)
+
+
+class Int8Head(nn.Module):
+    """The tied output head from an int8 copy of the embedding table: at 3B a fifth of each decode
+    step's bytes (257k x 2048) halve. Inference only; kept out of state_dict()."""
+
+    def __init__(self, embedding: torch.Tensor):
+        super().__init__()
+        self.linear = Int8Linear(embedding.shape[1], embedding.shape[0], False, embedding.dtype, embedding.device)
+        fill(self.linear, {"weight": embedding.detach()})
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h)
+
+
+def converter(model: nn.Module, mode: str, skip=(), double_quant: bool = False):
+    """For weights.py, quantizing while loading: a function (name, tensor) -> {name: tensor} that
+    turns the weight of every layer `quantize` would replace into that layer's buffers as soon as it
+    is read, so that no dense copy of the model exists. `model` is the dense model on `meta`."""
+    check(model, mode)
+    layers = {f"{n}.weight": n for n in targets(model, skip)}
+
+    def convert(name: str, tensor: torch.Tensor) -> dict:
+        layer = layers.get(name)
+        if layer is None:
+            return {name: tensor}
+        extra = {"double_quant": double_quant} if mode == "nf4" else {}
+        return {f"{layer}.{k}": v for k, v in LAYERS[mode].quantize_weight(tensor, **extra).items()}
+    return convert

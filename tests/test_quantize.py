@@ -1,0 +1,223 @@
+"""int8 and NF4 layers against hand-written dequantize-then-F.linear references; loading; QLoRA."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+import lora
+from conftest import batch, load_hf
+from paligemma import PaliGemma
+from paligemma import quantize as Q
+
+N_IMG = 16
+N_LINEAR = 2 * 6 + 3 * 7 + 1  # pg2: vision q,k,v,out,fc1,fc2 x 2 layers; decoder 7 x 3; projector
+
+# QLoRA (Dettmers et al., 2023), Appendix E: the NF4 data type's 16 values, as published
+QLORA_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+             0.7229568362236023, 1.0]
+
+
+def linear(in_f=96, out_f=40, bias=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f, bias=bias).to(dtype)
+
+
+def test_nf4_levels_are_qlora_table():
+    assert_close(Q.NF4, torch.tensor(QLORA_NF4), rtol=0, atol=2e-7)
+    assert Q.NF4[7] == 0 and Q.NF4[0] == -1 and Q.NF4[15] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_equals_hand_reference(dtype):
+    dense = linear(dtype=dtype)
+    w = dense.weight.detach().float()
+    scale = (w.abs().amax(1) / 127).to(dtype)  # stored in the compute dtype, q rounded against it
+    q = (w / scale.float()[:, None]).round().clamp(-127, 127)
+    layer = Q.quantized_linear(dense, "int8")
+    assert torch.equal(layer.qweight, q.to(torch.int8)) and torch.equal(layer.scales, scale)
+    ref_w = (q.to(dtype) * scale[:, None])
+    assert torch.equal(layer.dequantize(), ref_w) and torch.equal(layer.weight, ref_w)
+    x = torch.randn(3, 5, 96).to(dtype)
+    ref = F.linear(x, ref_w, dense.bias)
+    # training path (the fused kernel has no backward): dequantize, then F.linear: exact
+    assert torch.equal(layer(x.clone().requires_grad_()), ref)
+    # inference path on CPU: torch._weight_int8pack_mm; other summation order only
+    assert_close(layer(x), ref, **(dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))
+    assert_close(ref_w.float(), w, rtol=0, atol=float(w.abs().max()) / 127 / 2 + 1e-2 * (dtype == torch.bfloat16))
+
+
+def unpack_nf4_by_hand(layer, absmax) -> torch.Tensor:
+    codes = []
+    for byte in layer.qweight.tolist():
+        codes += [byte >> 4, byte & 15]
+    values = torch.tensor([QLORA_NF4[c] for c in codes]).view(-1, 64) * absmax[:, None]
+    return values.view(-1)[:layer.in_features * layer.out_features].view(layer.out_features, layer.in_features)
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (36, 10)])  # 36 x 10 = 360 weights: the last block is padded
+def test_nf4_equals_hand_reference(shape):
+    dense = linear(*shape)
+    w = dense.weight.detach()
+    layer = Q.quantized_linear(dense, "nf4")
+    assert layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == -(-w.numel() // 64) * 32
+    blocks = F.pad(w.reshape(-1), (0, -w.numel() % 64)).view(-1, 64)
+    absmax = blocks.abs().amax(1)
+    assert torch.equal(layer.absmax, absmax)
+    # every code is the nearest published level to weight / absmax of its block
+    nearest = ((blocks / absmax[:, None])[..., None] - torch.tensor(QLORA_NF4)).abs().argmin(-1).view(-1)
+    expected = unpack_nf4_by_hand(layer, absmax)
+    assert torch.equal(nearest[:w.numel()].view(w.shape), ((expected / absmax.repeat_interleave(64)[:w.numel()]
+                                                             .view(w.shape))[..., None] - torch.tensor(QLORA_NF4))
+                       .abs().argmin(-1))
+    assert_close(layer.dequantize(torch.float32), expected, rtol=0, atol=1e-6)  # table printed to 1e-7
+    x = torch.randn(4, shape[0])
+    assert torch.equal(layer(x), F.linear(x, layer.dequantize(torch.float32), dense.bias))  # exact
+    assert_close(layer(x), F.linear(x, expected, dense.bias), rtol=1e-5, atol=1e-5)
+    # 4 bits: the error per weight is at most half the widest gap between levels, times the absmax
+    assert float((layer.dequantize() - w).abs().max()) <= 0.5 * float((Q.NF4[1:] - Q.NF4[:-1]).max()) * float(absmax.max())
+
+
+def test_nf4_double_quantization():
+    dense = linear(512, 64)  # 512 blocks: two second-level blocks of 256
+    single, double = Q.quantized_linear(dense, "nf4"), Q.quantized_linear(dense, "nf4", double_quant=True)
+    assert torch.equal(single.qweight, double.qweight)
+    assert double.absmax_q.dtype == torch.int8 and double.absmax_scale.numel() == 2
+    err = (double.block_absmax() - single.absmax).abs().max()
+    assert err <= double.absmax_scale.max() / 2 + 1e-7  # int8 rounding of the absmaxes, nothing more
+    x = torch.randn(3, 512)
+    assert torch.equal(double(x), F.linear(x, double.dequantize(torch.float32), dense.bias))
+
+
+# per weight, int8 errs by ~0.5 % (relative norm) and NF4 by ~9 %; a random 5-layer model passes that on
+# to its logits several times over (the quality test on a trained model is in test_quantize_quality.py)
+@pytest.mark.parametrize("mode,tol", [("int8", 0.03), ("nf4", 0.5)])
+def test_quantized_model_stays_close(pg2_dir, mode, tol):
+    dense = PaliGemma.from_pretrained(pg2_dir)
+    model = Q.quantize(PaliGemma.from_pretrained(pg2_dir), mode)
+    kinds = {type(m) for m in model.modules()}
+    assert sum(isinstance(m, Q.LAYERS[mode]) for m in model.modules()) == N_LINEAR and nn.Linear not in kinds
+    inputs = batch(N_IMG, prompt_lens=(5, 3), suffix_len=2)
+    with torch.no_grad():
+        a, b = dense(**inputs), model(**inputs)
+    rel = float((a - b).norm() / a.norm())
+    assert rel < tol, rel
+
+
+def test_skip_and_int8_head(pg1_dir):
+    model = PaliGemma.from_pretrained(pg1_dir, dtype=torch.bfloat16)
+    Q.quantize(model, "int8", skip=r"vision_tower\..*", head=True)
+    assert isinstance(model.vision_tower.vision_model.encoder.layers[0].mlp.fc1, nn.Linear)
+    assert isinstance(model.language_model.model.layers[0].mlp.up_proj, Q.Int8Linear)
+    assert not any("head" in k for k in model.state_dict())  # the head copy is not part of the model's state
+    h = torch.randn(2, 48, dtype=torch.bfloat16)
+    table = model.language_model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert_close(model.language_model.logits(h).float(), F.linear(h, table).float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_on_load_equals_load_then_quantize(pg2_dir, mode, dtype):
+    a = PaliGemma.from_pretrained(pg2_dir, dtype=dtype, quantize=mode)
+    b = Q.quantize(PaliGemma.from_pretrained(pg2_dir, dtype=dtype), mode)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    assert not any(t.device.type == "meta" for t in sa.values())
+    inputs = batch(N_IMG, prompt_lens=(5,))
+    gen = dict(max_new_tokens=4, eos_id=-1)
+    assert torch.equal(a.generate(**inputs, **gen), b.generate(**inputs, **gen))
+
+
+def test_refusals(pg1_dir):
+    model = PaliGemma.from_pretrained(pg1_dir)
+    with pytest.raises(ValueError, match="mode 'int4'"):
+        Q.quantize(model, "int4")
+    with pytest.raises(ValueError, match="torch.float64"):
+        Q.quantize(model.double(), "int8")
+    with pytest.raises(ValueError, match="mode 'fp8'"):
+        PaliGemma.from_pretrained(pg1_dir, quantize="fp8")
+    q = Q.quantize(PaliGemma.from_pretrained(pg1_dir), "nf4")
+    lora.inject(q, "decoder", r=2)
+    with pytest.raises(RuntimeError, match="cannot merge into a quantized base"):
+        lora.merge(q)
+
+
+# --- QLoRA ------------------------------------------------------------------------------------------
+
+def randomize_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_qlora_trains_only_the_adapter(pg2_dir, mode):
+    model = PaliGemma.from_pretrained(pg2_dir, quantize=mode)
+    inputs = batch(N_IMG, prompt_lens=(4, 6), suffix_len=3)
+    with torch.no_grad():
+        before = model(**inputs)
+    names = lora.inject(model, "all", r=4, alpha=8)
+    assert len(names) == N_LINEAR
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), before)  # B = 0: a fresh adapter changes nothing
+    randomize_lora(model)
+    model.set_gradient_checkpointing(True)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    labels = inputs["input_ids"].masked_fill(inputs["token_type_ids"] == 0, -100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.loss(labels=labels, **inputs).backward()
+    for name, layer in lora.lora_layers(model).items():
+        assert layer.lora_A.weight.dtype == torch.float32 and layer.lora_A.weight.grad.abs().sum() > 0, name
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
+    assert changed == {k for k in state if ".lora_" in k}
+
+
+def test_qlora_adapter_loads_on_the_unquantized_base(pg2_dir, tmp_path):
+    """An adapter trained on an NF4 base is an ordinary PEFT adapter: ours and PEFT on the dense
+    transformers model give the same logits; on the quantized base it gives what it trained with."""
+    from peft import PeftModel
+    qmodel = PaliGemma.from_pretrained(pg2_dir, quantize="nf4")
+    lora.inject(qmodel, "all", r=4, alpha=8)
+    randomize_lora(qmodel)
+    lora.save(qmodel, tmp_path / "adapter", base_model_name_or_path=str(pg2_dir))
+    dense = PaliGemma.from_pretrained(pg2_dir)
+    lora.load(dense, tmp_path / "adapter")
+    hf = PeftModel.from_pretrained(load_hf(pg2_dir), tmp_path / "adapter").eval()
+    inputs = batch(N_IMG, prompt_lens=(6,), suffix_len=3)
+    with torch.no_grad():
+        ours = dense(**inputs)
+        assert_close(ours, hf(**inputs).logits, rtol=1e-5, atol=1e-5)
+        again = PaliGemma.from_pretrained(pg2_dir, quantize="nf4")
+        lora.load(again, tmp_path / "adapter")
+        assert torch.equal(again(**inputs), qmodel(**inputs))
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_export_merged_dequantizes(pg2_dir, tmp_path, mode):
+    model = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16, quantize=mode)
+    lora.inject(model, "decoder", r=4, alpha=8)  # vision layers stay quantized without LoRA
+    randomize_lora(model)
+    lora.export_merged(model, tmp_path / "merged")
+    header = json.loads((tmp_path / "merged" / "model.safetensors").read_bytes()[8:][:int.from_bytes(
+        (tmp_path / "merged" / "model.safetensors").read_bytes()[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    merged = PaliGemma.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16)
+    name = "language_model.model.layers.1.mlp.down_proj"
+    layer = model.get_submodule(name)
+    expected = (layer.base.dequantize(torch.float32) + layer.delta()).to(torch.bfloat16)
+    assert torch.equal(merged.get_submodule(name).weight, expected)
+    fc1 = "vision_tower.vision_model.encoder.layers.0.mlp.fc1"
+    assert torch.equal(merged.get_submodule(fc1).weight, model.get_submodule(fc1).dequantize())
+    inputs = batch(N_IMG, prompt_lens=(6,), suffix_len=3)
+    with torch.no_grad():
+        assert_close(merged(**inputs).float(), model(**inputs).float(), rtol=0.05, atol=0.05)
