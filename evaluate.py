@@ -26,7 +26,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder or hub repo id")
     p.add_argument("--adapter", help="LoRA adapter folder to apply")
-    p.add_argument("--compare", help="second row: an adapter folder, another model, or 'base'")
+    p.add_argument("--compare", help="second row: an adapter folder, another model, 'base', or 'int8' / 'nf4' "
+                   "(the first row's model quantized)")
     p.add_argument("--predictions", help="score this JSONL/CSV of image + prediction instead of running a model")
     p.add_argument("--data", required=True, help="captions CSV/JSONL or folder")
     p.add_argument("--split", default="test", help="split to evaluate")
@@ -46,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--quantize", choices=["int8", "nf4"], help="quantize --model's linear weights (quantize.py)")
     args = p.parse_args(argv)
     if not (args.model or args.predictions):
         p.error("give --model (to caption the split) or --predictions (to score existing captions)")
@@ -96,30 +98,28 @@ def score(examples, preds, args) -> tuple[dict, list[dict]]:
     return result, rows
 
 
-def load_model(name: str, adapter: str | None, args):
-    """A model folder / hub id, optionally with a LoRA adapter; also its processor."""
-    import lora
-    from paligemma import PaliGemma
-    from paligemma.packing import pack
+def load_model(name: str, adapter: str | None, quantize: str | None, args):
+    """A model folder / hub id, optionally with a LoRA adapter and quantized; also its processor."""
+    from paligemma.caption import load_for_inference
     from paligemma.processor import Processor
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    model = PaliGemma.from_pretrained(name, dtype=dtype, device=args.device)
-    if adapter:
-        lora.load(model, adapter)
-    return pack(model), Processor.from_pretrained(name)  # CPU: faster, identical captions (packing.py)
+    return load_for_inference(name, dtype, args.device, adapter, quantize), Processor.from_pretrained(name)
 
 
 def rows_to_run(args) -> dict:
-    """label -> (model, adapter). --compare: adapter folders apply to --model; anything else is a model."""
-    first = (args.model, args.adapter)
+    """label -> (model, adapter, quantize). --compare: adapter folders apply to --model; int8 / nf4
+    quantize it; anything else is a model."""
+    first = (args.model, args.adapter, args.quantize)
     if not args.compare:
         return {"model": first}
     if args.compare == "base":
-        second = (args.model, None)
+        second = (args.model, None, args.quantize)
+    elif args.compare in ("int8", "nf4"):
+        second = (args.model, args.adapter, args.compare)
     elif (Path(args.compare) / "adapter_config.json").exists():
-        second = (args.model, args.compare)
+        second = (args.model, args.compare, args.quantize)
     else:
-        second = (args.compare, None)
+        second = (args.compare, None, args.quantize)
     return {"A": first, "B": second}
 
 
@@ -160,9 +160,9 @@ def main(argv=None):
         name = f"predictions: {args.predictions}"
         results[name], rows[name] = score(examples, read_predictions(args.predictions, examples), args)
     else:
-        for label, (model_name, adapter) in rows_to_run(args).items():
-            model, processor = load_model(model_name, adapter, args)
-            name = f"{label}: {model_name}" + (f" + {adapter}" if adapter else "")
+        for label, (model_name, adapter, quantize) in rows_to_run(args).items():
+            model, processor = load_model(model_name, adapter, quantize, args)
+            name = f"{label}: {model_name}" + (f" + {adapter}" if adapter else "") + (f" ({quantize})" if quantize else "")
             results[name], rows[name] = score(examples, predict(model, processor, examples, args), args)
             del model
     protocol = dict(data=str(args.data), split=args.split, images=len(examples), references=args.references,

@@ -3,6 +3,7 @@
     python train.py                                   # embedded demo: synthetic scenes, tiny model, CPU
     python train.py --data RSICD/captions.csv         # the tiny model from scratch on a real set
     python train.py --model google/paligemma-3b-pt-224 --data RISC/captions.csv --lora all
+    python train.py --model ... --data ... --quantize nf4 --dtype bfloat16   # QLoRA
     torchrun --nproc_per_node 4 train.py ...          # data-parallel, same global batch
 """
 import argparse
@@ -49,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=None, help="truncate suffixes to fit this many tokens")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="storage dtype of frozen weights")
+    p.add_argument("--quantize", choices=["int8", "nf4"], help="QLoRA: LoRA over a frozen int8 or 4-bit NF4 base "
+                   "(the adapter still loads on the unquantized model)")
     p.add_argument("--amp", choices=["bf16", "none"], default="bf16", help="autocast compute dtype (none: float32)")
     p.add_argument("--eval-every", type=int, default=100, help="validation loss, samples and image reliance")
     p.add_argument("--eval-samples", type=int, default=100, help="test images captioned at the end")
@@ -123,7 +126,10 @@ def main(argv=None):
         args.model, args.data = prepare_from_scratch(out, args.data, args.skip_bad)
     elif args.data is None:
         raise SystemExit("--data is needed with --model (a captions CSV/JSONL or its folder)")
-    full = (args.finetune or ("full" if from_scratch else "lora")) == "full"
+    full = (args.finetune or ("full" if from_scratch and not args.quantize else "lora")) == "full"
+    if full and args.quantize:
+        raise SystemExit(f"--quantize {args.quantize} trains LoRA over frozen quantized weights; full fine-tuning would "
+                         "update the int8 / 4-bit weights themselves: use --finetune lora, or drop --quantize")
     if args.fsdp and not (full and world > 1):
         raise SystemExit("--fsdp shards full fine-tuning over processes: use --finetune full under torchrun")
     lr = args.lr or (2e-3 if from_scratch else 2e-4)
@@ -132,7 +138,7 @@ def main(argv=None):
     say = print if rank == 0 else (lambda *a, **k: None)
 
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    model = PaliGemma.from_pretrained(args.model, dtype=dtype, device=args.device)
+    model = PaliGemma.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model)
     train, skipped = load_examples(args.data, "train", skip_bad=args.skip_bad)
     val, _ = load_examples(args.data, "val", skip_bad=args.skip_bad)

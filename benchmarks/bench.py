@@ -1,6 +1,7 @@
 """This project vs transformers (+ PEFT) on the same random weights and inputs: load, prefill, decode, LoRA step.
 
     python benchmarks/bench.py --ckpt DIR [--train-ckpt DIR] [--device cpu|cuda] [--reps 3] [--out FILE.md]
+    python benchmarks/bench.py --ckpt DIR --quantize int8 nf4 ...   # ours bf16 vs ours quantized instead
 
 Every line runs in a fresh process per implementation (so peak memory is that line's), after one
 warm-up, `--reps` times; the median is reported with the ratio ours / transformers. Memory is the
@@ -93,25 +94,31 @@ def inputs(config: dict, batch: int, suffix: int = 0, device="cpu", seed=0) -> d
 # --- the two implementations behind one small interface ---------------------------------------------
 
 def load(impl: str, ckpt: str, device: str, pack: bool = True):
-    if impl == "ours":
+    """impl: "hf", "ours", or "ours:int8" / "ours:nf4" (quantized while loading, int8 head copy)."""
+    if impl.startswith("ours"):
         from paligemma import PaliGemma
-        from paligemma import packing
-        model = PaliGemma.from_pretrained(ckpt, dtype=torch.bfloat16, device=device).eval()
-        return packing.pack(model) if PACK and pack else model
+        from paligemma import packing, quantize
+        mode = impl.partition(":")[2] or None
+        model = PaliGemma.from_pretrained(ckpt, dtype=torch.bfloat16, device=device, quantize=mode).eval()
+        if PACK and pack:
+            packing.pack(model, head=mode is None)
+        if mode and pack:
+            quantize.int8_head(model)
+        return model
     from transformers import PaliGemmaForConditionalGeneration
     return PaliGemmaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16, device_map=device).eval()
 
 
 def generate(impl: str, model, batch: dict, new: int):
     b = {k: v for k, v in batch.items() if k != "labels"}
-    if impl == "ours":
+    if impl.startswith("ours"):
         return model.generate(**b, max_new_tokens=new, eos_id=-1)  # never stop early
     return model.generate(**b, max_new_tokens=new, min_new_tokens=new, do_sample=False)
 
 
 def add_lora(impl: str, model):
     """r=8, alpha=16 on every linear layer of both towers and the projector."""
-    if impl == "ours":
+    if impl.startswith("ours"):
         import lora
         lora.inject(model, "all", r=8, alpha=16)
         for p in model.parameters():
@@ -126,7 +133,7 @@ def add_lora(impl: str, model):
 
 def train_step(impl: str, model, batch: dict, optimizer, device: str):
     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-        loss = model.loss(**batch) if impl == "ours" else model(**batch).loss
+        loss = model.loss(**batch) if impl.startswith("ours") else model(**batch).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -135,7 +142,8 @@ def train_step(impl: str, model, batch: dict, optimizer, device: str):
 
 # --- one line, in this process ----------------------------------------------------------------------
 
-def measure(impl: str, task: str, ckpt: str, device: str, reps: int, batch: int, checkpointing: bool) -> dict:
+def measure(impl: str, task: str, ckpt: str, device: str, reps: int, batch: int, checkpointing: bool,
+            new: int = NEW) -> dict:
     torch.manual_seed(0)
     config = json.loads((Path(ckpt) / "config.json").read_text())
     if task == "load":
@@ -146,13 +154,13 @@ def measure(impl: str, task: str, ckpt: str, device: str, reps: int, batch: int,
             model = load(impl, ckpt, device, pack=False)
             sync(device)
             seconds = time.perf_counter() - t0
-        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         return dict(seconds=seconds, peak_bytes=mem.delta, model_bytes=nbytes)
     model = load(impl, ckpt, device, pack=task != "train")
     if task == "train":
         model = add_lora(impl, model).train()
         if checkpointing:
-            if impl == "ours":
+            if impl.startswith("ours"):
                 model.set_gradient_checkpointing(True)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -179,18 +187,34 @@ def measure(impl: str, task: str, ckpt: str, device: str, reps: int, batch: int,
             first.append(time.perf_counter() - t0)
             if task == "decode":
                 t0 = time.perf_counter()
-                generate(impl, model, data, NEW + 1)
+                generate(impl, model, data, new + 1)
                 sync(device)
                 full.append(time.perf_counter() - t0)
     if task == "prefill":
         return dict(seconds=statistics.median(first))
-    step = (statistics.median(full) - statistics.median(first)) / NEW
-    return dict(seconds=step, tokens_per_s=batch / step, decoder_bytes=decoder_bytes(config))
+    step = (statistics.median(full) - statistics.median(first)) / new
+    read = step_bytes(model) if impl.startswith("ours") else decoder_bytes(config)
+    return dict(seconds=step, tokens_per_s=batch / step, decoder_bytes=read)
 
 
 def decoder_bytes(config: dict) -> int:
     """What one decode step must read: every decoder weight (the tied head included) in bf16."""
     return 2 * sum(torch.Size(shape).numel() for k, shape in shapes(config).items() if k.startswith("language_model"))
+
+
+def step_bytes(model) -> int:
+    """What one decode step of our model reads, as it is stored: the decoder layers and the output head
+    (a packed or int8 copy, else the embedding table); lookups read one row per token, not counted."""
+    lm = model.language_model
+    head = lm.__dict__.get("packed_head")
+    tensors = list(lm.model.layers.state_dict().values()) + list(lm.model.norm.state_dict().values())
+    if head is None:
+        tensors.append(lm.model.embed_tokens.weight)
+    elif hasattr(head, "packed"):  # packing.PackedLinear: the same bytes as the bf16 table
+        tensors.append(lm.model.embed_tokens.weight)
+    else:
+        tensors += list(head.state_dict().values())
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def copy_bandwidth(device: str, gib: float = 2.0) -> float:
@@ -210,9 +234,10 @@ def copy_bandwidth(device: str, gib: float = 2.0) -> float:
 
 # --- the driver: every line in fresh processes, then the table --------------------------------------
 
-def run_line(impl, task, ckpt, device, reps, batch=1, checkpointing=False) -> dict:
+def run_line(impl, task, ckpt, device, reps, batch=1, checkpointing=False, new=NEW) -> dict:
     cmd = [sys.executable, __file__, "--one", impl, task, "--ckpt", ckpt, "--device", device, "--reps", str(reps),
-           "--batch", str(batch), "--threads", str(torch.get_num_threads())] + (["--checkpointing"] if checkpointing else [])
+           "--batch", str(batch), "--threads", str(torch.get_num_threads()), "--new", str(new)] \
+        + (["--checkpointing"] if checkpointing else [])
     if task == "load":  # a fresh process per repetition: load is a one-shot event
         runs = [json.loads(subprocess.run(cmd + ["--reps", "1"], capture_output=True, text=True, check=True,
                                           cwd=ROOT).stdout.strip().splitlines()[-1]) for _ in range(reps)]
@@ -270,6 +295,49 @@ def table(args) -> str:
     return "\n".join(lines + rows)
 
 
+def quant_table(args) -> str:
+    """Ours bf16 (packed) vs ours quantized, every line side by side; ratios against bf16."""
+    impls = ["ours"] + [f"ours:{m}" for m in args.quantize]
+    limit = args.hbm * 1e9 if args.hbm else copy_bandwidth(args.device)
+    slow = {"ours:nf4": dict(reps=1, new=4)} if args.device == "cpu" else {}  # CPU NF4: dequantized per forward
+    rows = []
+
+    def row(name, results, fmt, note=lambda r: ""):
+        base = results["ours"]
+        cells = [f"{fmt(r)} ({r / base:.2f}x)" if i else fmt(r) for i, r in enumerate(results.values())]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {note(results)} |")
+
+    def line(task, batch=1, key="seconds", ckpt=args.ckpt, checkpointing=False):
+        out = {}
+        for impl in impls:
+            opts = dict(reps=args.reps, new=NEW) | (slow.get(impl, {}) if task in ("decode", "prefill") else {})
+            out[impl] = run_line(impl, task, ckpt, args.device, opts["reps"], batch, checkpointing, opts["new"])
+        return out
+
+    r = line("load")
+    row("load float32 files: wall time", {k: v["seconds"] for k, v in r.items()}, lambda x: f"{x:.1f} s")
+    row("load: peak memory", {k: v["peak_bytes"] for k, v in r.items()}, gb,
+        note=lambda _: "model: " + ", ".join(f"{k} {gb(v['model_bytes'])}" for k, v in r.items()))
+    r = line("prefill", 1)
+    row(f"prefill (image + {PROMPT} tokens) + first token, batch 1", {k: v["seconds"] for k, v in r.items()},
+        lambda x: f"{x * 1000:.0f} ms")
+    for b in (1, 8):
+        r = line("decode", b)
+        row(f"greedy decode, batch {b}", {k: v["tokens_per_s"] for k, v in r.items()}, lambda x: f"{x:.2f} tok/s",
+            note=lambda res: "; ".join(
+                f"{k} reads {gb(v['decoder_bytes'])}/step, {v['decoder_bytes'] / v['seconds'] / 1e9:.1f} GB/s = "
+                f"{v['decoder_bytes'] / v['seconds'] / limit:.0%} of {limit / 1e9:.0f} GB/s" for k, v in r.items()) if b == 1 else "")
+    train_ckpt = args.train_ckpt or args.ckpt
+    for ckpt_on in (False, True):
+        r = line("train", 4, ckpt=train_ckpt, checkpointing=ckpt_on)
+        what = "with" if ckpt_on else "without"
+        row(f"LoRA r=8 step, both towers, batch 4, {what} checkpointing: time", {k: v["seconds"] for k, v in r.items()},
+            lambda x: f"{x:.2f} s")
+        row(f"LoRA step {what} checkpointing: peak memory", {k: v["peak_bytes"] for k, v in r.items()}, gb)
+    head = "| line | " + " | ".join(("ours bf16 (packed)" if i == "ours" else f"ours {i[5:]} (x bf16)") for i in impls)
+    return "\n".join([head + " | note |", "|---|" + "---:|" * len(impls) + "---|"] + rows)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint for load / prefill / decode")
@@ -279,16 +347,20 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     p.add_argument("--hbm", type=float, help="GPU memory bandwidth limit in GB/s (instead of a measured copy)")
     p.add_argument("--out", help="also write the table to this Markdown file")
+    p.add_argument("--quantize", nargs="+", choices=["int8", "nf4"],
+                   help="instead of the transformers table: ours bf16 vs ours quantized (NF4 on CPU: 1 rep, 4 steps)")
     p.add_argument("--one", nargs=2, metavar=("IMPL", "TASK"), help=argparse.SUPPRESS)
+    p.add_argument("--new", type=int, default=NEW, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(measure(*args.one, args.ckpt, args.device, args.reps, args.batch, args.checkpointing)))
+        print(json.dumps(measure(*args.one, args.ckpt, args.device, args.reps, args.batch, args.checkpointing, args.new)))
         return
-    result = table(args)
+    result = quant_table(args) if args.quantize else table(args)
     header = (f"`python benchmarks/bench.py --ckpt {args.ckpt}" + (f" --train-ckpt {args.train_ckpt}" if args.train_ckpt else "")
+              + (f" --quantize {' '.join(args.quantize)}" if args.quantize else "")
               + f" --device {args.device}`: torch {torch.__version__}, {args.threads} threads, median of {args.reps}\n\n")
     print(header + result)
     if args.out:

@@ -35,17 +35,27 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--quantize", choices=["int8", "nf4"], help="int8 or 4-bit NF4 linear weights (quantize.py)")
     args = p.parse_args(argv)
-    model = PaliGemma.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    if args.adapter:
-        import lora
-        lora.load(model, args.adapter)
-    pack(model)  # CPU: oneDNN-reordered weights, same results, faster decoding (packing.py)
+    model = load_for_inference(args.model, DTYPES[args.dtype], args.device, args.adapter, args.quantize)
     processor = Processor.from_pretrained(args.model)
     captions = caption(model, processor, args.images, args.prompt, args.batch_size,
                        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     for path, text in zip(args.images, tqdm(captions, total=len(args.images), disable=len(args.images) < 4)):
         print(f"{path}\t{one_line(text)}")
+
+
+def load_for_inference(name, dtype, device, adapter=None, quantize=None):
+    """Model (+ LoRA adapter), quantized while loading if asked, then packed for CPU decoding."""
+    model = PaliGemma.from_pretrained(name, dtype=dtype, device=device, quantize=quantize)
+    if adapter:
+        import lora
+        lora.load(model, adapter)
+    pack(model, head=not quantize)  # CPU: oneDNN-reordered weights, same results, faster decoding (packing.py)
+    if quantize:  # the tied head's logits from an int8 copy (a fifth of a 3B decode step's bytes)
+        from .quantize import int8_head
+        int8_head(model)
+    return model.eval()
 
 
 def one_line(text: str) -> str:

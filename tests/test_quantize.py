@@ -221,3 +221,24 @@ def test_export_merged_dequantizes(pg2_dir, tmp_path, mode):
     inputs = batch(N_IMG, prompt_lens=(6,), suffix_len=3)
     with torch.no_grad():
         assert_close(merged(**inputs).float(), model(**inputs).float(), rtol=0.05, atol=0.05)
+
+
+def test_train_refuses_full_finetuning_of_a_quantized_model(tiny_run, tmp_path):
+    import train
+    model, data = tiny_run
+    with pytest.raises(SystemExit, match="full fine-tuning would update the int8 / 4-bit weights"):
+        train.main(["--model", model, "--data", data, "--out", str(tmp_path), "--quantize", "nf4", "--finetune", "full"])
+
+
+def test_train_qlora_adapter_loads_on_the_dense_model(tiny_run, tmp_path):
+    import train
+    model, data = tiny_run
+    trained = train.main(["--model", model, "--data", data, "--out", str(tmp_path), "--batch-size", "8", "--steps", "3",
+                          "--eval-every", "3", "--eval-samples", "2", "--quantize", "nf4", "--lora", "decoder",
+                          "--checkpointing"])
+    assert all(isinstance(l.base, Q.NF4Linear) for l in lora.lora_layers(trained).values())
+    dense = PaliGemma.from_pretrained(model)
+    names = lora.load(dense, tmp_path / "adapter")
+    assert names and all(isinstance(m.base, nn.Linear) for m in lora.lora_layers(dense).values())
+    for name in names:  # the trained update itself is what was saved
+        assert torch.equal(lora.lora_layers(dense)[name].lora_B.weight, lora.lora_layers(trained)[name].lora_B.weight)
