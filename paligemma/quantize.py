@@ -99,10 +99,7 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(x.reshape(rows, self.in_features), self.qweight, self.scales)
             y = y.view(*x.shape[:-1], self.out_features)  # (…, out)
             return y if self.bias is None else y + self.bias
-        # prefill, training (the kernel has no backward), other devices: the dense weight, then one
-        # matmul; autocast casts it as it casts any linear weight
-        dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else self.scales.dtype
-        return F.linear(x, self.dequantize(dtype), None if self.bias is None else self.bias.to(dtype))
+        return dense_forward(self, x)  # prefill, training (the kernel has no backward), other devices
 
     @property
     def weight(self) -> torch.Tensor:
@@ -187,8 +184,7 @@ class NF4Linear(nn.Module):
         return w.view(self.out_features, self.in_features).to(dtype or self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else self.dtype
-        return F.linear(x, self.dequantize(dtype), None if self.bias is None else self.bias.to(dtype))
+        return dense_forward(self, x)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -198,6 +194,31 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         dq = ", double quantization" if self.double_quant else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocks of {NF4_BLOCK}{dq}"
+
+
+def dense_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Dequantize to the compute dtype (autocast's, if on), then one matmul."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return DequantizedLinear.apply(x.to(dtype), layer, bias)
+    return F.linear(x.to(dtype), layer.dequantize(dtype), bias)
+
+
+class DequantizedLinear(torch.autograd.Function):
+    """y = x W^T for a frozen quantized W, which backward dequantizes again instead of autograd keeping
+    the dense copy: saved, the dense weights of every layer would take back all the memory that
+    quantizing saved (QLoRA's kernels recompute it too). Only x's gradient flows; W and b are frozen."""
+
+    @staticmethod
+    def forward(ctx, x, layer, bias):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (…, out) -> (…, in)
+        return grad @ ctx.layer.dequantize(grad.dtype), None, None
 
 
 def quantized_linear(linear: nn.Linear, mode: str, double_quant: bool = False) -> nn.Module:

@@ -82,6 +82,24 @@ def test_nf4_equals_hand_reference(shape):
     assert float((layer.dequantize() - w).abs().max()) <= 0.5 * float((Q.NF4[1:] - Q.NF4[:-1]).max()) * float(absmax.max())
 
 
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_backward_recomputes_the_dense_weight(mode):
+    """Gradients to the input equal F.linear's with the dequantized weight, and autograd saves no
+    weight-sized tensor (QLoRA's memory saving would be gone if it kept the dense copies)."""
+    dense = linear(256, 512, bias=False)
+    layer = Q.quantized_linear(dense, mode)
+    x = torch.randn(3, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    (y * torch.arange(512.0)).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    (F.linear(x2, layer.dequantize(torch.float32)) * torch.arange(512.0)).sum().backward()
+    assert torch.equal(y, F.linear(x, layer.dequantize(torch.float32)))
+    assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
+    assert max(saved, default=0) < 256 * 512
+
+
 def test_nf4_double_quantization():
     dense = linear(512, 64)  # 512 blocks: two second-level blocks of 256
     single, double = Q.quantized_linear(dense, "nf4"), Q.quantized_linear(dense, "nf4", double_quant=True)
