@@ -4,18 +4,14 @@
 """
 import argparse
 
-import torch
 from tqdm import tqdm
 
-from .model import PaliGemma
-from .packing import pack
-from .processor import Processor
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .cli import DTYPES, load_for_inference
 
 
 def caption(model, processor, images, prompt="caption en", batch_size=8, seed=None, **generate_kwargs):
-    """Yield one caption per image, in order; with a sampling `seed`, batch i uses seed + i."""
+    """Yield one caption per image, in order; with a sampling `seed`, the batch starting at image i
+    samples with seed + i (so a caption does not depend on how many batches came before)."""
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
         inputs = processor(chunk, [prompt] * len(chunk))
@@ -36,12 +32,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     args = p.parse_args(argv)
-    model = PaliGemma.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    if args.adapter:
-        import lora
-        lora.load(model, args.adapter)
-    pack(model)  # CPU: oneDNN-reordered weights, same results, faster decoding (packing.py)
-    processor = Processor.from_pretrained(args.model)
+    model, processor = load_for_inference(args.model, args.adapter, args.dtype, args.device)
     captions = caption(model, processor, args.images, args.prompt, args.batch_size,
                        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     for path, text in zip(args.images, tqdm(captions, total=len(args.images), disable=len(args.images) < 4)):

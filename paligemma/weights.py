@@ -1,10 +1,11 @@
 """Checkpoint loading: hub folder or repo id -> PaliGemma, without a float32 detour.
 
-The model is built on the `meta` device (no memory), then each tensor is read from its safetensors
-file straight into a buffer of the target dtype and assigned to its parameter. A float32 file
-loaded as bf16 never exists in memory as float32: conversion goes chunk by chunk, so peak memory
-is the loaded model plus one chunk. (Memory-mapping the file instead would count every page read
-against the process until the map is closed: file size + model size.)
+The model is built on the `meta` device (no memory), then each tensor is read from its
+memory-mapped safetensors file straight into a buffer of the target dtype and assigned to its
+parameter. A float32 file loaded as bf16 never exists in memory as float32: conversion goes 256 MiB
+at a time, and each converted chunk's file pages are dropped from the process at once (a map that
+kept them would count every page read against the process: file size + model size), so peak
+memory is the loaded model plus one chunk.
 """
 import json
 import mmap
@@ -87,7 +88,7 @@ def read_header(path: Path) -> dict:
 
 
 def read_tensor(mm: mmap.mmap, info: dict, dtype: torch.dtype, device) -> torch.Tensor:
-    """One tensor from a memory-mapped file, converted to `dtype` 64 MB at a time.
+    """One tensor from a memory-mapped file, converted to `dtype` CHUNK_BYTES (256 MiB) at a time.
 
     Each converted chunk's file pages are dropped from this process (MADV_DONTNEED) at once, so the
     map never holds more than one chunk: peak memory stays the loaded model plus a chunk, while the
@@ -158,17 +159,16 @@ def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", rev
     return model.eval()
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | Path, max_shard_bytes: int | None = None):
-    """Write config.json + safetensors in the hub layout (sharded with an index past max_shard_bytes)."""
-    save_checkpoint(model.config, model.state_dict(), directory, max_shard_bytes)
-
-
-def save_checkpoint(config: PaliGemmaConfig, state: dict, directory: str | Path, max_shard_bytes: int | None = None):
+def save_pretrained(model: torch.nn.Module, directory: str | Path, max_shard_bytes: int | None = None,
+                    state_dict: dict | None = None):
+    """Write config.json + safetensors in the hub layout (sharded with an index past max_shard_bytes),
+    atomically: `directory` is the old whole folder or the new whole one. `state_dict`: weights to
+    write instead of the model's own (a merged LoRA export, a state gathered from FSDP shards)."""
     from safetensors.torch import save_file
     from .atomic import atomic_dir
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     with atomic_dir(directory) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
         shards, current, size = [], {}, 0
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import batch
+from tests.helpers import batch
 from paligemma import PaliGemma
 from paligemma.packing import PackedLinear, pack
 

@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from paligemma import CheckpointError, ConfigError, PaliGemma
 from paligemma.weights import save_pretrained
-from tests.conftest import batch, load_hf, save_hf, tiny_hf_config
+from tests.helpers import batch, load_hf, save_hf, tiny_hf_config
 
 
 def copy_with(src, dst, edit):
