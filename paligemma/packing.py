@@ -3,7 +3,8 @@
 A decode step at batch 1 is a chain of matrix-vector products: its speed is how fast the weights
 stream from memory. torch's plain bf16 `F.linear` reaches about half of this machine's read
 bandwidth at batch 1; the same oneDNN kernel on a weight it has reordered in advance reaches most
-of it (measured in benchmarks/NOTES.md). This is what torch.compile's CPU "freezing" does, here as
+of it (measured in benchmarks/NOTES.md), with the same bits in bf16 (tests/test_packing.py; in
+float32 a few-row product takes another oneDNN kernel and may differ in the last bit). This is what torch.compile's CPU "freezing" does, here as
 an explicit, inference-only step that swaps modules after the model is built, as gpt-fast's
 quantize.py does; the model's own files never learn about it:
 

@@ -33,7 +33,8 @@ KEY_REWRITES = [
     (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
 ]
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+# safetensors header dtype names
+FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
@@ -94,7 +95,7 @@ def read_tensor(mm: mmap.mmap, info: dict, dtype: torch.dtype, device) -> torch.
     map never holds more than one chunk: peak memory stays the loaded model plus a chunk, while the
     conversion reads the page cache directly instead of copying through a buffer first.
     """
-    src = DTYPES[info["dtype"]]
+    src = FILE_DTYPES[info["dtype"]]
     out = torch.empty(info["shape"], dtype=dtype if src.is_floating_point else src)
     flat = out.view(-1)
     itemsize = torch.empty((), dtype=src).element_size()

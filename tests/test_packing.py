@@ -1,4 +1,4 @@
-"""oneDNN-packed linear layers: the same numbers as the plain model, and no silent training."""
+"""oneDNN-packed linear layers: the same numbers as the plain model (bit for bit in bf16), and no silent training."""
 import pytest
 import torch
 
@@ -15,7 +15,10 @@ def test_packed_model_computes_the_same_function(pg2_dir, dtype):
     inputs = batch(16, prompt_lens=(5, 3), suffix_len=2)
     with torch.no_grad():
         a, b = plain(**inputs), packed(**inputs)
-    assert torch.allclose(a.float(), b.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
+    if dtype == torch.bfloat16:  # the dtype packing is for: the same oneDNN kernel, the same bits
+        assert torch.equal(a, b)
+    else:  # float32 with few rows takes another oneDNN kernel: equal up to rounding
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     gen = dict(max_new_tokens=6, eos_id=-1)
     assert torch.equal(plain.generate(**inputs, **gen), packed.generate(**inputs, **gen))
 
