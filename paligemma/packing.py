@@ -75,13 +75,20 @@ def can_pack(model) -> bool:
 def pack(model, head: bool = True):
     """Put `model` in eval mode and replace every nn.Linear (both towers, projector, the frozen base and
     the rank-r matrices of LoRA layers) by a PackedLinear, and the output head by a PackedHead.
-    Returns the model; a no-op off CPU."""
+    Returns the model; a no-op off CPU.
+
+    One layer at a time: only module names are listed up front, so each plain weight is freed as soon
+    as its packed copy replaces it, and the transient memory is one linear layer, plus the head's
+    packed copy (V x D) that stays."""
     if not can_pack(model):
         return model
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, PackedLinear(child.weight, child.bias))
+    names = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent)
+        linear = getattr(parent, child)
+        setattr(parent, child, PackedLinear(linear.weight, linear.bias))
+        del linear
     lm = model.language_model
     if head and type(lm.lm_head) is TiedHead:
         lm.lm_head = PackedHead(lm.lm_head, lm.model.embed_tokens.weight)
