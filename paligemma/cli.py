@@ -11,8 +11,9 @@ def load_for_inference(model: str, adapter: str | None = None, dtype: str = "flo
     from .model import PaliGemma
     from .packing import pack
     from .processor import Processor
-    net = PaliGemma.from_pretrained(model, dtype=DTYPES[dtype], device=device)
-    if adapter:
-        import lora  # the one direction: commands use LoRA; lora/ imports nothing from paligemma/
-        lora.load(net, adapter)
-    return pack(net), Processor.from_pretrained(model)
+    if not adapter:
+        return PaliGemma.from_pretrained(model, DTYPES[dtype], device, inference=True), Processor.from_pretrained(model)
+    net = PaliGemma.from_pretrained(model, DTYPES[dtype], device)
+    import lora  # the one direction: commands use LoRA; lora/ imports nothing from paligemma/
+    lora.load(net, adapter)  # LoRA wraps plain linear layers: pack after it
+    return pack(net.requires_grad_(False)), Processor.from_pretrained(model)

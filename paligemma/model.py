@@ -39,10 +39,13 @@ class PaliGemma(nn.Module):
         self.language_model = GemmaForCausalLM(config.text)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None) -> "PaliGemma":
-        """Local folder or hub repo id (hub layout, single or sharded safetensors); see weights.py."""
+    def from_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None,
+                        inference: bool = False) -> "PaliGemma":
+        """Local folder or hub repo id (hub layout, single or sharded safetensors); see weights.py.
+        inference=True: for captioning, not training: weights frozen and, on CPU, packed (packing.py)."""
         from .weights import load_pretrained
-        return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, revision=revision)
+        return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, revision=revision,
+                               inference=inference)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):

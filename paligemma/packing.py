@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .gemma import TiedHead
+from .weights import drop_file_pages
 
 
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
@@ -88,6 +89,7 @@ def pack(model, head: bool = True):
         parent = model.get_submodule(parent)
         linear = getattr(parent, child)
         setattr(parent, child, PackedLinear(linear.weight, linear.bias))
+        drop_file_pages(linear.weight)  # a weight mapped from a bf16 file: its pages are not needed now
         del linear
     lm = model.language_model
     if head and type(lm.lm_head) is TiedHead:

@@ -8,9 +8,11 @@ kept them would count every page read against the process: file size + model siz
 memory is the loaded model plus one chunk.
 """
 import json
+import math
 import mmap
 import re
 import struct
+import weakref
 from pathlib import Path
 
 import torch
@@ -89,14 +91,23 @@ def read_header(path: Path) -> dict:
 
 
 def read_tensor(mm: mmap.mmap, info: dict, dtype: torch.dtype, device) -> torch.Tensor:
-    """One tensor from a memory-mapped file, converted to `dtype` CHUNK_BYTES (256 MiB) at a time.
+    """One tensor from a memory-mapped file.
 
-    Each converted chunk's file pages are dropped from this process (MADV_DONTNEED) at once, so the
-    map never holds more than one chunk: peak memory stays the loaded model plus a chunk, while the
-    conversion reads the page cache directly instead of copying through a buffer first.
+    Already in `dtype` (bf16 files loaded as bf16, as PaliGemma 2 ships them): a view of the map, no
+    copy. Pages are read on first use and shared with the page cache; the map is private
+    (copy-on-write), so writing to the tensor never writes the file, and a checkpoint replaced on
+    disk later (a new file renamed over the old) leaves this view intact.
+
+    Otherwise converted CHUNK_BYTES (256 MiB) at a time, each converted chunk's file pages dropped
+    from this process (MADV_DONTNEED) at once: peak memory stays the loaded model plus a chunk, and
+    the conversion reads the page cache directly instead of copying through a buffer first.
     """
     src = FILE_DTYPES[info["dtype"]]
-    out = torch.empty(info["shape"], dtype=dtype if src.is_floating_point else src)
+    target = dtype if src.is_floating_point else src
+    numel = math.prod(info["shape"])
+    if src == target and torch.device(device).type == "cpu" and numel:
+        return torch.frombuffer(mm, dtype=src, count=numel, offset=info["offset"]).view(info["shape"])
+    out = torch.empty(info["shape"], dtype=target)
     flat = out.view(-1)
     itemsize = torch.empty((), dtype=src).element_size()
     per_chunk = max(1, CHUNK_BYTES // itemsize)
@@ -108,11 +119,34 @@ def read_tensor(mm: mmap.mmap, info: dict, dtype: torch.dtype, device) -> torch.
     return out.to(device)
 
 
+# The maps load_state made, as (address, weak reference): pages under a view can be given back.
+_MAPS: list[tuple[int, weakref.ref]] = []
+
+
+def drop_file_pages(t: torch.Tensor):
+    """If `t` is a view of a checkpoint map made here, drop its whole pages from this process: they are
+    read from the file again if `t` is used again. Packing calls this once it holds its own copy, so a
+    packed model's memory is the packed copies, not those plus the mapped file. Any other tensor: no-op."""
+    start, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    for base, ref in _MAPS:
+        mm = ref()
+        if mm is not None and base <= start and start + nbytes <= base + len(mm):
+            first = -(-(start - base) // mmap.PAGESIZE) * mmap.PAGESIZE  # inward: neighbours keep their pages
+            last = (start - base + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return
+
+
 def release(mm: mmap.mmap, start: int, length: int):
     """Unmap [start, start + length) rounded out to whole pages (a shared page is simply read again)."""
     if hasattr(mm, "madvise"):
         first = start - start % mmap.PAGESIZE
         mm.madvise(mmap.MADV_DONTNEED, first, min(len(mm), start + length) - first)
+
+
+def address(mm: mmap.mmap) -> int:
+    return torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr() if len(mm) else 0
 
 
 def canonical(key: str) -> str:
@@ -127,7 +161,9 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype, device)
     state, unexpected, wrong_shape, sources = {}, [], [], {}
     for path in weight_files(folder):
         header = read_header(path)
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # outlives f, and lives as long as a view of it
+            _MAPS[:] = [(b, r) for b, r in _MAPS if r() is not None] + [(address(mm), weakref.ref(mm))]
             for key, info in header.items():
                 name = canonical(key)
                 if any(re.fullmatch(p, name) for p in SKIPPED):
@@ -149,7 +185,7 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype, device)
     return state
 
 
-def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None):
+def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None, inference=False):
     folder = resolve(path_or_repo_id, revision)
     if not (folder / "config.json").exists():
         raise ConfigError(f"{folder}: no config.json")
@@ -157,6 +193,9 @@ def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", rev
     with torch.device("meta"):
         model = cls(config)
     model.load_state_dict(load_state(folder, model, dtype, device), strict=True, assign=True)
+    if inference:  # frozen, and on CPU packed for speed one layer at a time (packing.py)
+        from .packing import pack
+        pack(model.requires_grad_(False))
     return model.eval()
 
 

@@ -61,3 +61,17 @@ def test_pack_frees_each_plain_weight_before_packing_the_next(pg2_dir, monkeypat
     pack(model)
     n = len(sources)
     assert alive == [n - k for k in range(n)] + [0]  # the last call is the head's copy of the embedding
+
+
+def test_from_pretrained_for_inference_is_packed_frozen_and_the_same(pg2_dir):
+    from paligemma.packing import PackedHead
+    plain = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16)
+    fast = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16, inference=True)
+    assert not fast.training and not any(p.requires_grad for p in fast.parameters())
+    assert not any(type(m) is torch.nn.Linear for m in fast.modules())
+    assert isinstance(fast.language_model.lm_head, PackedHead)
+    inputs = batch(16, prompt_lens=(5, 3), suffix_len=2)
+    gen = dict(max_new_tokens=6, eos_id=-1)
+    with torch.no_grad():
+        assert torch.equal(plain(**inputs), fast(**inputs))
+    assert torch.equal(plain.generate(**inputs, **gen), fast.generate(**inputs, **gen))
