@@ -13,13 +13,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from paligemma.atomic import atomic_file
 from paligemma.caption import caption, one_line
-from paligemma.data import DataError, load_examples
-from paligemma.metrics import health, score_all
+from paligemma.cli import DTYPES, load_for_inference
+from paligemma.captioning.data import DataError, load_examples
+from paligemma.captioning.metrics import health, score_all
 
 
 def parse_args(argv=None):
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--quantize", choices=["int8", "nf4"], help="quantize --model's linear weights (quantize.py)")
     args = p.parse_args(argv)
@@ -96,14 +96,6 @@ def score(examples, preds, args) -> tuple[dict, list[dict]]:
     rows = [dict(image=str(e.image), prompt=args.prompt, prediction=p, references=e.captions)
             for e, p in zip(examples, preds)]
     return result, rows
-
-
-def load_model(name: str, adapter: str | None, quantize: str | None, args):
-    """A model folder / hub id, optionally with a LoRA adapter and quantized; also its processor."""
-    from paligemma.caption import load_for_inference
-    from paligemma.processor import Processor
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    return load_for_inference(name, dtype, args.device, adapter, quantize), Processor.from_pretrained(name)
 
 
 def rows_to_run(args) -> dict:
@@ -161,7 +153,7 @@ def main(argv=None):
         results[name], rows[name] = score(examples, read_predictions(args.predictions, examples), args)
     else:
         for label, (model_name, adapter, quantize) in rows_to_run(args).items():
-            model, processor = load_model(model_name, adapter, quantize, args)
+            model, processor = load_for_inference(model_name, adapter, args.dtype, args.device, quantize)
             name = f"{label}: {model_name}" + (f" + {adapter}" if adapter else "") + (f" ({quantize})" if quantize else "")
             results[name], rows[name] = score(examples, predict(model, processor, examples, args), args)
             del model

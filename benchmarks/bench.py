@@ -100,10 +100,10 @@ def load(impl: str, ckpt: str, device: str, pack: bool = True):
         from paligemma import packing, quantize
         mode = impl.partition(":")[2] or None
         model = PaliGemma.from_pretrained(ckpt, dtype=torch.bfloat16, device=device, quantize=mode).eval()
-        if PACK and pack:
-            packing.pack(model, head=mode is None)
         if mode and pack:
-            quantize.int8_head(model)
+            quantize.int8_head(model)  # before pack(), which then leaves the head alone
+        if PACK and pack:
+            packing.pack(model)
         return model
     from transformers import PaliGemmaForConditionalGeneration
     return PaliGemmaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16, device_map=device).eval()
@@ -205,15 +205,11 @@ def decoder_bytes(config: dict) -> int:
 def step_bytes(model) -> int:
     """What one decode step of our model reads, as it is stored: the decoder layers and the output head
     (a packed or int8 copy, else the embedding table); lookups read one row per token, not counted."""
+    from paligemma.quantize import Int8Head
     lm = model.language_model
-    head = lm.__dict__.get("packed_head")
     tensors = list(lm.model.layers.state_dict().values()) + list(lm.model.norm.state_dict().values())
-    if head is None:
-        tensors.append(lm.model.embed_tokens.weight)
-    elif hasattr(head, "packed"):  # packing.PackedLinear: the same bytes as the bf16 table
-        tensors.append(lm.model.embed_tokens.weight)
-    else:
-        tensors += list(head.state_dict().values())
+    head = lm.lm_head  # TiedHead or PackedHead: the bf16 table's bytes; Int8Head: its int8 copy
+    tensors += [head.qweight, head.scales] if isinstance(head, Int8Head) else [lm.model.embed_tokens.weight]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

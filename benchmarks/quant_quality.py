@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paligemma.caption import load_for_inference  # noqa: E402
-from paligemma.data import load_examples  # noqa: E402
-from paligemma.metrics import cider_d, tokenize  # noqa: E402
-from paligemma.processor import Processor  # noqa: E402
+from paligemma.captioning.data import load_examples  # noqa: E402
+from paligemma.captioning.metrics import cider_d, tokenize  # noqa: E402
+from paligemma.cli import load_for_inference  # noqa: E402
 
 
 def greedy_tokens(model, processor, images, prompt, batch_size, max_new_tokens) -> list[list[int]]:
@@ -44,16 +43,15 @@ def cider(processor, tokens, examples) -> float:
     return cider_d(hyps, refs)
 
 
-def compare(model_dir, data, modes=("int8", "nf4"), split="test", dtype=torch.bfloat16, prompt="caption en",
+def compare(model_dir, data, modes=("int8", "nf4"), split="test", dtype="bfloat16", prompt="caption en",
             batch_size=16, max_new_tokens=24, max_samples=None) -> dict:
     """{"none": {...}, "int8": {...}, ...}: CIDEr-D of each, agreement of each with the unquantized captions."""
     examples, _ = load_examples(data, split)
     examples = examples[:max_samples] if max_samples else examples
-    processor = Processor.from_pretrained(model_dir)
     images = [e.image for e in examples]
     results, reference = {}, None
     for mode in (None, *modes):
-        model = load_for_inference(model_dir, dtype, "cpu", quantize=mode)
+        model, processor = load_for_inference(model_dir, None, dtype, "cpu", quantize=mode)
         tokens = greedy_tokens(model, processor, images, prompt, batch_size, max_new_tokens)
         reference = reference or tokens
         results[mode or "none"] = dict(agreement(tokens, reference), cider_d=cider(processor, tokens, examples))
@@ -76,8 +74,7 @@ def main():
     p.add_argument("--out", help="also write the table to this Markdown file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    r = compare(args.model, args.data, args.modes, args.split, dtype, max_samples=args.max_samples)
+    r = compare(args.model, args.data, args.modes, args.split, args.dtype, max_samples=args.max_samples)
     lines = [f"`python benchmarks/quant_quality.py --model {args.model} --data {args.data}`: {args.split} split, "
              f"greedy, {args.dtype}\n", "| weights | identical captions | equal tokens | CIDEr-D | CIDEr-D change |",
              "|---|---:|---:|---:|---:|"]

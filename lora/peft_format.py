@@ -3,11 +3,14 @@
     adapter_config.json         peft_type, r, lora_alpha, lora_dropout, target_modules, use_rslora, ...
     adapter_model.safetensors   base_model.model.<transformers module path>.lora_{A,B}.weight
 
-Our module names are the hub checkpoint keys; transformers' module paths differ by version. This
-is the one place that maps between them (transformers >= 4.52 nests everything under `model.` and
-from 5.0 drops `vision_model.`; older versions used the hub names themselves).
+Our module names are the hub checkpoint keys; transformers' module paths differ by version. The
+tables below map adapter module names between the two (transformers >= 4.52 nests everything
+under `model.` and from 5.0 drops `vision_model.`; older versions used the hub names themselves);
+paligemma/weights.py maps the model checkpoint's keys the same way. Nothing here imports the
+model package: LoRA works on any module tree that has these names.
 """
 import json
+import os
 import re
 from pathlib import Path
 
@@ -54,8 +57,8 @@ def from_hf(name: str) -> str:
 
 
 def save(model: nn.Module, directory, base_model_name_or_path: str | None = None):
-    """Write adapter_config.json + adapter_model.safetensors (atomically: a folder is whole or absent)."""
-    from paligemma.atomic import atomic_dir
+    """Write adapter_config.json + adapter_model.safetensors, each file atomically (whole or absent; the
+    weights first, so a config never describes weights that are not there yet)."""
     layers = lora_layers(model)
     if not layers:
         raise RuntimeError("no LoRA layers to save")
@@ -76,9 +79,23 @@ def save(model: nn.Module, directory, base_model_name_or_path: str | None = None
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "use_dora": False,
     }
-    with atomic_dir(directory) as tmp:
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _replace(directory / "adapter_model.safetensors",
+             lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _replace(directory / "adapter_config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+
+
+def _replace(path: Path, write):
+    """write(tmp) beside `path`, flush it to disk, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load(model: nn.Module, directory) -> list[str]:
@@ -131,9 +148,9 @@ def load(model: nn.Module, directory) -> list[str]:
 
 
 def export_merged(model: nn.Module, directory):
-    """Save base + merged LoRA as an ordinary hub-layout checkpoint; the model itself is not changed."""
-    from paligemma.weights import save_checkpoint
-    save_checkpoint(model.config, merged_state(model), directory)
+    """Save base + merged LoRA as an ordinary checkpoint through the model's own
+    `save_pretrained(directory, state_dict=...)`; the model itself is not changed."""
+    model.save_pretrained(directory, state_dict=merged_state(model))
 
 
 @torch.no_grad()

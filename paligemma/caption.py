@@ -4,18 +4,14 @@
 """
 import argparse
 
-import torch
 from tqdm import tqdm
 
-from .model import PaliGemma
-from .packing import pack
-from .processor import Processor
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .cli import DTYPES, load_for_inference
 
 
 def caption(model, processor, images, prompt="caption en", batch_size=8, seed=None, **generate_kwargs):
-    """Yield one caption per image, in order; with a sampling `seed`, batch i uses seed + i."""
+    """Yield one caption per image, in order; with a sampling `seed`, the batch starting at image i
+    samples with seed + i (so a caption does not depend on how many batches came before)."""
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
         inputs = processor(chunk, [prompt] * len(chunk))
@@ -37,25 +33,11 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--quantize", choices=["int8", "nf4"], help="int8 or 4-bit NF4 linear weights (quantize.py)")
     args = p.parse_args(argv)
-    model = load_for_inference(args.model, DTYPES[args.dtype], args.device, args.adapter, args.quantize)
-    processor = Processor.from_pretrained(args.model)
+    model, processor = load_for_inference(args.model, args.adapter, args.dtype, args.device, args.quantize)
     captions = caption(model, processor, args.images, args.prompt, args.batch_size,
                        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     for path, text in zip(args.images, tqdm(captions, total=len(args.images), disable=len(args.images) < 4)):
         print(f"{path}\t{one_line(text)}")
-
-
-def load_for_inference(name, dtype, device, adapter=None, quantize=None):
-    """Model (+ LoRA adapter), quantized while loading if asked, then packed for CPU decoding."""
-    model = PaliGemma.from_pretrained(name, dtype=dtype, device=device, quantize=quantize)
-    if adapter:
-        import lora
-        lora.load(model, adapter)
-    pack(model, head=not quantize)  # CPU: oneDNN-reordered weights, same results, faster decoding (packing.py)
-    if quantize:  # the tied head's logits from an int8 copy (a fifth of a 3B decode step's bytes)
-        from .quantize import int8_head
-        int8_head(model)
-    return model.eval()
 
 
 def one_line(text: str) -> str:

@@ -8,12 +8,16 @@ Family quirks, each switched by a config field:
   `query_pre_attn_scalar`, tanh soft-capping of attention scores and of the final logits, and
   sliding-window attention on every other layer.
 The output head is tied to `embed_tokens` (the hub files carry no `lm_head`).
+
+Axes: B batch, T tokens in this call, S keys (T, or the KV cache's slots), D hidden size,
+H query heads, K key/value heads, hd head dimension, V vocabulary.
 """
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .attention import attention
 from .cache import KVCache
 from .config import TextConfig
 
@@ -31,10 +35,10 @@ class GemmaRMSNorm(nn.Module):
 
 
 def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin of shape (B, 1, T, hs) for integer positions (B, T); rotate-half layout."""
+    """cos, sin of shape (B, 1, T, hd) for integer positions (B, T); rotate-half layout."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions[..., None].float() * inv_freq  # (B, T, hs/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hs)
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -54,40 +58,16 @@ class GemmaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, slots: slice | None = None):
-        """x (B, T, D); mask (B, 1, T, S) bool, True = may attend; S = T, or the cache length."""
+        """x (B, T, D); mask (B, 1, T, S) bool, True = may attend; S = T, or the cache's slots."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, slots, k, v)  # (B, nkv, S, hs)
-        if T == 1:
-            y = self.decode_attention(q, k, v, mask)
-        elif self.softcap is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                               enable_gqa=self.n_kv != self.n_head)
-        else:  # SDPA cannot soft-cap scores, so Gemma 2 spells attention out
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, S)
-            scores = torch.tanh(scores / self.softcap) * self.softcap
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+            k, v = cache.update(self.layer, slots, k, v)  # (B, K, S, hd)
+        y = attention(q, k, v, mask, self.scale, self.softcap)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
-
-    def decode_attention(self, q, k, v, mask):
-        """One new query per row (a decode step): the query heads that share a key/value head become
-        the rows of one small matmul against the cache. CPU SDPA spends 3-15x longer on this shape
-        (benchmarks/NOTES.md)."""
-        B = q.shape[0]
-        q = q.view(B, self.n_kv, self.n_head // self.n_kv, self.hd)  # (B, nkv, group, hs)
-        scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, nkv, group, S)
-        if self.softcap is not None:
-            scores = torch.tanh(scores / self.softcap) * self.softcap
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # mask (B, 1, 1, S)
-        y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v  # (B, nkv, group, hs)
-        return y.view(B, self.n_head, 1, self.hd)
 
 
 class GemmaMLP(nn.Module):
@@ -149,21 +129,34 @@ class GemmaModel(nn.Module):
         return self.norm(x)
 
 
+class TiedHead(nn.Module):
+    """The output head: logits = h E^T with E the embedding table, then Gemma 2's final soft-cap.
+
+    It owns no weight (the hub files store E once, as `embed_tokens`; the caller passes it in), so it
+    adds no key to state_dict(). It is a module so that hooks see every step's logits and speed-ups
+    can swap it (packing.py) without the model knowing.
+    """
+
+    def __init__(self, softcap: float | None):
+        super().__init__()
+        self.softcap = softcap
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """h (..., D), weight (V, D) -> (..., V)."""
+        return self.cap(F.linear(h, weight))
+
+    def cap(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
+
+
 class GemmaForCausalLM(nn.Module):
     """Exists so that parameter names read `language_model.model.*`, as in the hub files."""
 
     def __init__(self, c: TextConfig):
         super().__init__()
         self.model = GemmaModel(c)
+        self.lm_head = TiedHead(c.final_logit_softcapping)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(…, D) hidden states -> (…, vocab) logits through the tied embedding."""
-        packed = self.__dict__.get("packed_head")  # see packing.py
-        if packed is not None and not (torch.is_grad_enabled() and h.requires_grad):
-            logits = packed(h)
-        else:
-            logits = F.linear(h, self.model.embed_tokens.weight)
-        cap = self.model.config.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        """(..., D) hidden states -> (..., V) logits through the tied embedding."""
+        return self.lm_head(h, self.model.embed_tokens.weight)

@@ -59,46 +59,49 @@ def _sample(logits, temperature, top_k, top_p, gen):
     return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
 
 
-def _beam_search(model, cache, logits, B, nb, max_new_tokens, length_penalty, eos_id, pad_id):
-    """Beam search with transformers' scoring: sum of log-probs / length**length_penalty, the 2 * nb best
-    candidates per step, finished hypotheses kept in a per-row pool of nb, and its early-stop rule."""
+def _beam_search(model, cache, logits, B, n_beams, max_new_tokens, length_penalty, eos_id, pad_id):
+    """Beam search with transformers' scoring: sum of log-probs / length**length_penalty, the 2 * n_beams best
+    candidates per step, finished hypotheses kept in a per-row pool of n_beams, and its early-stop rule.
+
+    Axes: B prompts, n_beams beams per prompt, V vocabulary, L = max_new_tokens; C = 2 * n_beams
+    candidates per prompt and step."""
     dev, V = logits.device, logits.shape[-1]
-    cache.reorder(torch.arange(B, device=dev).repeat_interleave(nb))  # each row's prompt, nb times
-    logits = logits.repeat_interleave(nb, 0)  # (B*nb, V)
-    running = torch.full((B, nb, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    run_scores = torch.zeros(B, nb, device=dev)
+    cache.reorder(torch.arange(B, device=dev).repeat_interleave(n_beams))  # each row's prompt, n_beams times
+    logits = logits.repeat_interleave(n_beams, 0)  # (B*n_beams, V)
+    running = torch.full((B, n_beams, max_new_tokens), pad_id, dtype=torch.long, device=dev)  # (B, n_beams, L) live beams
+    run_scores = torch.zeros(B, n_beams, device=dev)  # (B, n_beams) sum of log-probs
     run_scores[:, 1:] = -1e9  # all beams start identical: let only the first one expand at step 0
-    finished = running.clone()
-    fin_scores = torch.full((B, nb), -1e9, device=dev)
-    fin_full = torch.zeros(B, nb, dtype=torch.bool, device=dev)
+    finished = running.clone()  # (B, n_beams, L) pool of finished hypotheses, best first
+    fin_scores = torch.full((B, n_beams), -1e9, device=dev)  # (B, n_beams) their length-normalised scores
+    fin_full = torch.zeros(B, n_beams, dtype=torch.bool, device=dev)  # (B, n_beams) pool slot holds a real hypothesis
     open_rows = torch.ones(B, 1, dtype=torch.bool, device=dev)  # rows whose pool can still improve
-    one = torch.ones(B * nb, 1, dtype=torch.long, device=dev)
-    top_nb = torch.arange(2 * nb, device=dev) < nb  # only the nb best candidates may finish
+    one = torch.ones(B * n_beams, 1, dtype=torch.long, device=dev)
+    top_half = torch.arange(2 * n_beams, device=dev) < n_beams  # only the n_beams best candidates may finish
     rows = torch.arange(B, device=dev)[:, None]
     for t in range(max_new_tokens):
-        scores = F.log_softmax(logits.float(), -1).view(B, nb, V) + run_scores[..., None]
-        cand_scores, idx = scores.view(B, -1).topk(2 * nb)  # (B, 2nb)
-        beam, token = idx // V, idx % V
-        cand = running[rows, beam]  # (B, 2nb, L)
+        scores = F.log_softmax(logits.float(), -1).view(B, n_beams, V) + run_scores[..., None]
+        cand_scores, idx = scores.view(B, -1).topk(2 * n_beams)  # (B, C) best scores, flat index beam * V + token
+        beam, token = idx // V, idx % V  # (B, C) each
+        cand = running[rows, beam]  # (B, C, L) each candidate's tokens so far
         cand[..., t] = token
-        stops = (token == eos_id) | (t + 1 == max_new_tokens)
-        # the nb best candidates that go on
-        go_scores = cand_scores - 1e9 * stops
-        pick = go_scores.topk(nb).indices
-        running, run_scores, src = cand[rows, pick], go_scores.gather(1, pick), beam.gather(1, pick)
-        # candidates that just finished compete for the pool of nb finished hypotheses
-        new_fin = cand_scores / (t + 1) ** length_penalty
-        new_fin = new_fin - 1e9 * ~(stops & top_nb) - 1e9 * ~open_rows
-        merged = torch.cat([fin_scores, new_fin], 1)
-        keep = merged.topk(nb).indices
+        stops = (token == eos_id) | (t + 1 == max_new_tokens)  # (B, C)
+        # the n_beams best candidates that go on
+        live_scores = cand_scores - 1e9 * stops
+        pick = live_scores.topk(n_beams).indices  # (B, n_beams) into C
+        running, run_scores, src = cand[rows, pick], live_scores.gather(1, pick), beam.gather(1, pick)
+        # candidates that just finished compete for the pool of n_beams finished hypotheses
+        new_fin = cand_scores / (t + 1) ** length_penalty  # (B, C)
+        new_fin = new_fin - 1e9 * ~(stops & top_half) - 1e9 * ~open_rows
+        merged = torch.cat([fin_scores, new_fin], 1)  # (B, n_beams + C): old pool, then candidates
+        keep = merged.topk(n_beams).indices  # (B, n_beams)
         fin_scores = merged.gather(1, keep)
         finished = torch.cat([finished, cand], 1)[rows, keep]
-        fin_full = torch.cat([fin_full, stops & top_nb], 1).gather(1, keep)
+        fin_full = torch.cat([fin_full, stops & top_half], 1).gather(1, keep)
         worst = torch.where(fin_full, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, -1e9))
         open_rows &= (run_scores[:, :1] / (t + 1) ** length_penalty > worst).any(-1, keepdim=True)
         if not bool(open_rows.any()) or bool(stops.all()):
             break
-        cache.reorder((src + rows * nb).view(-1))
+        cache.reorder((src + rows * n_beams).view(-1))
         logits = model(running[..., t].reshape(-1, 1), None, one, one, cache=cache)[:, -1]
     best = finished[:, 0]  # (B, L), pool sorted best first
     length = int(((best == eos_id).cumsum(-1) == 0).sum(-1).add(1).clamp(max=t + 1).max())

@@ -15,8 +15,10 @@ from torch import nn
 
 from .cache import KVCache
 from .config import PaliGemmaConfig
-from .gemma import GemmaForCausalLM
+from .gemma import GemmaForCausalLM, GemmaRMSNorm
 from .siglip import SiglipVisionTower
+
+IGNORE = -100  # the label of positions the loss skips (transformers' convention)
 
 
 class MultiModalProjector(nn.Module):
@@ -38,11 +40,34 @@ class PaliGemma(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None,
-                        quantize: str | None = None) -> "PaliGemma":
+                        inference: bool = False, quantize: str | None = None) -> "PaliGemma":
         """Local folder or hub repo id (hub layout, single or sharded safetensors); see weights.py.
+        inference=True: for captioning, not training: weights frozen and, on CPU, packed (packing.py).
         quantize="int8" | "nf4": linear layers quantized while loading (quantize.py)."""
         from .weights import load_pretrained
-        return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, revision=revision, quantize=quantize)
+        return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, revision=revision,
+                               inference=inference, quantize=quantize)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """Gemma-style init for training from scratch: normal(0, std) weights, zero biases, LayerNorms at
+        1, RMSNorms at (1 + 0). Loading a checkpoint needs none of this."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                m.weight.normal_(0, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            elif isinstance(m, GemmaRMSNorm):
+                m.weight.zero_()
+        return self
+
+    def save_pretrained(self, directory, max_shard_bytes: int | None = None, state_dict: dict | None = None):
+        """Hub layout: config.json + safetensors, written atomically; see weights.py."""
+        from .weights import save_pretrained
+        save_pretrained(self, directory, max_shard_bytes, state_dict)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -111,7 +136,7 @@ class PaliGemma(nn.Module):
         return self.language_model.logits(h)
 
     def loss(self, input_ids, pixel_values, attention_mask, token_type_ids, labels, reduction="mean") -> torch.Tensor:
-        """Next-token cross-entropy over tokens whose label is not -100 ("mean", or "sum" for callers that
+        """Next-token cross-entropy over tokens whose label is not IGNORE (-100; "mean", or "sum" for callers that
         normalise by a count across processes).
 
         Logits are computed only where a label exists: at 257k vocabulary entries the full
@@ -119,7 +144,7 @@ class PaliGemma(nn.Module):
         """
         h = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids)
         target = labels[:, 1:]  # position t predicts token t + 1
-        keep = target != -100
+        keep = target != IGNORE
         logits = self.language_model.logits(h[:, :-1][keep]).float()  # (K, vocab)
         return F.cross_entropy(logits, target[keep], reduction=reduction)
 

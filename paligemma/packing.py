@@ -3,17 +3,32 @@
 A decode step at batch 1 is a chain of matrix-vector products: its speed is how fast the weights
 stream from memory. torch's plain bf16 `F.linear` reaches about half of this machine's read
 bandwidth at batch 1; the same oneDNN kernel on a weight it has reordered in advance reaches most
-of it, with bit-identical results (measured in benchmarks/NOTES.md). This is what torch.compile's
-CPU "freezing" does, here as an explicit, inference-only step:
+of it (measured in benchmarks/NOTES.md), with the same bits in bf16 (tests/test_packing.py; in
+float32 a few-row product takes another oneDNN kernel and may differ in the last bit). This is what torch.compile's CPU "freezing" does, here as
+an explicit, inference-only step that swaps modules after the model is built, as gpt-fast's
+quantize.py does; the model's own files never learn about it:
 
     model = PaliGemma.from_pretrained(..., dtype=torch.bfloat16)
     pack(model)          # no autograd through packed layers; state_dict() still gives plain weights
 
-The tied output head (257k x 2048 at 3B) is packed as a second copy beside the embedding table,
-which lookups still read: +1 GB at 3B for about a fifth of every decode step's bytes.
+The tied output head (257k x 2048 at 3B) gets a packed copy beside the embedding table, which
+lookups still read: +1 GB at 3B for about a fifth of every decode step's bytes.
 """
 import torch
 from torch import nn
+
+from .gemma import TiedHead
+from .weights import drop_file_pages
+
+
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # hint: batch-1 decode
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias, training: bool) -> torch.Tensor:
+    if training or (torch.is_grad_enabled() and x.requires_grad):
+        raise RuntimeError("packed layers are for inference (model.eval()): load the model again to train it")
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
 
 
 class PackedLinear(nn.Module):
@@ -22,21 +37,35 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # hint: batch-1 decode
+        self.packed = _reorder(weight)  # a plain attribute: the blocked layout is not a checkpoint format
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """(out, in) dense copy, made on demand: for analysis and saving, not for the forward."""
+        return self.packed.to_dense()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or (torch.is_grad_enabled() and x.requires_grad):
-            raise RuntimeError("packed layers are for inference (model.eval()): load the model again to train it")
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+        return _packed_linear(x, self.packed, self.bias, self.training)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.packed.to_dense()
+        destination[prefix + "weight"] = self.weight
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+
+
+class PackedHead(TiedHead):
+    """The tied head with its own packed copy of the embedding table; the table passed in is unused."""
+
+    def __init__(self, head: TiedHead, embedding: torch.Tensor):
+        super().__init__(head.softcap)
+        self.packed = _reorder(embedding)  # (V, D) blocked; not in state_dict(), which has no head key
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.cap(_packed_linear(h, self.packed, None, self.training))
 
 
 def can_pack(model) -> bool:
@@ -45,18 +74,24 @@ def can_pack(model) -> bool:
 
 
 def pack(model, head: bool = True):
-    """Put `model` in eval mode and replace every nn.Linear (both towers, projector, the frozen base of
-    LoRA layers) by a PackedLinear; give the tied output head a packed copy. Returns the model; a
-    no-op off CPU."""
+    """Put `model` in eval mode and replace every nn.Linear (both towers, projector, the frozen base and
+    the rank-r matrices of LoRA layers) by a PackedLinear, and the output head by a PackedHead.
+    Returns the model; a no-op off CPU.
+
+    One layer at a time: only module names are listed up front, so each plain weight is freed as soon
+    as its packed copy replaces it, and the transient memory is one linear layer, plus the head's
+    packed copy (V x D) that stays."""
     if not can_pack(model):
         return model
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child_name not in ("lora_A", "lora_B"):  # rank-r detours stay plain
-                setattr(module, child_name, PackedLinear(child.weight, child.bias))
-    if head:  # kept out of the module tree: it must not appear in state_dict() or parameters()
-        lm = model.language_model
-        lm.__dict__["packed_head"] = PackedLinear(lm.model.embed_tokens.weight).eval()
+    names = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent)
+        linear = getattr(parent, child)
+        setattr(parent, child, PackedLinear(linear.weight, linear.bias))
+        drop_file_pages(linear.weight)  # a weight mapped from a bf16 file: its pages are not needed now
+        del linear
+    lm = model.language_model
+    if head and type(lm.lm_head) is TiedHead:
+        lm.lm_head = PackedHead(lm.lm_head, lm.model.embed_tokens.weight)
     return model.eval()
-
-

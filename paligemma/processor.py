@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .model import IGNORE
 from .tokenizer import Tokenizer
-
-IGNORE = -100
 
 
 class Processor:
@@ -108,14 +107,14 @@ class Processor:
             types.append([0] * len(prefix) + [1] * len(suffix))
         T = max(map(len, rows))
         ids = torch.full((len(rows), T), self.tokenizer.pad_id, dtype=torch.long)
-        mask, tt = torch.zeros_like(ids), torch.zeros_like(ids)
+        mask, token_types = torch.zeros_like(ids), torch.zeros_like(ids)
         for i, (r, ty) in enumerate(zip(rows, types)):
-            ids[i, T - len(r):], mask[i, T - len(r):], tt[i, T - len(r):] = torch.tensor(r), 1, torch.tensor(ty)
+            ids[i, T - len(r):], mask[i, T - len(r):], token_types[i, T - len(r):] = torch.tensor(r), 1, torch.tensor(ty)
         names = [str(x) if isinstance(x, (str, Path)) else None for x in images]
-        out = dict(input_ids=ids, attention_mask=mask, token_type_ids=tt,
+        out = dict(input_ids=ids, attention_mask=mask, token_type_ids=token_types,
                    pixel_values=self.pixel_values(images, [n or f"image {i}" for i, n in enumerate(names)]))
         if suffixes is not None:
-            out["labels"] = ids.masked_fill(tt == 0, IGNORE)
+            out["labels"] = ids.masked_fill(token_types == 0, IGNORE)
         return out
 
     def decode(self, ids) -> str:

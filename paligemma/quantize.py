@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gemma import TiedHead
+
 MODES = ("int8", "nf4")
 NF4_BLOCK = 64  # values per absmax (QLoRA's block size)
 DQ_BLOCK = 256  # absmaxes per second-level scale (QLoRA's double quantization)
@@ -276,22 +278,29 @@ def quantize(model: nn.Module, mode: str, skip=(), head: bool = False, double_qu
 
 
 def int8_head(model: nn.Module):
-    """An int8 copy of the tied embedding for the logits (the embedding stays for lookups)."""
+    """Replace the tied output head by an Int8Head: an int8 copy of the embedding table for the logits
+    (the table itself stays, for lookups)."""
     lm = model.language_model
-    lm.__dict__["packed_head"] = Int8Head(lm.model.embed_tokens.weight)
+    lm.lm_head = Int8Head(lm.lm_head, lm.model.embed_tokens.weight)
 
 
-class Int8Head(nn.Module):
-    """The tied output head from an int8 copy of the embedding table: at 3B a fifth of each decode
-    step's bytes (257k x 2048) halve. Inference only; kept out of state_dict()."""
+class Int8Head(TiedHead):
+    """The tied head from its own int8 copy of the embedding table (V, D), for decoding: at 3B the head
+    is a fifth of each step's bytes, and int8 halves them. The copy is a plain attribute, so
+    state_dict() still has no head key. Prefill and training (many rows, or gradients) use the
+    table passed in, as TiedHead does: the fused kernel pays off only for a few rows."""
 
-    def __init__(self, embedding: torch.Tensor):
-        super().__init__()
-        self.linear = Int8Linear(embedding.shape[1], embedding.shape[0], False, embedding.dtype, embedding.device)
-        fill(self.linear, {"weight": embedding.detach()})
+    def __init__(self, head: TiedHead, embedding: torch.Tensor):
+        super().__init__(head.softcap)
+        parts = Int8Linear.quantize_weight(embedding.detach())
+        self.qweight, self.scales = parts["qweight"], parts["scales"]  # (V, D) int8, (V,)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.linear(h)
+    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        rows = h.numel() // h.shape[-1]
+        if rows <= FUSED_ROWS and fused_int8(h, self.scales) and not (torch.is_grad_enabled() and h.requires_grad):
+            logits = torch._weight_int8pack_mm(h.reshape(rows, -1), self.qweight, self.scales)
+            return self.cap(logits.view(*h.shape[:-1], -1))  # (..., V)
+        return super().forward(h, weight)
 
 
 def converter(model: nn.Module, mode: str, skip=(), double_quant: bool = False):

@@ -3,12 +3,16 @@
 PaliGemma uses SigLIP's encoder output for every patch and drops its attention-pooling head, so
 the head is not built here (its weights are skipped by name when loading). Module names follow the
 hub keys `vision_tower.vision_model.*`.
+
+Axes: B batch, S image side in pixels, p patch side, N = (S / p)^2 patches, D hidden size,
+H heads, hd = D / H head dimension.
 """
 import torch
 import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
 from .config import VisionConfig
 
 
@@ -19,7 +23,7 @@ class SiglipEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(c.num_patches, c.hidden_size)  # learned, one per patch
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, H/p, W/p)
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, S/p, S/p)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
         return x + self.position_embedding.weight
 
@@ -36,7 +40,7 @@ class SiglipAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = (p(x).view(B, N, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hs); no mask: every patch sees every patch
+        y = attention(q, k, v)  # (B, H, N, hd); no mask: every patch sees every patch
         return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
 
 

@@ -1,15 +1,18 @@
 """Checkpoint loading: hub folder or repo id -> PaliGemma, without a float32 detour.
 
-The model is built on the `meta` device (no memory), then each tensor is read from its safetensors
-file straight into a buffer of the target dtype and assigned to its parameter. A float32 file
-loaded as bf16 never exists in memory as float32: conversion goes chunk by chunk, so peak memory
-is the loaded model plus one chunk. (Memory-mapping the file instead would count every page read
-against the process until the map is closed: file size + model size.)
+The model is built on the `meta` device (no memory), then each tensor is read from its
+memory-mapped safetensors file straight into a buffer of the target dtype and assigned to its
+parameter. A float32 file loaded as bf16 never exists in memory as float32: conversion goes 256 MiB
+at a time, and each converted chunk's file pages are dropped from the process at once (a map that
+kept them would count every page read against the process: file size + model size), so peak
+memory is the loaded model plus one chunk.
 """
 import json
+import math
 import mmap
 import re
 import struct
+import weakref
 from pathlib import Path
 
 import torch
@@ -32,7 +35,8 @@ KEY_REWRITES = [
     (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
 ]
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+# safetensors header dtype names
+FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
@@ -87,14 +91,23 @@ def read_header(path: Path) -> dict:
 
 
 def read_tensor(mm: mmap.mmap, info: dict, dtype: torch.dtype, device) -> torch.Tensor:
-    """One tensor from a memory-mapped file, converted to `dtype` 64 MB at a time.
+    """One tensor from a memory-mapped file.
 
-    Each converted chunk's file pages are dropped from this process (MADV_DONTNEED) at once, so the
-    map never holds more than one chunk: peak memory stays the loaded model plus a chunk, while the
-    conversion reads the page cache directly instead of copying through a buffer first.
+    Already in `dtype` (bf16 files loaded as bf16, as PaliGemma 2 ships them): a view of the map, no
+    copy. Pages are read on first use and shared with the page cache; the map is private
+    (copy-on-write), so writing to the tensor never writes the file, and a checkpoint replaced on
+    disk later (a new file renamed over the old) leaves this view intact.
+
+    Otherwise converted CHUNK_BYTES (256 MiB) at a time, each converted chunk's file pages dropped
+    from this process (MADV_DONTNEED) at once: peak memory stays the loaded model plus a chunk, and
+    the conversion reads the page cache directly instead of copying through a buffer first.
     """
-    src = DTYPES[info["dtype"]]
-    out = torch.empty(info["shape"], dtype=dtype if src.is_floating_point else src)
+    src = FILE_DTYPES[info["dtype"]]
+    target = dtype if src.is_floating_point else src
+    numel = math.prod(info["shape"])
+    if src == target and torch.device(device).type == "cpu" and numel:
+        return torch.frombuffer(mm, dtype=src, count=numel, offset=info["offset"]).view(info["shape"])
+    out = torch.empty(info["shape"], dtype=target)
     flat = out.view(-1)
     itemsize = torch.empty((), dtype=src).element_size()
     per_chunk = max(1, CHUNK_BYTES // itemsize)
@@ -106,11 +119,34 @@ def read_tensor(mm: mmap.mmap, info: dict, dtype: torch.dtype, device) -> torch.
     return out.to(device)
 
 
+# The maps load_state made, as (address, weak reference): pages under a view can be given back.
+_MAPS: list[tuple[int, weakref.ref]] = []
+
+
+def drop_file_pages(t: torch.Tensor):
+    """If `t` is a view of a checkpoint map made here, drop its whole pages from this process: they are
+    read from the file again if `t` is used again. Packing calls this once it holds its own copy, so a
+    packed model's memory is the packed copies, not those plus the mapped file. Any other tensor: no-op."""
+    start, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    for base, ref in _MAPS:
+        mm = ref()
+        if mm is not None and base <= start and start + nbytes <= base + len(mm):
+            first = -(-(start - base) // mmap.PAGESIZE) * mmap.PAGESIZE  # inward: neighbours keep their pages
+            last = (start - base + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return
+
+
 def release(mm: mmap.mmap, start: int, length: int):
     """Unmap [start, start + length) rounded out to whole pages (a shared page is simply read again)."""
     if hasattr(mm, "madvise"):
         first = start - start % mmap.PAGESIZE
         mm.madvise(mmap.MADV_DONTNEED, first, min(len(mm), start + length) - first)
+
+
+def address(mm: mmap.mmap) -> int:
+    return torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr() if len(mm) else 0
 
 
 def canonical(key: str) -> str:
@@ -127,7 +163,9 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype, device,
     state, unexpected, wrong_shape, sources = {}, [], [], {}
     for path in weight_files(folder):
         header = read_header(path)
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # outlives f, and lives as long as a view of it
+            _MAPS[:] = [(b, r) for b, r in _MAPS if r() is not None] + [(address(mm), weakref.ref(mm))]
             for key, info in header.items():
                 name = canonical(key)
                 if any(re.fullmatch(p, name) for p in SKIPPED):
@@ -141,7 +179,10 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype, device,
                 else:
                     sources[name] = f"{key} ({path.name})"
                     tensor = read_tensor(mm, info, dtype, device)
-                    state.update(convert(name, tensor) if convert else {name: tensor})
+                    converted = convert(name, tensor) if convert else {name: tensor}
+                    if converted.get(name) is not tensor:  # replaced: a view of the map gives its pages back
+                        drop_file_pages(tensor)
+                    state.update(converted)
     missing = sorted(set(expected) - set(sources))
     problems = [f"missing keys: {missing}"] * bool(missing) + [f"unexpected keys: {unexpected}"] * bool(unexpected) \
         + [f"wrong shapes: {wrong_shape}"] * bool(wrong_shape)
@@ -150,7 +191,8 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype, device,
     return state
 
 
-def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None, quantize=None):
+def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None, inference=False,
+                    quantize=None):
     folder = resolve(path_or_repo_id, revision)
     if not (folder / "config.json").exists():
         raise ConfigError(f"{folder}: no config.json")
@@ -163,22 +205,26 @@ def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", rev
         convert = q.converter(model.to(dtype), quantize)  # .to on meta: free, and the layers get `dtype`
     state = load_state(folder, model, dtype, device, convert)
     if quantize:
-        q.quantize(model, quantize)  # on meta: empty quantized layers for the state to fill
+        q.quantize(model, quantize, head=False)  # on meta: empty quantized layers for the state to fill
     model.load_state_dict(state, strict=True, assign=True)
+    if inference:  # frozen, and on CPU packed for speed one layer at a time (packing.py)
+        from .packing import pack
+        if quantize:  # logits from an int8 copy of the table rather than a packed bf16 one
+            q.int8_head(model)
+        pack(model.requires_grad_(False))
     return model.eval()
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | Path, max_shard_bytes: int | None = None):
-    """Write config.json + safetensors in the hub layout (sharded with an index past max_shard_bytes)."""
-    save_checkpoint(model.config, model.state_dict(), directory, max_shard_bytes)
-
-
-def save_checkpoint(config: PaliGemmaConfig, state: dict, directory: str | Path, max_shard_bytes: int | None = None):
+def save_pretrained(model: torch.nn.Module, directory: str | Path, max_shard_bytes: int | None = None,
+                    state_dict: dict | None = None):
+    """Write config.json + safetensors in the hub layout (sharded with an index past max_shard_bytes),
+    atomically: `directory` is the old whole folder or the new whole one. `state_dict`: weights to
+    write instead of the model's own (a merged LoRA export, a state gathered from FSDP shards)."""
     from safetensors.torch import save_file
     from .atomic import atomic_dir
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     with atomic_dir(directory) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
         shards, current, size = [], {}, 0
         for k, v in state.items():
             nbytes = v.numel() * v.element_size()

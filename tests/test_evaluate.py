@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import evaluate
-from paligemma.data import DataError, load_examples
-from paligemma.metrics import tokenize
+from paligemma.captioning.data import DataError, load_examples
+from paligemma.captioning.metrics import tokenize
 
 
 def run(model, data, out, *extra):

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from paligemma import PaliGemma
-from tests.conftest import batch, load_hf, save_hf, tiny_hf_config
+from tests.helpers import batch, load_hf, save_hf, tiny_hf_config
 
 N_IMG = 16
 

@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 import lora
 from paligemma import PaliGemma, PaliGemmaConfig
-from tests.conftest import batch, load_hf
+from tests.helpers import batch, load_hf
 
 N_IMG = 16
 DATA = Path(__file__).parent / "data"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from paligemma import metrics
-from paligemma.wordnet import DEBIAN, LEXNAMES, lexnames_text
+from paligemma.captioning import metrics
+from paligemma.captioning.wordnet import DEBIAN, LEXNAMES, lexnames_text
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsicd-subset" / "captions_only.csv"
 
@@ -21,7 +21,7 @@ def caption_pairs(n=60, seed=0):
             rows = list(csv.DictReader(f))[:n]
         refs = {r["image"]: [r[f"caption_{i}"] for i in range(1, 6)] for r in rows}
     else:
-        from paligemma.synthetic import scene
+        from paligemma.captioning.synthetic import scene
         refs = {str(i): scene(rng, 16)[1] for i in range(n)}
     hyps = {}
     for k, rs in refs.items():
@@ -103,7 +103,7 @@ needs_wordnet = pytest.mark.skipif(not (DEBIAN / "data.noun").exists(), reason="
 def test_meteor_matches_nltk_and_uses_synonyms(tmp_path):
     from nltk.translate.meteor_score import meteor_score
     h, r = tokenised(*caption_pairs(20))
-    wn = __import__("paligemma.wordnet", fromlist=["x"]).ensure_wordnet()
+    wn = __import__("paligemma.captioning.wordnet", fromlist=["x"]).ensure_wordnet()
     expected = sum(meteor_score([x.split() for x in r[k]], h[k][0].split(), wordnet=wn) for k in h) / len(h)
     assert metrics.meteor(h, r) == pytest.approx(expected)
     # nltk matches synonyms after stemming, so a pair Porter leaves alone: auto ~ car

@@ -4,7 +4,7 @@ import torch
 from torch.testing import assert_close
 
 from paligemma import PaliGemma
-from tests.conftest import batch, load_hf, save_hf, tiny_hf_config
+from tests.helpers import batch, load_hf, save_hf, tiny_hf_config
 
 N_IMG = 16  # (16 / 4)^2 patches in the tiny configs
 

@@ -1,5 +1,4 @@
 """Processor: layout, labels and pixels equal transformers' PaliGemmaProcessor; bad input is named."""
-import warnings
 
 import numpy as np
 import pytest
@@ -7,7 +6,7 @@ import torch
 from PIL import Image
 
 from paligemma.processor import Processor
-from tests.conftest import IMAGE_TOKEN, hf_processor
+from tests.helpers import IMAGE_TOKEN, hf_processor
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import lora
-from conftest import batch, load_hf
+from tests.helpers import batch, load_hf
 from paligemma import PaliGemma
 from paligemma import quantize as Q
 
@@ -131,6 +131,7 @@ def test_skip_and_int8_head(pg1_dir):
     Q.quantize(model, "int8", skip=r"vision_tower\..*", head=True)
     assert isinstance(model.vision_tower.vision_model.encoder.layers[0].mlp.fc1, nn.Linear)
     assert isinstance(model.language_model.model.layers[0].mlp.up_proj, Q.Int8Linear)
+    assert isinstance(model.language_model.lm_head, Q.Int8Head)
     assert not any("head" in k for k in model.state_dict())  # the head copy is not part of the model's state
     h = torch.randn(2, 48, dtype=torch.bfloat16)
     table = model.language_model.model.embed_tokens.weight

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(not (RSICD / "captions.csv").exists(), reason=f"
 
 
 def test_rsicd_layout_loads_with_its_one_bad_row():
-    from paligemma.data import DataError, load_examples
+    from paligemma.captioning.data import DataError, load_examples
     with pytest.raises(DataError, match=r"captions.csv:\d+: empty caption\(s\) \[3\] for image bridge_59.jpg"):
         load_examples(RSICD, "train")
     train, skipped = load_examples(RSICD, "train", skip_bad=True)

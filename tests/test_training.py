@@ -1,12 +1,12 @@
 """Training pieces and train.py end to end on a tiny synthetic set."""
-import math
 import random
 
 import pytest
 import torch
 
-from paligemma.data import DataError, Example, load_examples, sample_caption
-from paligemma.training import check_labels, first_loss_check, lr_at
+from paligemma.captioning.data import DataError, Example, load_examples, sample_caption
+from paligemma.captioning.training import check_labels, first_loss_check, lr_at
+from tests.helpers import Crash, crash_after
 
 
 def test_lr_schedule_hand_values():
@@ -69,7 +69,8 @@ def test_resume_equals_uninterrupted(tiny_run, tmp_path, mode):
     import train
     model, data = tiny_run
     a = train.main(train_args(model, data, tmp_path / "a", "--steps", "6", *mode))
-    train.main(train_args(model, data, tmp_path / "b", "--steps", "6", "--stop-after", "3", *mode))
+    with crash_after(train, 3), pytest.raises(Crash):
+        train.main(train_args(model, data, tmp_path / "b", "--steps", "6", *mode))
     b = train.main(train_args(model, data, tmp_path / "b", "--steps", "6", "--resume", *mode))
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -146,7 +147,7 @@ def test_overfit_batch_memorises_and_plots(tiny_run, tmp_path, capsys):
 
 
 def test_blind_control_keeps_captions_and_moves_images():
-    from paligemma.training import blind
+    from paligemma.captioning.training import blind
     examples = [Example(image=f"{i}.png", captions=[f"caption {i}"]) for i in range(50)]
     shuffled = blind(examples, seed=0)
     assert [e.captions for e in shuffled] == [e.captions for e in examples]
@@ -154,14 +155,15 @@ def test_blind_control_keeps_captions_and_moves_images():
     assert sum(a.image == b.image for a, b in zip(examples, shuffled)) <= 3
 
 
-def torchrun(args, cwd):
+def torchrun(args, cwd, script=("train.py",), ok=True):
     import os
     import subprocess
     import sys
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "train.py", *args], cwd=cwd, capture_output=True, text=True,
+                        *script, *args], cwd=cwd, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert (p.returncode == 0) == ok, p.stderr[-3000:]
+    return p
 
 
 def test_fsdp_two_processes_equal_one_and_resume(tiny_run, tmp_path):
@@ -179,7 +181,8 @@ def test_fsdp_two_processes_equal_one_and_resume(tiny_run, tmp_path):
                           "--eval-every", "100", "--finetune", "full", *extra)
     train.main(args(tmp_path / "one"))
     torchrun(args(tmp_path / "fsdp", "--fsdp"), cwd)
-    torchrun(args(tmp_path / "resumed", "--fsdp", "--stop-after", "3"), cwd)
+    crashed = torchrun(args(tmp_path / "resumed", "--fsdp"), cwd, ("tests/train_crashing.py", "3"), ok=False)
+    assert "simulated crash after the checkpoint of step 3" in crashed.stderr, crashed.stderr[-3000:]
     torchrun(args(tmp_path / "resumed", "--fsdp", "--resume"), cwd)
     logs = {d: [json.loads(l) for l in open(tmp_path / d / "metrics.jsonl") if '"loss"' in l] for d in ("one", "fsdp")}
     for a, b in zip(logs["one"], logs["fsdp"]):

@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from paligemma import CheckpointError, ConfigError, PaliGemma
 from paligemma.weights import save_pretrained
-from tests.conftest import batch, load_hf, save_hf, tiny_hf_config
+from tests.helpers import batch, load_hf, save_hf, tiny_hf_config
 
 
 def copy_with(src, dst, edit):
@@ -112,3 +112,22 @@ def test_folder_without_weights(pg1_dir, tmp_path):
         PaliGemma.from_pretrained(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         PaliGemma.from_pretrained(tmp_path / "does-not-exist")
+
+
+def test_same_dtype_tensors_are_views_of_the_file_and_converted_ones_are_not(pg2_dir, tmp_path):
+    """A bf16 file loaded as bf16 is mapped, not copied (PaliGemma 2 ships bf16 files); loaded as float32
+    it is converted into memory of its own. Checked by where each parameter's data lives."""
+    src = PaliGemma.from_pretrained(pg2_dir)
+    bf16_dir = tmp_path / "bf16"
+    src.to(torch.bfloat16).save_pretrained(bf16_dir)
+    mapped = []
+    for dtype in (torch.bfloat16, torch.float32):
+        model = PaliGemma.from_pretrained(bf16_dir, dtype=dtype)
+        file = str((bf16_dir / "model.safetensors").resolve())
+        ranges = [tuple(int(x, 16) for x in line.split()[0].split("-"))
+                  for line in open("/proc/self/maps") if line.rstrip().endswith(file)]
+        inside = [any(a <= p.data_ptr() < b for a, b in ranges) for p in model.parameters()]
+        mapped.append((all(inside), any(inside)))
+        torch.testing.assert_close(model.state_dict(), {k: v.to(dtype) for k, v in src.to(torch.bfloat16).state_dict().items()},
+                                   atol=0, rtol=0)
+    assert mapped == [(True, True), (False, False)]

@@ -6,7 +6,7 @@ decoder is captioning without looking. matplotlib is an optional extra (`pip ins
 import json
 from pathlib import Path
 
-from .atomic import atomic_file
+from ..atomic import atomic_file
 
 
 def plot(log: str | Path, png: str | Path) -> Path | None:

@@ -41,6 +41,16 @@ def build_from_debian(data_root: Path = CACHE, source: Path = DEBIAN) -> Path:
     return data_root
 
 
+def available() -> bool:
+    """Whether METEOR can run here: nltk's own WordNet data, or Debian's database to build it from."""
+    from nltk.corpus import wordnet
+    try:
+        wordnet.ensure_loaded()
+        return True
+    except LookupError:
+        return (DEBIAN / "data.noun").exists()
+
+
 def ensure_wordnet():
     """Return nltk's wordnet reader, set up offline where needed; a clear error if impossible."""
     import nltk

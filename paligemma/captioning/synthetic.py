@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .config import PaliGemmaConfig, TextConfig, VisionConfig
+from ..config import PaliGemmaConfig, TextConfig, VisionConfig
 
 BACKGROUNDS = {"field": (86, 140, 62), "desert": (205, 180, 125), "lake": (48, 88, 160), "forest": (32, 84, 44)}
 COLOURS = {"red": (200, 40, 40), "white": (240, 240, 240), "yellow": (235, 205, 40), "black": (20, 20, 20)}
@@ -96,9 +96,8 @@ def make_checkpoint(folder: str | Path, captions: list[str], prompt: str = "capt
                     vocab_size: int = 512, image_size: int = 64) -> Path:
     """A random-initialised tiny PaliGemma in the hub layout, with a tokenizer trained on `captions`."""
     import torch
-    from .model import PaliGemma
-    from .tokenizer import Tokenizer, train_tokenizer
-    from .weights import save_pretrained
+    from ..model import PaliGemma
+    from ..tokenizer import Tokenizer, train_tokenizer
     import shutil
     import tempfile
     folder = Path(folder)
@@ -106,26 +105,8 @@ def make_checkpoint(folder: str | Path, captions: list[str], prompt: str = "capt
     tok = Tokenizer(train_tokenizer(captions + [prompt], tmp / "tokenizer", vocab_size=vocab_size))
     config = tiny_config(vocab_size=len(tok), image_token_index=tok.image_id, image_size=image_size)
     torch.manual_seed(seed)
-    model = PaliGemma(config)
-    init_weights(model)
-    save_pretrained(model, folder)  # config.json + model.safetensors (replaces the folder whole)
+    model = PaliGemma(config).init_weights()
+    model.save_pretrained(folder)  # config.json + model.safetensors (replaces the folder whole)
     shutil.copyfile(tok.path, folder / "tokenizer.model")
     shutil.rmtree(tmp)
     return folder
-
-
-def init_weights(model, std: float = 0.02):
-    """Gemma-style init for training from scratch: normal(0, 0.02) weights, zero biases, norms at (1 + 0)."""
-    import torch
-    from torch import nn
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
-                m.weight.normal_(0, std)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.LayerNorm):
-                m.weight.fill_(1.0)
-                m.bias.zero_()
-            elif type(m).__name__ == "GemmaRMSNorm":
-                m.weight.zero_()

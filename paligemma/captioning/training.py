@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir, atomic_file
+from ..atomic import atomic_dir
+from ..processor import IGNORE
 from .data import sample_caption
 from .distributed import shard
 
@@ -74,7 +75,7 @@ def blind(examples, seed: int) -> list:
 def check_labels(batch: dict, examples=None):
     """Every example must keep at least one label token, or it trains on nothing (and a batch of such
     examples gives a NaN loss)."""
-    n = (batch["labels"] != -100).sum(1)
+    n = (batch["labels"] != IGNORE).sum(1)
     bad = [i for i, k in enumerate(n.tolist()) if k == 0]
     if bad:
         names = [str(examples[i].image) if examples else str(i) for i in bad]
@@ -107,7 +108,7 @@ def trainable_state(model, full: bool) -> dict:
     return {k: v for k, v in model.state_dict().items() if full or k in trains}
 
 
-def save_checkpoint(directory, model, optimizer, step: int, batches: Batches, rng: random.Random, full: bool,
+def save_train_state(directory, model, optimizer, step: int, batches: Batches, rng: random.Random, full: bool,
                     args: dict, states: tuple[dict, dict] | None = None):
     """Everything needed to continue exactly: weights that train, optimizer, step, data position, RNGs.
     Written to a temp folder and renamed, so `directory` is always a whole checkpoint. `states`:
@@ -123,8 +124,8 @@ def save_checkpoint(directory, model, optimizer, step: int, batches: Batches, rn
         (tmp / "step.json").write_text(json.dumps({"step": step}))
 
 
-def load_checkpoint(directory, model, optimizer, batches: Batches, rng: random.Random, sharded=None) -> int:
-    """Restore what save_checkpoint wrote; `sharded`: the FSDP-wrapped model, whose shards are filled
+def load_train_state(directory, model, optimizer, batches: Batches, rng: random.Random, sharded=None) -> int:
+    """Restore what save_train_state wrote; `sharded`: the FSDP-wrapped model, whose shards are filled
     from the whole state."""
     state = torch.load(Path(directory) / "state.pt", weights_only=False)
     missing = set(state["model"]) - set(model.state_dict())
