@@ -5,6 +5,8 @@
 Per format, against the unquantized model's own captions: the share of identical captions, the share
 of equal tokens (position by position over the longer of the two token sequences), and each
 format's CIDEr-D against the references (its difference to the unquantized CIDEr-D, relative).
+A last row loads the unquantized model in float32: how much a change of dtype alone moves the
+captions (the noise floor the quantized rows are to be read against).
 """
 import argparse
 import sys
@@ -45,18 +47,20 @@ def cider(processor, tokens, examples) -> float:
 
 def compare(model_dir, data, modes=("int8", "nf4"), split="test", dtype="bfloat16", prompt="caption en",
             batch_size=16, max_new_tokens=24, max_samples=None) -> dict:
-    """{"none": {...}, "int8": {...}, ...}: CIDEr-D of each, agreement of each with the unquantized captions."""
+    """{dtype: {...}, "int8": {...}, ..., "float32": {...}}: CIDEr-D of each, agreement of each with the
+    unquantized `dtype` model's captions."""
     examples, _ = load_examples(data, split)
     examples = examples[:max_samples] if max_samples else examples
     images = [e.image for e in examples]
     results, reference = {}, None
-    for mode in (None, *modes):
-        model, processor = load_for_inference(model_dir, None, dtype, "cpu", quantize=mode)
+    rows = [(dtype, None)] + [(dtype, m) for m in modes] + [("float32", None)] * (dtype != "float32")
+    for row_dtype, mode in rows:
+        model, processor = load_for_inference(model_dir, None, row_dtype, "cpu", quantize=mode)
         tokens = greedy_tokens(model, processor, images, prompt, batch_size, max_new_tokens)
         reference = reference or tokens
-        results[mode or "none"] = dict(agreement(tokens, reference), cider_d=cider(processor, tokens, examples))
+        results[mode or row_dtype] = dict(agreement(tokens, reference), cider_d=cider(processor, tokens, examples))
         del model
-    base = results["none"]["cider_d"]
+    base = results[dtype]["cider_d"]
     for r in results.values():
         r["cider_d_change"] = (r["cider_d"] - base) / base if base else float("nan")
     return results
@@ -79,7 +83,7 @@ def main():
              f"greedy, {args.dtype}\n", "| weights | identical captions | equal tokens | CIDEr-D | CIDEr-D change |",
              "|---|---:|---:|---:|---:|"]
     for mode, x in r.items():
-        lines.append(f"| {mode if mode != 'none' else args.dtype} | {x['identical']:.1%} | {x['tokens_equal']:.1%} | "
+        lines.append(f"| {mode} | {x['identical']:.1%} | {x['tokens_equal']:.1%} | "
                      f"{x['cider_d']:.4f} | {x['cider_d_change']:+.1%} |")
     text = "\n".join(lines)
     print(text)
