@@ -261,3 +261,13 @@ def test_train_qlora_adapter_loads_on_the_dense_model(tiny_run, tmp_path):
     assert names and all(isinstance(m.base, nn.Linear) for m in lora.lora_layers(dense).values())
     for name in names:  # the trained update itself is what was saved
         assert torch.equal(lora.lora_layers(dense)[name].lora_B.weight, lora.lora_layers(trained)[name].lora_B.weight)
+
+
+def test_evaluate_compares_the_quantized_model(tiny_run, tmp_path):
+    import evaluate
+    model, data = tiny_run
+    results = evaluate.main(["--model", model, "--data", data, "--out", str(tmp_path), "--split", "test",
+                             "--max-samples", "4", "--max-new-tokens", "6", "--compare", "int8"])
+    assert [n.split(": ")[0] for n in results] == ["A", "B"] and list(results)[1].endswith("(int8)")
+    rows = [json.loads(l) for l in open(tmp_path / "predictions.jsonl")]
+    assert len(rows) == 8
