@@ -181,8 +181,8 @@ class NF4Linear(nn.Module):
         """The dense (out, in) weight this layer computes with (a new tensor): level * absmax in float32,
         rounded once to `dtype` (default: the dtype the model was loaded in)."""
         pairs = NF4_PAIRS_AS_ONE.to(self.qweight.device).index_select(0, self.qweight.int())  # (numel/2,)
-        levels = pairs.view(torch.float32).view(-1, NF4_BLOCK)  # (blocks, 64)
-        w = (levels * self.block_absmax()[:, None]).view(-1)[:self.in_features * self.out_features]
+        levels = pairs.view(torch.float32).view(-1, NF4_BLOCK)  # (blocks, 64), a new tensor: scaled in place
+        w = levels.mul_(self.block_absmax()[:, None]).view(-1)[:self.in_features * self.out_features]
         return w.view(self.out_features, self.in_features).to(dtype or self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
