@@ -91,9 +91,9 @@ def test_image_reliance_against_transformers(pg1_dir):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian: chromium) not installed")
 def test_report_renders_in_chromium(probed, pg1_tok_dir, tmp_path):
-    """Screenshots of the page over the blue image: as it opens (token 0, layers and heads averaged) the
-    overlay covers the image and only the image; at the layer and head whose attention over the patches
-    varies most, the colour follows the recorded attention (yellower, i.e. more green, at its peak)."""
+    """Screenshots of the page over the blue image (red channel 0): as it opens (token 0, layers and heads
+    averaged) and at one layer and head, the overlay's red follows the recorded attention patch by patch,
+    clear at the least attended patch, and nothing is drawn outside the image."""
     out, images = probed
     model, processor = PaliGemma.from_pretrained(pg1_tok_dir), Processor.from_pretrained(pg1_tok_dir)
     inputs = processor([images[0]], "caption en")
@@ -114,12 +114,14 @@ def test_report_renders_in_chromium(probed, pg1_tok_dir, tmp_path):
         return pixels, pixels[rows][:, cols]  # whole page, patch centres (side, side, 3)
 
     pixels, centres = screenshot("")
-    assert (centres[..., 0] > 60).all()  # red over every patch (the image's red channel is 0)
+    first = heat.mean((0, 1))
+    hi, lo = np.unravel_index(int(first.argmax()), first.shape), np.unravel_index(int(first.argmin()), first.shape)
+    assert centres[hi][0] > 150 and centres[lo][0] < 30  # red where it looks most; the image (red 0) where least
     assert tuple(pixels[VIEW["top"] + VIEW["size"] + 20, VIEW["left"] + 10]) == (255, 255, 255)  # not below it
-    spread = (heat.amax((-2, -1)) - heat.amin((-2, -1))) / heat.amax((-2, -1))  # (L, H)
-    layer, head = np.unravel_index(int(spread.argmax()), spread.shape)
-    assert spread[layer, head] > 0.05  # enough for colours to tell the patches apart
+    layer, head = 1, 2
     _, centres = screenshot(f"#token=0&layer={layer}&head={head}")
     grid = heat[layer, head]
-    hi, lo = np.unravel_index(int(grid.argmax()), grid.shape), np.unravel_index(int(grid.argmin()), grid.shape)
-    assert centres[hi][1] > centres[lo][1] + 20
+    order = grid.flatten().argsort()
+    redness = torch.tensor(centres[..., 0].reshape(-1)[order.numpy()])  # red channel, by recorded attention
+    assert redness[-1] > 150 and redness[0] < 30
+    assert (redness.diff() >= -2).all()  # more attention, more red (up to the colour rounding)

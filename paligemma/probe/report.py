@@ -108,7 +108,7 @@ th { color: #555; font-weight: normal; } h2 { font-size: 15px; margin: 12px 0 4p
 <div id="view"><img src="data:image/png;base64,$IMAGE" alt="input image"><canvas id="heat"></canvas></div>
 <div id="side">
 <div id="tokens"></div>
-<p>layer <select id="layer"></select> head <select id="head"></select> <span id="share"></span></p>
+<p>layer <select id="layer"></select> head <select id="head"></select><br><span id="share"></span></p>
 <h2>Top-5 next tokens</h2><table id="top5"></table>
 <h2>Image reliance</h2><p id="reltext"></p><svg id="rel" height="120"></svg>
 <h2>Logit lens (each layer's residual through the final norm and the tied head)</h2><table id="lens"></table>
@@ -130,14 +130,15 @@ function draw() {
   const g = grid(token, $("layer").value, $("head").value), c = $("heat");
   c.width = c.height = D.grid;
   const ctx = c.getContext("2d"), img = ctx.createImageData(D.grid, D.grid);
-  let top = 0; for (const v of g) top = Math.max(top, v);
-  let sum = 0; for (const v of g) sum += v;
-  for (let j = 0; j < N; j++) {  // hot colour map: transparent -> red -> yellow, scaled to this grid's max
-    const v = top > 0 ? g[j] / top : 0;
-    img.data.set([255, Math.round(255 * Math.max(0, 2 * v - 1)), 0, Math.round(200 * v)], 4 * j);
+  let top = 0, low = Infinity, sum = 0;
+  for (const v of g) { top = Math.max(top, v); low = Math.min(low, v); sum += v; }
+  for (let j = 0; j < N; j++) {  // hot colour map from this view's dimmest patch (clear) to its brightest (yellow)
+    const v = top > low ? (g[j] - low) / (top - low) : 0;
+    img.data.set([255, Math.round(255 * Math.max(0, 2 * v - 1)), 0, Math.round(190 * v)], 4 * j);
   }
   ctx.putImageData(img, 0, 0);
-  $("share").textContent = `attention on the image: ${(100 * sum).toFixed(1)}% (brightest patch ${(100 * top).toFixed(2)}%)`;
+  $("share").textContent = `attention on the image ${(100 * sum).toFixed(1)}%; colours span patches ` +
+    `from ${(100 * low).toFixed(2)}% (clear) to ${(100 * top).toFixed(2)}% (yellow)`;
   document.querySelectorAll(".tok").forEach((b, i) => b.classList.toggle("on", i === token));
   history.replaceState(null, "", `#token=${token}&layer=${$("layer").value}&head=${$("head").value}`);  // a link to this view
   $("top5").innerHTML = "<tr><th>token</th><th>probability</th></tr>" + D.top5[token].map(([p, q]) =>
