@@ -68,8 +68,8 @@ class GemmaAttention(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
-        v = self.hook_v(self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2))
-        q, k = self.hook_q(apply_rope(q, cos, sin)), self.hook_k(apply_rope(k, cos, sin))
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k, v = self.hook_q(apply_rope(q, cos, sin)), self.hook_k(apply_rope(k, cos, sin)), self.hook_v(v)
         if cache is not None:
             k, v = cache.update(self.layer, slots, k, v)  # (B, K, S, hd)
         y = attention(q, k, v, mask, self.scale, self.softcap, self.hook_pattern)  # (B, H, T, hd)

@@ -96,3 +96,25 @@ def test_stage_table_matches_both_models(pg1_tok_dir):
     for stage, o, t in verify.stages(ours.config):
         assert o in mine, stage
         assert t is None or t in hf, stage
+
+
+def test_verify_with_adapter(capsys, pg1_tok_dir, tmp_path):
+    """A LoRA adapter (non-zero B, so it changes the model) applied on both sides: ours via lora.load,
+    transformers' via PEFT."""
+    import torch
+
+    import lora
+    from paligemma import PaliGemma
+    model = PaliGemma.from_pretrained(pg1_tok_dir)
+    lora.inject(model, "all", r=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.05)
+    lora.save(model, tmp_path / "adapter", str(pg1_tok_dir))
+    code, out = run(capsys, pg1_tok_dir, "--adapter", tmp_path / "adapter")
+    assert code == 0, out
+    from tests.helpers import batch
+    inputs = batch(16)
+    with torch.no_grad():  # the adapter matters: a side without it would not pass
+        assert not torch.allclose(model(**inputs), PaliGemma.from_pretrained(pg1_tok_dir)(**inputs), atol=1e-3)
