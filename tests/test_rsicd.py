@@ -79,7 +79,7 @@ def test_true_images_beat_image_blind(tmp_path):
     with both runs and captioning, OMP_NUM_THREADS=1, load average 11-34 on the 2 cores (per
     run: ~135 s training at 2.2-2.6 steps/s, ~40 s for the gap, the rest captioning and setup)."""
     import train
-    from paligemma.data import load_examples
+    from paligemma.captioning.data import load_examples
     from paligemma.processor import Processor
     val, _ = load_examples(RSICD, "val")
     gap, scores = {}, {}
