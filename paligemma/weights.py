@@ -88,7 +88,7 @@ def read_header(path: Path) -> dict:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if head.startswith(b"version h"):  # "version https://git-lfs.github.com/spec/v1"
+        if head == b"version " and f.read(16) == b"https://git-lfs.":  # "version https://git-lfs.github.com/spec/v1"
             raise CheckpointError(f"{path}: a Git LFS pointer file, not the weights: run `git lfs pull` in its repository")
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
         if n is None or n > size - 8:

@@ -112,3 +112,31 @@ def test_folder_without_weights(pg1_dir, tmp_path):
         PaliGemma.from_pretrained(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         PaliGemma.from_pretrained(tmp_path / "does-not-exist")
+
+
+def test_truncated_file_is_named_not_read_past_its_end(pg1_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(pg1_dir, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor '.+' needs bytes \d+\.\.\d+ of \d+ .*truncated"):
+        PaliGemma.from_pretrained(bad)
+    (bad / "model.safetensors").write_bytes(data[:100])  # cut inside the header
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a safetensors file or truncated \(100 bytes"):
+        PaliGemma.from_pretrained(bad)
+
+
+def test_git_lfs_pointer_says_git_lfs_pull(pg1_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(pg1_dir, bad)
+    (bad / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n"
+                                           "oid sha256:" + "0" * 64 + "\nsize 5920000000\n")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: a Git LFS pointer file, not the weights: run `git lfs pull`"):
+        PaliGemma.from_pretrained(bad)
+
+
+def test_missing_path_that_looks_like_a_hub_id_says_both(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match=r"^checkpoints/run1: not a local folder; as a hub id: \w+"):
+        PaliGemma.from_pretrained("checkpoints/run1")
