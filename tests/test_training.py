@@ -233,7 +233,7 @@ def command(*args):
 @pytest.mark.parametrize("flag, value, expected", [
     ("--steps", "0", "expected an integer >= 1, got '0'"),
     ("--batch-size", "0", "expected an integer >= 1, got '0'"),
-    ("--lr", "-1e-3", "expected a number > 0, got '-1e-3'"),
+    ("--lr", "0", "expected a number > 0, got '0'"),
     ("--lora-dropout", "1", "expected a number in [0, 1), got '1'"),
     ("--warmup", "x", "expected an integer >= 0, got 'x'"),
 ])

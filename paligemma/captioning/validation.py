@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -57,12 +58,14 @@ class Validation:
         record = dict(val_loss=own, val_loss_shuffled_images=shuffled, image_gap=shuffled - own)
         preds = {}
         if self.captioned:
+            t0 = time.time()
             scores, _, preds = caption_and_score(model, self.processor, self.captioned, self.prompt, self.batch_size)
-            record.update({"val_CIDEr-D": scores["CIDEr-D"], "val_BLEU-4": scores["BLEU-4"]})
+            record.update({"val_CIDEr-D": scores["CIDEr-D"], "val_BLEU-4": scores["BLEU-4"],
+                           "val_caption_s": time.time() - t0})  # its cost, to weigh against training time
         if rank == 0:
             gap = record["image_gap"]
-            scored = (f"; {len(self.captioned)} captions: CIDEr-D {record['val_CIDEr-D']:.3f}, "
-                      f"BLEU-4 {record['val_BLEU-4']:.3f}") if preds else ""
+            scored = (f"; {len(self.captioned)} captions ({record['val_caption_s']:.1f} s): CIDEr-D "
+                      f"{record['val_CIDEr-D']:.3f}, BLEU-4 {record['val_BLEU-4']:.3f}") if preds else ""
             tqdm.write(f"step {step}: val loss {own:.3f}, with shuffled images {shuffled:.3f} (gap {gap:+.3f}"
                        f"{'  <- the decoder is NOT using the image' if gap < 0.02 else ''}){scored}")
             for e in self.captioned[:3]:
