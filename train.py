@@ -210,10 +210,10 @@ def main(argv=None):
         if generates and evaluates:
             with distributed.root_gathered(wrapped):
                 record.update(validation(model, amp, step + 1, rank))
-                if "val_CIDEr-D" in record and best.update(step + 1, record["val_CIDEr-D"]):
-                    state = distributed.full_state(wrapped)[0] if args.fsdp else None
-                    if rank == 0:
-                        save_best(out / "best", model, full, args.model, step + 1, record, state)
+            if "val_CIDEr-D" in record and best.update(step + 1, record["val_CIDEr-D"]):
+                state = distributed.full_state(wrapped)[0] if args.fsdp else None  # FSDP: every rank gathers
+                if rank == 0:
+                    save_best(out / "best", model, full, args.model, step + 1, record, state)
             record.update(best_step=best.step)
         if evaluates and args.early_stop:  # rank 0 decides (it alone validates under DDP)
             stop = distributed.global_sum(float(rank == 0 and best.stop), args.device) > 0
