@@ -157,7 +157,7 @@ def main(argv=None):
     if args.resume:
         step, extra = load_train_state(out / "checkpoint", model, optimizer, batches, rng,
                                        wrapped if args.fsdp else None, args=vars(args))
-        best.load(extra.get("best", best.state()))
+        best.load(extra.get("best", best.state()), out / "best" / "best.json")
         say(f"resumed at step {step}" + (f" (best so far: step {best.step}, val CIDEr-D {best.score:.3f})" if best.step else ""))
     if rank == 0:
         trim_log(log, step)  # a new run starts a new log; a resumed one drops what came after its checkpoint

@@ -96,8 +96,14 @@ class Best:
     def state(self) -> dict:
         return {"step": self.step, "score": self.score, "stale": self.stale}
 
-    def load(self, state: dict):
+    def load(self, state: dict, best_json: Path | None = None):
+        """The tracker as checkpointed. A run killed after its checkpoint may have written a better OUT/best
+        since (best.json): that one stays the best, so OUT/best and the tracker never disagree."""
         self.step, self.score, self.stale = state["step"], state["score"], state["stale"]
+        if best_json is not None and best_json.exists():
+            kept = json.loads(best_json.read_text())
+            if kept.get("val_CIDEr-D", -math.inf) > self.score:
+                self.step, self.score = kept["step"], kept["val_CIDEr-D"]
 
 
 def save_best(folder: Path, model, full: bool, base: str, step: int, record: dict, state: dict | None = None):
