@@ -37,9 +37,9 @@ def plot(log: str | Path, png: str | Path) -> Path | None:
     cider = [(r["step"], r["val_CIDEr-D"]) for r in records if "val_CIDEr-D" in r]
     if cider:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*cider), "^-", color="tab:green", label="val CIDEr-D (captions)")
+        ax2.plot(*zip(*cider), "^-", color="tab:purple", label="val CIDEr-D (captions)")
         best = max(cider, key=lambda c: c[1])  # the first of equals, as validation.Best keeps it
-        ax2.plot(*best, "*", color="tab:green", ms=14, label=f"best: step {best[0]}")
+        ax2.plot(*best, "*", color="tab:purple", ms=14, label=f"best: step {best[0]}")
         ax2.set_ylabel("CIDEr-D")
         handles = [a + b for a, b in zip(handles, ax2.get_legend_handles_labels())]
     ax.legend(*handles, fontsize=8)
