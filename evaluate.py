@@ -60,7 +60,7 @@ def parse_args(argv=None):
 
 def predict(model, processor, examples, args) -> list[str]:
     captions = caption(model, processor, [e.image for e in examples], args.prompt, args.batch_size, seed=args.seed,
-                       max_new_tokens=args.max_new_tokens, skipped=skipped.reasons, num_beams=args.num_beams, do_sample=args.do_sample,
+                       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
                        temperature=args.temperature, top_k=args.top_k or None,
                        top_p=args.top_p if args.top_p < 1 else None)
     return list(tqdm(captions, total=len(examples), desc="captioning", mininterval=5))
