@@ -165,6 +165,19 @@ def test_adapter_that_does_not_fit(pg1_dir, pg2_dir, tmp_path):
         lora.load(PaliGemma.from_pretrained(pg1_dir), tmp_path / "empty")
 
 
+@pytest.mark.parametrize("text, message", [("{\"r\": 4,", r"adapter_config.json: not valid JSON \(Expecting"),
+                                           ("[4, 8]", "adapter_config.json: expected a JSON object, got list"),
+                                           ('{"r": "4", "lora_alpha": 8}', r"adapter_config.json: r is '4', expected a positive integer"),
+                                           ('{"r": 4, "lora_alpha": null}', "adapter_config.json: lora_alpha is None, expected a number")])
+def test_malformed_adapter_config_is_named(pg1_dir, tmp_path, text, message):
+    ours = PaliGemma.from_pretrained(pg1_dir)
+    lora.inject(ours, "decoder", r=4)
+    lora.save(ours, tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(text)
+    with pytest.raises(lora.AdapterError, match=message):
+        lora.load(PaliGemma.from_pretrained(pg1_dir), tmp_path / "a")
+
+
 def test_export_merged_loads_everywhere(pg2_dir, tmp_path):
     ours = PaliGemma.from_pretrained(pg2_dir)
     lora.inject(ours, "all", r=4, alpha=8)

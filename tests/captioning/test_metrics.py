@@ -10,7 +10,7 @@ import pytest
 from paligemma.captioning import metrics
 from paligemma.captioning.wordnet import DEBIAN, LEXNAMES, lexnames_text
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsicd-subset" / "captions_only.csv"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "rsicd-subset" / "captions_only.csv"
 
 
 def caption_pairs(n=60, seed=0):
