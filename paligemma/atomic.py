@@ -39,6 +39,10 @@ def atomic_dir(path: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for f in tmp.rglob("*"):  # the files' bytes on disk before any name points at them
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old")
