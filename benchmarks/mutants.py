@@ -38,8 +38,8 @@ class Mutant:
 
 MUTANTS = [
     # --- training loop arithmetic (train.py) ---
-    Mutant("accum_first_micro_count", "train.py", "for b in micro_batches), args.device)",
-           "for b in micro_batches[:1]) * args.grad_accum, args.device)",
+    Mutant("accum_first_micro_count", "train.py", "for b in micro_batches)",
+           "for b in micro_batches[:1]) * args.grad_accum",
            (LOOP, "-k", "grad_accumulation"), slow=True),
     Mutant("lr_of_next_step", "train.py", "lr_at(step, lr, args.warmup, args.steps)",
            "lr_at(step + 1, lr, args.warmup, args.steps)", (LOOP, "-k", "logged_lr"), slow=True),
