@@ -34,6 +34,7 @@ class Mutant:
     tests: tuple  # pytest arguments
     slow: bool = False  # runs train.py end to end
     equivalent: str = ""  # why no test can notice
+    extra: tuple = ()  # a second (old, new) replacement in the same file, for a bug spanning two lines
 
 
 MUTANTS = [
@@ -74,6 +75,9 @@ MUTANTS = [
            ("tests/test_atomic_crash.py",)),
     Mutant("atomic_file_in_place", "paligemma/atomic.py", "with os.fdopen(fd, mode) as f:",
            "with os.fdopen(fd, mode) as _, open(path, mode) as f:", ("tests/test_atomic_crash.py",)),
+    Mutant("atomic_file_in_place_no_temp", "paligemma/atomic.py",  # written where it lands, the temp discarded
+           "with os.fdopen(fd, mode) as f:", "with os.fdopen(fd, mode) as _, open(path, mode) as f:",
+           ("tests/test_atomic_crash.py", "-k", "sigkill"), extra=("os.replace(tmp, path)", "os.unlink(tmp)")),
     Mutant("atomic_dir_temp_left", "paligemma/atomic.py", "        shutil.rmtree(tmp, ignore_errors=True)\n        raise",
            "        raise", ("tests/test_atomic_crash.py",)),
     Mutant("atomic_dir_no_fsync", "paligemma/atomic.py", "                os.fsync(fh.fileno())", "                pass",
@@ -157,7 +161,12 @@ def run(m: Mutant, scratch: Path, timeout: int) -> tuple[str, float]:
     original = path.read_text()
     if original.count(m.old) != 1:
         raise SystemExit(f"mutant {m.name}: {m.file} holds {original.count(m.old)} copies of {m.old!r} (expected 1): stale")
-    path.write_text(original.replace(m.old, m.new))
+    mutated = original.replace(m.old, m.new)
+    if m.extra:
+        if mutated.count(m.extra[0]) != 1:
+            raise SystemExit(f"mutant {m.name}: {m.extra[0]!r} not found once in {m.file}: stale")
+        mutated = mutated.replace(*m.extra)
+    path.write_text(mutated)
     t0 = time.time()
     try:
         p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],

@@ -132,6 +132,7 @@ def test_folder_files_synced_before_it_is_renamed(tmp_path, monkeypatch):
 
 WRITER = """
 import sys
+import time
 from pathlib import Path
 from paligemma.atomic import atomic_dir, atomic_file
 target, kind, size = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
@@ -139,14 +140,18 @@ for gen in range(1, 10**6):
     b = bytes([gen % 251]) * size
     if kind == "file":
         with atomic_file(target, "wb") as f:
-            for i in range(0, size, 65536):  # many small writes: a kill lands mid-file
+            for i in range(0, size, 65536):  # a slow writer (torch.save of a big state): kills land mid-file
                 f.write(b[i:i + 65536])
+                f.flush()
+                time.sleep(0.003)
     else:
         with atomic_dir(target) as tmp:
             for name in ("a.bin", "b.bin", "c.bin"):
                 with open(tmp / name, "wb") as f:
                     for i in range(0, size, 65536):
                         f.write(b[i:i + 65536])
+                        f.flush()
+                        time.sleep(0.003)
     print(gen, flush=True)
 """
 
@@ -160,7 +165,7 @@ def whole(path: Path, size: int) -> bool:
 def test_sigkill_mid_save_leaves_a_whole_file_or_folder(tmp_path, kind):
     """A child rewrites the target over and over; it is SIGKILLed at spread-out moments. After each
     kill the target is absent (no save completed yet) or whole: every byte from one generation."""
-    size, target = 1 << 21, tmp_path / ("out.bin" if kind == "file" else "checkpoint")
+    size, target = 1 << 20, tmp_path / ("out.bin" if kind == "file" else "checkpoint")
     seen_whole = 0
     for delay in (0.05, 0.13, 0.29, 0.47, 0.71):
         child = subprocess.Popen([sys.executable, "-c", WRITER, str(target), kind, str(size)], cwd=ROOT,
