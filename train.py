@@ -181,15 +181,17 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr, args.warmup, args.steps)
         loss_sum = 0.0
-        for micro in range(args.grad_accum):
-            batch = collate(processor, batches.next(), args.prompt, rng, args.first_caption_only, args.max_length,
-                            rank, world)
+        micro_batches = [collate(processor, batches.next(), args.prompt, rng, args.first_caption_only,
+                                 args.max_length, rank, world) for _ in range(args.grad_accum)]
+        # the step's loss is a sum over its label tokens / their count over every micro-batch and rank, so
+        # that k micro-batches of b give the step one batch of k x b would (micro-batches differ in length)
+        n_labels = distributed.global_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches),
+                                          args.device)
+        for micro, batch in enumerate(micro_batches):
             batch = {k: v.to(args.device) for k, v in batch.items()}
-            # sum over this rank's label tokens / the global count (x world: DDP averages over ranks)
-            n_labels = distributed.global_sum(int((batch["labels"][:, 1:] != IGNORE).sum()), args.device)
             sync = micro == args.grad_accum - 1 or world == 1
             with (contextlib.nullcontext() if sync or args.fsdp else wrapped.no_sync()), torch.autocast(**amp):
-                loss = wrapped(**batch) * world / (n_labels * args.grad_accum)
+                loss = wrapped(**batch) * world / n_labels  # x world: DDP averages gradients over ranks
             loss.backward()
             loss_sum += loss.item() / world
             tokens += int(batch["attention_mask"].sum()) * world
