@@ -3,7 +3,6 @@ tables, SigLIP's LayerNorm) checked on bf16 inputs against the float32 computati
 written out by hand here; and positions supplied by a caller followed by cached decoding."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from paligemma.attention import attention
 from paligemma.gemma import GemmaRMSNorm, apply_rope, rope
