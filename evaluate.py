@@ -9,6 +9,7 @@ non-empty OUT needs --overwrite. Metrics follow the COCO caption toolkit's conve
 """
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ from tqdm import tqdm
 
 from paligemma.atomic import atomic_file
 from paligemma.caption import caption, one_line
-from paligemma.cli import DTYPES, load_for_inference
-from paligemma.captioning.data import DataError, load_examples
+from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, load_for_inference, number, run
+from paligemma.captioning.data import DataError, load_examples, read_text
 from paligemma.captioning.metrics import health, score_all
 
 
@@ -30,24 +31,27 @@ def parse_args(argv=None):
                    "(the first row's model quantized)")
     p.add_argument("--predictions", help="score this JSONL/CSV of image + prediction instead of running a model")
     p.add_argument("--data", required=True, help="captions CSV/JSONL or folder")
-    p.add_argument("--split", default="test", help="split to evaluate")
+    p.add_argument("--split", default="test", help="split to evaluate ('all': every row, for a file without splits)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count, in metrics.json) rows whose image "
+                   "is missing or unreadable instead of stopping")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder's files")
     p.add_argument("--prompt", default="caption en", help="task prefix")
     p.add_argument("--references", choices=["all", "first"], default="all",
                    help="score against all references, or only caption_1 (the study's protocol)")
-    p.add_argument("--max-samples", type=int, help="evaluate the first N images of the split (deterministic)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest caption")
-    p.add_argument("--num-beams", type=int, default=1, help="beam width (1 = greedy)")
+    p.add_argument("--max-samples", type=POSITIVE, help="evaluate the first N images of the split (deterministic)")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="images per batch")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=32, help="longest caption")
+    p.add_argument("--num-beams", type=POSITIVE, default=1, help="beam width (1 = greedy)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass")
+    p.add_argument("--temperature", type=POSITIVE_FLOAT, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="sampling: keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0, help="sampling: nucleus mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--quantize", choices=["int8", "nf4"], help="quantize --model's linear weights (quantize.py)")
+    add_debug(p)
     args = p.parse_args(argv)
     if not (args.model or args.predictions):
         p.error("give --model (to caption the split) or --predictions (to score existing captions)")
@@ -69,16 +73,28 @@ def read_predictions(path, examples) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: predictions file not found")
+    text = read_text(path)
     if path.suffix == ".jsonl":
-        rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((i, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: not JSON: {e}") from None
     else:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    for i, r in enumerate(rows, 1):
-        if "image" not in r or "prediction" not in r:
-            raise DataError(f"{path}: row {i} lacks an 'image' or 'prediction' field (has {sorted(r)})")
-    # match on the file name: predictions made on another machine carry other folders
-    preds = {Path(r["image"]).name: r["prediction"] or "" for r in rows}
+        rows = list(enumerate(csv.DictReader(io.StringIO(text, newline="")), 2))
+    preds, lines = {}, {}
+    for i, r in rows:
+        if not isinstance(r, dict) or "image" not in r or "prediction" not in r:
+            raise DataError(f"{path}:{i}: expected an 'image' and a 'prediction' field, got "
+                            f"{sorted(r) if isinstance(r, dict) else type(r).__name__}")
+        if not isinstance(r["prediction"], (str, type(None))):
+            raise DataError(f"{path}:{i}: 'prediction' is {type(r['prediction']).__name__}, expected a string")
+        name = Path(str(r["image"])).name  # match on the file name: predictions made elsewhere carry other folders
+        if name in preds:
+            raise DataError(f"{path}:{i}: a second prediction for {name} (the first is on line {lines[name]})")
+        preds[name], lines[name] = r["prediction"] or "", i
     want = {e.image.name for e in examples}
     extra, missing = sorted(set(preds) - want), sorted(want - set(preds))
     if extra or missing:
@@ -144,7 +160,10 @@ def main(argv=None):
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace its files")
-    examples, _ = load_examples(args.data, args.split)
+    split = None if args.split == "all" else args.split
+    examples, skipped = load_examples(args.data, split, skip_bad=args.skip_bad)
+    if skipped:
+        print(skipped.report(), file=sys.stderr)
     if args.max_samples:
         examples = examples[:args.max_samples]
     results, rows = {}, {}
@@ -159,7 +178,7 @@ def main(argv=None):
             del model
     protocol = dict(data=str(args.data), split=args.split, images=len(examples), references=args.references,
                     prompt=args.prompt, num_beams=args.num_beams, do_sample=args.do_sample,
-                    max_new_tokens=args.max_new_tokens,
+                    max_new_tokens=args.max_new_tokens, skipped=skipped.reasons,
                     tokenisation="lower-case, punctuation dropped (approximates pycocoevalcap's PTB tokenizer)",
                     meteor="nltk meteor_score (WordNet 3.0), not the Java Meteor 1.5")
     out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +195,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, FileExistsError, ValueError, OSError) as e:
-        sys.exit(f"evaluate.py: {e}")
+    run(main, "evaluate.py")

@@ -5,6 +5,9 @@
     python train.py --model google/paligemma-3b-pt-224 --data RISC/captions.csv --lora all
     python train.py --model ... --data ... --quantize nf4 --dtype bfloat16   # QLoRA
     torchrun --nproc_per_node 4 train.py ...          # data-parallel, same global batch
+
+OUT holds checkpoint/ (the last save, for --resume), best/ (the adapter or model with the best
+validation CIDEr-D, and best.json), adapter/ or final/ (the last step's), metrics.jsonl and loss.png.
 """
 import argparse
 import contextlib
@@ -19,11 +22,14 @@ from tqdm import tqdm
 
 import lora
 from paligemma import PaliGemma
-from paligemma.captioning import distributed
+from paligemma.captioning import distributed, wordnet
 from paligemma.captioning.data import load_examples
+from paligemma.captioning.training import (Batches, append_jsonl, blind, check_run_folder, collate, export,
+                                           first_loss_check, load_train_state, lr_at, make_trainable,
+                                           save_train_state, trim_log, wandb_run)
+from paligemma.captioning.validation import Best, Validation, caption_and_score, save_best
+from paligemma.cli import NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, run
 from paligemma.processor import IGNORE, Processor
-from paligemma.captioning.training import (Batches, append_jsonl, blind, collate, first_loss_check, image_reliance,
-                                load_train_state, lr_at, save_train_state, wandb_run)
 
 
 def parse_args(argv=None):
@@ -35,27 +41,32 @@ def parse_args(argv=None):
     p.add_argument("--first-caption-only", action="store_true", help="always train on caption_1 (the study's setup)")
     p.add_argument("--finetune", choices=["lora", "full"], default=None, help="default: full for the demo, else lora")
     p.add_argument("--lora", default="all", help="LoRA targets: decoder, vision, projector, all, or a regex")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--lora-r", type=POSITIVE, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=POSITIVE_FLOAT, default=16, help="LoRA alpha")
+    p.add_argument("--lora-dropout", type=number(float, 0, 1, high_open=True), default=0.0, help="dropout on the LoRA input")
     p.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
     p.add_argument("--train-modules", nargs="*", default=[], help="whole modules to train too, e.g. multi_modal_projector")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=16, help="global micro-batch, split over torchrun processes")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3 demo, 2e-4 otherwise)")
-    p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-    p.add_argument("--max-length", type=int, default=None, help="truncate suffixes to fit this many tokens")
+    p.add_argument("--steps", type=POSITIVE, default=600, help="optimizer steps")
+    p.add_argument("--batch-size", type=POSITIVE, default=16, help="global micro-batch, split over torchrun processes")
+    p.add_argument("--grad-accum", type=POSITIVE, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="peak learning rate (default 2e-3 demo, 2e-4 otherwise)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=30, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.0, help="AdamW weight decay")
+    p.add_argument("--clip", type=POSITIVE_FLOAT, default=1.0, help="gradient-norm clip")
+    p.add_argument("--max-length", type=POSITIVE, default=None, help="truncate suffixes to fit this many tokens")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="storage dtype of frozen weights")
     p.add_argument("--quantize", choices=["int8", "nf4"], help="QLoRA: LoRA over a frozen int8 or 4-bit NF4 base "
                    "(the adapter still loads on the unquantized model)")
     p.add_argument("--amp", choices=["bf16", "none"], default="bf16", help="autocast compute dtype (none: float32)")
-    p.add_argument("--eval-every", type=int, default=100, help="validation loss, samples and image reliance")
-    p.add_argument("--eval-samples", type=int, default=100, help="test images captioned at the end")
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint interval")
+    p.add_argument("--eval-every", type=POSITIVE, default=100, help="validation: loss, image reliance, and "
+                   "--val-captions captions scored (CIDEr-D picks OUT/best)")
+    p.add_argument("--val-captions", type=NON_NEGATIVE, default=32, help="validation images captioned at each "
+                   "evaluation (0: no captions, no OUT/best)")
+    p.add_argument("--early-stop", type=POSITIVE, metavar="N", help="stop after N evaluations without a better "
+                   "validation CIDEr-D")
+    p.add_argument("--eval-samples", type=POSITIVE, default=100, help="test images captioned at the end")
+    p.add_argument("--save-every", type=POSITIVE, default=200, help="checkpoint interval")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--overfit-batch", action="store_true", help="train on one batch (caption_1) to prove the pipeline learns")
     p.add_argument("--blind", action="store_true", help="control run: train on images shuffled across the set")
@@ -64,7 +75,11 @@ def parse_args(argv=None):
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad examples instead of stopping")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and caption sampling")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    return p.parse_args(argv)
+    add_debug(p)
+    args = p.parse_args(argv)
+    if args.early_stop and not args.val_captions:
+        p.error("--early-stop needs validation captions: --val-captions above 0")
+    return args
 
 
 def prepare_from_scratch(out: Path, data: str | None, skip_bad: bool = False) -> tuple[str, str]:
@@ -82,36 +97,12 @@ def prepare_from_scratch(out: Path, data: str | None, skip_bad: bool = False) ->
     return str(model), str(data)
 
 
-def evaluate_captions(model, processor, examples, prompt, batch_size=32):
-    from paligemma.caption import caption
-    from paligemma.captioning.metrics import health, score_all
-    from paligemma.captioning import wordnet
-    model.eval()
-    texts = caption(model, processor, [e.image for e in examples], prompt, batch_size, max_new_tokens=24)
-    preds = {str(e.image): c for e, c in zip(examples, texts)}
-    refs = {str(e.image): e.captions for e in examples}
-    scores = score_all(preds, refs, with_meteor=wordnet.available())  # the demo runs without WordNet too
-    return scores, health(preds, refs), preds
-
-
-def export(model, full: bool, base: str, out: Path, state: dict | None = None):
-    """The result a user keeps: OUT/final (a hub-layout checkpoint + tokenizer) or OUT/adapter (PEFT).
-    `state`: the whole state gathered from FSDP shards."""
-    import shutil
-    from paligemma.weights import resolve
-    if full:
-        model.save_pretrained(out / "final", state_dict=state)
-        shutil.copyfile(resolve(base) / "tokenizer.model", out / "final" / "tokenizer.model")
-    else:
-        lora.save(model, out / "adapter", base_model_name_or_path=base)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, args.device = distributed.setup(args.device)
+def setup(args, rank: int, world: int) -> tuple[Path, bool, bool]:
+    """Checks the run folder, builds the demo's data and model when asked; returns (out, full, from_scratch)."""
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        check_run_folder(out, args.resume)
     from_scratch = args.model is None
     if from_scratch:
         if rank == 0:
@@ -120,20 +111,17 @@ def main(argv=None):
         args.model, args.data = prepare_from_scratch(out, args.data, args.skip_bad)
     elif args.data is None:
         raise SystemExit("--data is needed with --model (a captions CSV/JSONL or its folder)")
+    distributed.barrier()  # the other ranks read OUT/checkpoint only after rank 0 has recovered it
     full = (args.finetune or ("full" if from_scratch and not args.quantize else "lora")) == "full"
     if full and args.quantize:
         raise SystemExit(f"--quantize {args.quantize} trains LoRA over frozen quantized weights; full fine-tuning would "
                          "update the int8 / 4-bit weights themselves: use --finetune lora, or drop --quantize")
     if args.fsdp and not (full and world > 1):
         raise SystemExit("--fsdp shards full fine-tuning over processes: use --finetune full under torchrun")
-    lr = args.lr or (2e-3 if from_scratch else 2e-4)
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    return out, full, from_scratch
 
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    model = PaliGemma.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize)
-    processor = Processor.from_pretrained(args.model)
+
+def load_splits(args, say):
     train, skipped = load_examples(args.data, "train", skip_bad=args.skip_bad)
     val, _ = load_examples(args.data, "val", skip_bad=args.skip_bad)
     test, _ = load_examples(args.data, "test", skip_bad=args.skip_bad)
@@ -145,18 +133,23 @@ def main(argv=None):
         train = test = train[:args.batch_size]
         args.first_caption_only = True
         say(f"overfitting one batch of {len(train)} examples (caption_1): the loss should go to ~0")
+    return train, val, test, skipped
 
-    if full:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.float()  # full fine-tuning keeps float32 master weights; autocast computes in bf16
-    else:
-        lora.inject(model, args.lora, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                    rslora=args.rslora)
-        lora.train_modules(model, args.train_modules)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, args.device = distributed.setup(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    out, full, from_scratch = setup(args, rank, world)
+    lr = args.lr or (2e-3 if from_scratch else 2e-4)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = PaliGemma.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize)
+    processor = Processor.from_pretrained(args.model)
+    train, val, test, skipped = load_splits(args, say)
+    make_trainable(model, full, args)
     say(lora.summary(model))
     model.set_gradient_checkpointing(args.checkpointing)
     # DDP all-reduces gradients in its backward; FSDP2 shards parameters, gradients and optimizer state
@@ -165,46 +158,53 @@ def main(argv=None):
     generates = rank == 0 or args.fsdp  # a sharded model generates only with every rank taking part
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.98),
                                   fused=args.device.startswith("cuda"))
-    batches = Batches(train, args.batch_size, args.seed)
-    step = 0
-    if args.resume and (out / "checkpoint" / "state.pt").exists():
-        step = load_train_state(out / "checkpoint", model, optimizer, batches, rng, wrapped if args.fsdp else None)
-        say(f"resumed at step {step}")
-    val = val[::max(1, len(val) // args.batch_size)][:args.batch_size]  # spread over the split, not its first rows
-    val_batch = collate(processor, val, args.prompt, random.Random(0), True, args.max_length)
-    val_prompts = processor([e.image for e in val[:3]], args.prompt)  # no suffix: what generation sees
-    amp = dict(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    batches, best, step = Batches(train, args.batch_size, args.seed), Best(args.early_stop), 0
     log = out / "metrics.jsonl"
+    if args.resume:
+        step, extra = load_train_state(out / "checkpoint", model, optimizer, batches, rng,
+                                       wrapped if args.fsdp else None, args=vars(args))
+        best.load(extra.get("best", best.state()), out / "best" / "best.json")
+        say(f"resumed at step {step}" + (f" (best so far: step {best.step}, val CIDEr-D {best.score:.3f})" if best.step else ""))
+    if rank == 0:
+        trim_log(log, step)  # a new run starts a new log; a resumed one drops what came after its checkpoint
+    validation = Validation(processor, val, args.prompt, args.batch_size, args.val_captions, args.max_length)
+    amp = dict(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    meteor = wordnet.available()  # the demo runs without WordNet too: METEOR is then left out
+
+    def score_test(m):
+        return caption_and_score(m, processor, test[:args.eval_samples], args.prompt, with_meteor=meteor)
     wb = wandb_run(args.wandb, vars(args), rank)
 
     if step == 0 and generates:
         with distributed.root_gathered(wrapped):
-            before, _, _ = evaluate_captions(model, processor, test[:args.eval_samples], args.prompt)
+            before = score_test(model)[0]
         if rank == 0:
             append_jsonl(log, {"step": 0, "test_before": before})
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", mininterval=5, disable=rank > 0)
-    t0, tokens, first_loss = time.time(), 0, None
+    t0, tokens, losses, done = time.time(), 0, [], step
     for step in bar:
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr, args.warmup, args.steps)
         loss_sum = 0.0
-        for micro in range(args.grad_accum):
-            batch = collate(processor, batches.next(), args.prompt, rng, args.first_caption_only, args.max_length,
-                            rank, world)
+        micro_batches = [collate(processor, batches.next(), args.prompt, rng, args.first_caption_only,
+                                 args.max_length, rank, world) for _ in range(args.grad_accum)]
+        # the step's loss is a sum over its label tokens / their count over every micro-batch and rank, so
+        # that k micro-batches of b give the step one batch of k x b would (micro-batches differ in length)
+        n_labels = distributed.global_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches),
+                                          args.device)
+        for micro, batch in enumerate(micro_batches):
             batch = {k: v.to(args.device) for k, v in batch.items()}
-            # sum over this rank's label tokens / the global count (x world: DDP averages over ranks)
-            n_labels = distributed.global_sum(int((batch["labels"][:, 1:] != IGNORE).sum()), args.device)
             sync = micro == args.grad_accum - 1 or world == 1
             with (contextlib.nullcontext() if sync or args.fsdp else wrapped.no_sync()), torch.autocast(**amp):
-                loss = wrapped(**batch) * world / (n_labels * args.grad_accum)
+                loss = wrapped(**batch) * world / n_labels  # x world: DDP averages gradients over ranks
             loss.backward()
             loss_sum += loss.item() / world
             tokens += int(batch["attention_mask"].sum()) * world
         loss_sum = distributed.global_sum(loss_sum, args.device)
         if step == 0:
             say(first_loss_check(loss_sum, model.config.text.vocab_size, pretrained=not from_scratch))
-        first_loss = loss_sum if first_loss is None else first_loss
+        losses.append(loss_sum)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
@@ -212,66 +212,75 @@ def main(argv=None):
                                      f"(loss {loss_sum}, grad norm {grad_norm.item()}); last good checkpoint: {out / 'checkpoint'}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
-                        tok_s=f"{tokens / (time.time() - t0):.0f}", refresh=False)
+        done = step + 1
         record = {"step": step + 1, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()}
-        if generates and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+        evaluates, stop = (step + 1) % args.eval_every == 0 or step + 1 == args.steps, False
+        if generates and evaluates:
             with distributed.root_gathered(wrapped):
-                record.update(validate(model, processor, val_batch, val_prompts, val, amp, step + 1, rank))
+                record.update(validation(model, amp, step + 1, rank))
+            if "val_CIDEr-D" in record and best.update(step + 1, record["val_CIDEr-D"]):
+                state = distributed.full_state(wrapped)[0] if args.fsdp else None  # FSDP: every rank gathers
+                if rank == 0:
+                    save_best(out / "best", model, full, args.model, step + 1, record, state)
+            record.update(best_step=best.step)
+        if evaluates and args.early_stop:  # rank 0 decides (it alone validates under DDP)
+            stop = distributed.global_sum(float(rank == 0 and best.stop), args.device) > 0
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{record['lr']:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}",
+                        cider=f"{best.score:.3f}@{best.step}" if best.step else "-", refresh=False)
         if rank == 0:
             append_jsonl(log, record)
             if wb:
                 wb.log(record, step=step + 1)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
             states = distributed.full_state(wrapped, optimizer) if args.fsdp else None
             if rank == 0:
-                save_train_state(out / "checkpoint", model, optimizer, step + 1, batches, rng, full, vars(args), states)
+                save_train_state(out / "checkpoint", model, optimizer, step + 1, batches, rng, full, vars(args), states,
+                                 extra={"best": best.state()})
             distributed.barrier()
+        if stop:
+            say(f"early stop at step {step + 1}: {best.stale} evaluations without a better val CIDEr-D "
+                f"(best: step {best.step}, {best.score:.3f})")
+            break
 
     final_state = distributed.full_state(wrapped)[0] if args.fsdp else None
     if rank == 0:
-        export(model, full, args.model, out, final_state)
+        export(model, full, args.model, out / ("final" if full else "adapter"), final_state)
     if generates:
         with distributed.root_gathered(wrapped):
-            after, out_health, preds = evaluate_captions(model, processor, test[:args.eval_samples], args.prompt)
+            after = score_test(model)
     if rank == 0:
-        report(after, out_health, preds, test, args, out, log, skipped, first_loss, loss_sum)
+        report(after, done, best, full, score_test, test, args, out, log, skipped, losses)
     if wb:
         wb.finish()
     distributed.cleanup()
     return model
 
 
-def validate(model, processor, val_batch, val_prompts, val, amp, step: int, rank: int = 0) -> dict:
-    """Validation loss with own vs shuffled images, and a few decoded captions next to their references."""
-    model.eval()
-    device = model.device
-    with torch.autocast(**amp):
-        own, shuffled = image_reliance(model, {k: v.to(device) for k, v in val_batch.items()})
-    samples = model.generate(**{k: v.to(device) for k, v in val_prompts.items()}, max_new_tokens=24)
-    gap = shuffled - own
-    if rank:
-        return {}
-    tqdm.write(f"step {step}: val loss {own:.3f}, with shuffled images {shuffled:.3f} (gap {gap:+.3f}"
-               f"{'  <- the decoder is NOT using the image' if gap < 0.02 else ''})")
-    for e, text in zip(val[:3], processor.batch_decode(samples)):
-        tqdm.write(f"  {e.image.name}: {text!r}  | ref: {e.captions[0]!r}")
-    return dict(val_loss=own, val_loss_shuffled_images=shuffled, image_gap=gap)
-
-
-def report(after, out_health, preds, test, args, out, log, skipped, first_loss, last_loss):
-    """Test metrics before/after, output health, the overfit verdict, the curves."""
+def report(after, last: int, best, full: bool, score_test, test, args, out, log, skipped, losses):
+    """Test metrics before, at the last step and at the best step; output health; the overfit verdict; curves."""
     from paligemma.captioning import curves
-    append_jsonl(log, {"step": args.steps, "test_after": after, "health": out_health})
-    before = next((json.loads(l)["test_before"] for l in open(log) if "test_before" in l), {})
-    print("\n| metric | before | after |\n|---|---:|---:|")
-    for k, v in after.items():
-        print(f"| {k} | {before.get(k, float('nan')):.4f} | {v:.4f} |")
+    scores, out_health, preds = after
+    columns = {"before": next((json.loads(l)["test_before"] for l in open(log) if "test_before" in l), {}),
+               f"last (step {last})": scores}
+    if best.step and best.step != last:  # OUT/best as a user loads it
+        from paligemma.cli import load_for_inference
+        base, adapter = (out / "best", None) if full else (args.model, out / "best")
+        best_model, _ = load_for_inference(str(base), adapter and str(adapter), args.dtype, args.device,
+                                          args.quantize)
+        columns[f"best (step {best.step})"] = score_test(best_model)[0]
+        del best_model
+    append_jsonl(log, {"step": last, "test_after": scores, "health": out_health, "best_step": best.step,
+                       "test_best": list(columns.values())[-1]})
+    print("\n| metric | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
+    for k in scores:
+        print(f"| {k} | " + " | ".join(f"{c.get(k, float('nan')):.4f}" for c in columns.values()) + " |")
+    if best.step:
+        print(f"best: step {best.step} (val CIDEr-D {best.score:.4f}) in {out / 'best'}")
     print("output health: " + ", ".join(f"{k} {v:.3f}" for k, v in out_health.items()))
-    if args.overfit_batch:
+    if args.overfit_batch and losses:
         exact = sum(p.strip() == e.captions[0].strip() for e, p in zip(test, preds.values()))
-        ok = last_loss < 0.1 * first_loss
-        print(f"overfit: loss {first_loss:.3f} -> {last_loss:.3f}, {exact}/{len(test)} captions reproduced exactly: "
+        ok = losses[-1] < 0.1 * losses[0]
+        print(f"overfit: loss {losses[0]:.3f} -> {losses[-1]:.3f}, {exact}/{len(test)} captions reproduced exactly: "
               + ("the pipeline learns" if ok else "WARNING: it did not memorise one batch; something is broken"))
     png = curves.plot(log, out / "loss.png")
     print(f"curves: {png}" if png else "curves: pip install matplotlib for loss.png")
@@ -280,4 +289,4 @@ def report(after, out_health, preds, test, args, out, log, skipped, first_loss, 
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "train.py")

@@ -83,6 +83,8 @@ def summary(model: nn.Module) -> str:
     for tower, module in model.named_children():
         name = TOWERS.get(tower, tower)
         total = sum(p.numel() for p in module.parameters())
+        if total == 0:  # parameter-free children (a model's hook points) are no part
+            continue
         lora = sum(p.numel() for m in module.modules() if isinstance(m, LoRALinear)
                    for p in (m.lora_A.weight, m.lora_B.weight) if p.requires_grad)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)

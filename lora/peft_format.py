@@ -105,7 +105,12 @@ def load(model: nn.Module, directory) -> list[str]:
     for p in (config_path, weights_path):
         if not p.exists():
             raise AdapterError(f"{directory}: no {p.name} (expected a PEFT LoRA adapter folder)")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{config_path}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -116,6 +121,10 @@ def load(model: nn.Module, directory) -> list[str]:
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise AdapterError(f"{config_path}: missing field {key!r}")
+    if isinstance(config["r"], bool) or not isinstance(config["r"], int) or config["r"] < 1:
+        raise AdapterError(f"{config_path}: r is {config['r']!r}, expected a positive integer")
+    if isinstance(config["lora_alpha"], bool) or not isinstance(config["lora_alpha"], (int, float)):
+        raise AdapterError(f"{config_path}: lora_alpha is {config['lora_alpha']!r}, expected a number")
     state = load_file(weights_path)
     weights, bad = {}, []
     for key, tensor in state.items():

@@ -2,6 +2,7 @@
 
 config.py      hub config.json -> dataclasses
 attention.py   scaled dot-product attention for both towers (one softmax, kernel chosen in one place)
+hookpoint.py   identity modules that name the tensors a researcher reads or patches (free when unheard)
 siglip.py      vision tower (image -> patch tokens)
 gemma.py       Gemma / Gemma 2 decoder, and the tied output head
 cache.py       static KV cache
@@ -14,8 +15,10 @@ generation.py                greedy, sampling and beam search over the cache
 caption.py, cli.py           the captioning command; the model options all three commands share
 atomic.py                    crash-safe writes of files and folders
 
-Add-ons that attach from outside, by swapping modules after the model is built:
+Add-ons that attach from outside, by swapping or hooking modules after the model is built:
 packing.py                   faster CPU inference (oneDNN-reordered weights)
+probe/                       hooks, run_with_cache, recorded generation, logit lens, the report page
+verify.py                    every stage against transformers on your own weights
 quantize.py                  int8 and 4-bit NF4 linear layers (smaller models, QLoRA with `lora`)
 
 The captioning application (data, training, metrics, the synthetic demo) is `paligemma.captioning`;

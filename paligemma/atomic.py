@@ -1,4 +1,17 @@
-"""Write files and folders so that a crash never leaves a half-written one under the final name."""
+"""Write files and folders so that a crash never leaves a half-written one under the final name.
+
+A folder is replaced in four steps, each a rename or a delete, so a kill at any moment leaves
+either the old whole folder or the new whole one where `recover()` finds it:
+
+    1. fill  .NAME.<random>.tmp        incomplete until renamed: recover() deletes it
+    2. rename it to .NAME.new          complete from here on
+    3. rename NAME to .NAME.old        (if NAME exists)
+    4. rename .NAME.new to NAME, then delete .NAME.old
+
+recover() finishes a swap that a kill interrupted (the newest complete folder wins) and deletes the
+leftovers. atomic_dir() runs it before each swap; readers of a folder that a killed process may have
+been writing (train.py --resume) run it before they look.
+"""
 import contextlib
 import os
 import shutil
@@ -24,26 +37,63 @@ def atomic_file(path: str | Path, mode: str = "w"):
         raise
 
 
+def _side(path: Path, tag: str) -> Path:
+    return path.with_name(f".{path.name}.{tag}")
+
+
+def recover(path: str | Path) -> Path:
+    """Finish or undo a folder swap that a kill interrupted; delete temp folders. Returns `path`.
+
+    Must not run while another process is writing `path` (the writers here are single: rank 0)."""
+    path = Path(path)
+    new, old = _side(path, "new"), _side(path, "old")
+    if new.is_dir():  # complete (step 2 done): it is newer than NAME or .NAME.old
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(new, path)
+    elif old.is_dir() and not path.exists():  # cannot happen in the sequence above, but never lose a folder
+        os.replace(old, path)
+    shutil.rmtree(old, ignore_errors=True)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _fsync_dir(path: Path):
+    with contextlib.suppress(OSError):  # not every platform can open a folder
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
     """Fill a temp folder beside `path`; swap it in only when the block succeeds.
 
-    An existing folder at `path` is replaced (moved aside first, then deleted), so at every moment
-    `path` is either the old complete folder or the new complete one.
+    At every moment `path` (after `recover(path)`) is either the old complete folder or the new one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
+    for f in tmp.rglob("*"):  # the files' bytes on disk before any name points at them
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    new, old = _side(path, "new"), _side(path, "old")
+    os.replace(tmp, new)
+    _fsync_dir(path.parent)
     if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    os.replace(new, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)

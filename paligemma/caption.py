@@ -3,10 +3,11 @@
     python -m paligemma.caption --model PATH_OR_ID IMAGE [IMAGE ...] [--prompt "caption en"]
 """
 import argparse
+import sys
 
 from tqdm import tqdm
 
-from .cli import DTYPES, load_for_inference
+from .cli import DTYPES, POSITIVE, add_debug, load_for_inference, run
 
 
 def caption(model, processor, images, prompt="caption en", batch_size=8, seed=None, **generate_kwargs):
@@ -20,24 +21,44 @@ def caption(model, processor, images, prompt="caption en", batch_size=8, seed=No
         yield from processor.batch_decode(tokens)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Prints `image<TAB>caption` per readable image; unreadable ones are named on stderr and make the
+    exit code 1, without stopping the others."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--model", required=True, help="checkpoint folder or hub repo id")
     p.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to apply")
     p.add_argument("--prompt", default="caption en", help="task prefix (default: caption en)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest caption in tokens")
-    p.add_argument("--num-beams", type=int, default=1, help="beam width (1 = greedy)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=32, help="longest caption in tokens")
+    p.add_argument("--num-beams", type=POSITIVE, default=1, help="beam width (1 = greedy)")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="images per forward pass")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--quantize", choices=["int8", "nf4"], help="int8 or 4-bit NF4 linear weights (quantize.py)")
+    add_debug(p)
     args = p.parse_args(argv)
     model, processor = load_for_inference(args.model, args.adapter, args.dtype, args.device, args.quantize)
-    captions = caption(model, processor, args.images, args.prompt, args.batch_size,
-                       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
-    for path, text in zip(args.images, tqdm(captions, total=len(args.images), disable=len(args.images) < 4)):
-        print(f"{path}\t{one_line(text)}")
+    bad = []
+    bar = tqdm(total=len(args.images), disable=len(args.images) < 4)
+    for i in range(0, len(args.images), args.batch_size):
+        paths, images = [], []
+        for path in args.images[i:i + args.batch_size]:  # read one batch at a time: a long list stays small
+            try:
+                images.append(processor.load_image(path))
+                paths.append(path)
+            except (OSError, ValueError) as e:
+                bad.append(path)
+                print(f"paligemma.caption: {e}", file=sys.stderr)
+        texts = caption(model, processor, images, args.prompt, args.batch_size,
+                        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+        for path, text in zip(paths, texts):
+            print(f"{path}\t{one_line(text)}", flush=True)
+        bar.update(len(args.images[i:i + args.batch_size]))
+    bar.close()
+    if bad:
+        print(f"paligemma.caption: {len(bad)} of {len(args.images)} images could not be read: {', '.join(bad)}",
+              file=sys.stderr)
+    return 1 if bad else 0
 
 
 def one_line(text: str) -> str:
@@ -46,4 +67,4 @@ def one_line(text: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main, "paligemma.caption"))

@@ -1,5 +1,8 @@
-"""What the three commands (caption, evaluate.py, train.py) share: the dtype names, and loading a
-model for inference with an optional LoRA adapter."""
+"""What the three commands (caption, evaluate.py, train.py) share: the dtype names, loading a model for
+inference with an optional LoRA adapter, number checks at parse time, and one-line errors."""
+import argparse
+import sys
+
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,3 +26,51 @@ def load_for_inference(model: str, adapter: str | None = None, dtype: str = "flo
         from .quantize import int8_head
         int8_head(net)  # logits from an int8 copy of the table, not a packed bf16 one
     return pack(net.requires_grad_(False)), Processor.from_pretrained(model)
+
+
+def number(kind: type, low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """An argparse `type=` that rejects values outside [low, high] (or open ends) with one line."""
+    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+    noun = "an integer" if kind is int else "a number"
+    want = f"{noun} >{'' if low_open else '='} {low:g}" if high is None else f"{noun} in {lo}{low:g}, {high:g}{hi}"
+
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if x < low or (low_open and x == low) or (high is not None and (x > high or (high_open and x == high))):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return x
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE = number(int, 1)
+NON_NEGATIVE = number(int, 0)
+POSITIVE_FLOAT = number(float, 0, low_open=True)
+
+# Ordinary bad input: our own errors (ConfigError, CheckpointError, DataError, AdapterError, ResumeError
+# are ValueErrors that name the file), files that are missing or unreadable (OSError, which includes the
+# hub's "not found" and offline errors), a training run that diverged. Anything else is a bug.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def run(main, prog: str, argv: list[str] | None = None):
+    """Call main(argv); bad input ends the process with `prog: message` on one line and exit code 1.
+    `--debug` among the arguments shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return main(argv)
+    except USER_ERRORS as e:
+        if "--debug" in argv:
+            raise
+        sys.exit(f"{prog}: {e}")
+    except KeyboardInterrupt:
+        if "--debug" in argv:
+            raise
+        sys.exit(f"{prog}: interrupted")
+
+
+def add_debug(parser: argparse.ArgumentParser):
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors in the input too")

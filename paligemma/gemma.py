@@ -8,6 +8,8 @@ Family quirks, each switched by a config field:
   `query_pre_attn_scalar`, tanh soft-capping of attention scores and of the final logits, and
   sliding-window attention on every other layer.
 The output head is tied to `embed_tokens` (the hub files carry no `lm_head`).
+Hook points (hookpoint.py) on each layer: `self_attn.hook_{q,k,v,pattern,z}`, `hook_resid_mid`,
+`hook_mlp_out`, `hook_resid_post`.
 
 Axes: B batch, T tokens in this call, S keys (T, or the KV cache's slots), D hidden size,
 H query heads, K key/value heads, hd head dimension, V vocabulary.
@@ -20,6 +22,7 @@ from torch import nn
 from .attention import attention
 from .cache import KVCache
 from .config import TextConfig
+from .hookpoint import HookPoint
 
 
 class GemmaRMSNorm(nn.Module):
@@ -56,6 +59,9 @@ class GemmaAttention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=False)
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # this call's T tokens
+        self.hook_pattern = HookPoint()  # (B, H, T, S) probabilities; computed only when listened to
+        self.hook_z = HookPoint()  # (B, T, H, hd) each head's output, before o_proj mixes the heads
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, slots: slice | None = None):
         """x (B, T, D); mask (B, 1, T, S) bool, True = may attend; S = T, or the cache's slots."""
@@ -63,11 +69,12 @@ class GemmaAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.hook_q(apply_rope(q, cos, sin)), self.hook_k(apply_rope(k, cos, sin)), self.hook_v(v)
         if cache is not None:
             k, v = cache.update(self.layer, slots, k, v)  # (B, K, S, hd)
-        y = attention(q, k, v, mask, self.scale, self.softcap)  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+        y = attention(q, k, v, mask, self.scale, self.softcap, self.hook_pattern)  # (B, H, T, hd)
+        z = self.hook_z(y.transpose(1, 2))  # (B, T, H, hd)
+        return self.o_proj(z.reshape(B, T, self.n_head * self.hd))
 
 
 class GemmaMLP(nn.Module):
@@ -93,14 +100,18 @@ class GemmaDecoderLayer(nn.Module):
         if self.sandwich:
             self.pre_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
             self.post_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        # (B, T, D) each: after the attention residual, what the MLP adds, the layer's output
+        self.hook_resid_mid, self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
 
     def forward(self, x, cos, sin, mask, cache=None, slots=None):
+        h = self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, mask=mask, cache=cache, slots=slots)
         if not self.sandwich:  # Gemma 1: post_attention_layernorm is the pre-MLP norm
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots)
-            return x + self.mlp(self.post_attention_layernorm(x))
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots)
-        x = x + self.post_attention_layernorm(h)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            x = self.hook_resid_mid(x + h)
+            m = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x)))
+        else:
+            x = self.hook_resid_mid(x + self.post_attention_layernorm(h))
+            m = self.hook_mlp_out(self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
+        return self.hook_resid_post(x + m)
 
 
 class GemmaModel(nn.Module):
@@ -123,9 +134,9 @@ class GemmaModel(nn.Module):
         for layer in self.layers:
             mask = masks["sliding" if layer.sliding else "full"]
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos=cos, sin=sin, mask=mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, slots)
+                x = layer(x, cos=cos, sin=sin, mask=mask, cache=cache, slots=slots)
         return self.norm(x)
 
 

@@ -8,6 +8,9 @@ The sequence the decoder sees (the processor builds it):
 Each `<image>` placeholder is replaced by one projected SigLIP patch embedding. The prefix attends
 bidirectionally to itself; suffix tokens attend causally to everything before them. Left padding is
 honoured through `attention_mask` and does not shift position ids, which start at 1.
+
+Hook points (hookpoint.py) at model level: `hook_image_features`, `hook_embed`; the logits of every
+call pass through the module `language_model.lm_head`. Per layer, see gemma.py and siglip.py.
 """
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,7 @@ from torch import nn
 from .cache import KVCache
 from .config import PaliGemmaConfig
 from .gemma import GemmaForCausalLM, GemmaRMSNorm
+from .hookpoint import HookPoint
 from .siglip import SiglipVisionTower
 
 IGNORE = -100  # the label of positions the loss skips (transformers' convention)
@@ -37,6 +41,8 @@ class PaliGemma(nn.Module):
         self.vision_tower = SiglipVisionTower(config.vision)
         self.multi_modal_projector = MultiModalProjector(config)
         self.language_model = GemmaForCausalLM(config.text)
+        self.hook_image_features = HookPoint()  # (B, N, D) projected patches, before they enter the text
+        self.hook_embed = HookPoint()  # (B, T, D) the merged decoder input
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None,
@@ -83,7 +89,7 @@ class PaliGemma(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, N, D_text): one decoder embedding per image patch."""
-        return self.multi_modal_projector(self.vision_tower(pixel_values))
+        return self.hook_image_features(self.multi_modal_projector(self.vision_tower(pixel_values)))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) decoder inputs with image features at the <image> positions.
@@ -103,36 +109,69 @@ class PaliGemma(nn.Module):
                              f"but pixel_values give {feats.shape[0]} images x {feats.shape[1]} patches")
         return x.masked_scatter(is_image[..., None], feats)
 
-    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None,
-                      position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
-        """(B, T) -> (B, T, D) final-normed decoder states. With a cache, the T tokens are appended to it."""
-        B, T = input_ids.shape
+    def attention_inputs(self, input_ids=None, attention_mask=None, token_type_ids=None,
+                         cache: KVCache | None = None) -> tuple[torch.Tensor, dict]:
+        """Position ids (B, T) and masks {"full": m, "sliding": m}, m (B, 1, T, S) bool, True = may attend,
+        exactly as the forward builds them for these T tokens. S = T, or the cache's slots: the cache is
+        read, not changed (the forward records the tokens in it afterwards). Of input_ids only the shape
+        is read. A left-padded row, 2 image tokens, <bos>, one prompt token, two suffix tokens:
+
+            attention_mask  0 1 1 1 1 1 1        mask (query rows, key columns), 1 = may attend:
+            token_type_ids  0 0 0 0 0 1 1          pad  1 . . . . . .   (sees itself: no empty row)
+            position_ids    1 1 2 3 4 5 6          img  . 1 1 1 1 . .   prefix: bidirectional
+                                                   img  . 1 1 1 1 . .
+                                                   bos  . 1 1 1 1 . .
+                                                   txt  . 1 1 1 1 . .
+                                                   suf  . 1 1 1 1 1 .   suffix: causal
+                                                   suf  . 1 1 1 1 1 1
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        prefix = attention_mask.bool() if token_type_ids is None else (token_type_ids == 0) & attention_mask.bool()
-        if pixel_values is None and (cache is None or cache.length == 0) \
-                and bool((input_ids == self.config.image_token_index).any()):
-            raise ValueError("input_ids hold <image> tokens but no pixel_values were given")
-        x = self.embed(input_ids, pixel_values)
-        start, slots = 0, None
-        if cache is None:
-            valid, is_prefix = attention_mask.bool(), prefix
-        else:
-            start = cache.length
-            slots = cache.append_mask(attention_mask, prefix)
-            valid, is_prefix = cache.valid, cache.prefix
-        if position_ids is None:  # 1-based count of real tokens so far: padding does not shift positions
-            seen = cache.seen[:, None] if cache is not None else 0
-            position_ids = (seen + attention_mask.long().cumsum(-1)).clamp(min=1)
-        if cache is not None:
-            cache.seen += attention_mask.long().sum(-1)
-        masks = attention_masks(start, T, valid, is_prefix, self.config.text.sliding_window)
-        return self.language_model.model(x, position_ids, masks, cache, slots)
+        B, T = attention_mask.shape
+        real = attention_mask.bool()
+        prefix = real if token_type_ids is None else (token_type_ids == 0) & real
+        start, seen, valid, is_prefix = 0, 0, real, prefix
+        if cache is not None:  # the slots filled so far, then these T tokens
+            start, seen = cache.length, cache.seen[:, None]
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} tokens; {start} used, {T} more requested")
+            valid, is_prefix = cache.valid.clone(), cache.prefix.clone()
+            valid[:, start:start + T], is_prefix[:, start:start + T] = real, prefix
+        # 1-based count of real tokens so far: padding does not shift positions
+        position_ids = (seen + attention_mask.long().cumsum(-1)).clamp(min=1)
+        return position_ids, attention_masks(start, T, valid, is_prefix, self.config.text.sliding_window)
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None,
-                position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids=None, pixel_values=None, attention_mask=None, token_type_ids=None,
+                      position_ids=None, cache: KVCache | None = None, inputs_embeds=None) -> torch.Tensor:
+        """(B, T) -> (B, T, D) final-normed decoder states. With a cache, the T tokens are appended to it.
+        inputs_embeds (B, T, D) replaces input_ids and pixel_values: the merged decoder input, as `embed`
+        returns it and `hook_embed` sees it (for patching or attribution on the embeddings)."""
+        if inputs_embeds is not None:
+            if input_ids is not None or pixel_values is not None:
+                raise ValueError("inputs_embeds is the merged decoder input (image features already in place): "
+                                 "pass it instead of input_ids and pixel_values, not with them")
+            x = inputs_embeds
+        else:
+            if pixel_values is None and (cache is None or cache.length == 0) \
+                    and bool((input_ids == self.config.image_token_index).any()):
+                raise ValueError("input_ids hold <image> tokens but no pixel_values were given")
+            x = self.embed(input_ids, pixel_values)
+        x = self.hook_embed(x)  # (B, T, D)
+        if attention_mask is None:
+            attention_mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+        positions, masks = self.attention_inputs(None, attention_mask, token_type_ids, cache)
+        slots = None
+        if cache is not None:
+            real = attention_mask.bool()
+            slots = cache.append_mask(attention_mask, real if token_type_ids is None else (token_type_ids == 0) & real)
+            cache.seen += attention_mask.long().sum(-1)
+        return self.language_model.model(x, positions if position_ids is None else position_ids, masks, cache, slots)
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, token_type_ids=None,
+                position_ids=None, cache: KVCache | None = None, inputs_embeds=None) -> torch.Tensor:
         """Same inputs as transformers' PaliGemmaForConditionalGeneration; returns logits (B, T, vocab)."""
-        h = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids, position_ids, cache)
+        h = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids, position_ids, cache,
+                               inputs_embeds)
         return self.language_model.logits(h)
 
     def loss(self, input_ids, pixel_values, attention_mask, token_type_ids, labels, reduction="mean") -> torch.Tensor:

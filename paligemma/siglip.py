@@ -5,7 +5,8 @@ the head is not built here (its weights are skipped by name when loading). Modul
 hub keys `vision_tower.vision_model.*`.
 
 Axes: B batch, S image side in pixels, p patch side, N = (S / p)^2 patches, D hidden size,
-H heads, hd = D / H head dimension.
+H heads, hd = D / H head dimension. Hook points (hookpoint.py) on each layer: `self_attn.hook_pattern`,
+`hook_resid_post`.
 """
 import torch
 import torch.utils.checkpoint
@@ -14,6 +15,7 @@ from torch import nn
 
 from .attention import attention
 from .config import VisionConfig
+from .hookpoint import HookPoint
 
 
 class SiglipEmbeddings(nn.Module):
@@ -36,11 +38,12 @@ class SiglipAttention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.hidden_size)
         self.v_proj = nn.Linear(c.hidden_size, c.hidden_size)
         self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.hook_pattern = HookPoint()  # (B, H, N, N) probabilities; computed only when listened to
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = (p(x).view(B, N, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = attention(q, k, v)  # (B, H, N, hd); no mask: every patch sees every patch
+        y = attention(q, k, v, hook_pattern=self.hook_pattern)  # (B, H, N, hd); no mask: every patch sees every patch
         return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
 
 
@@ -63,10 +66,11 @@ class SiglipEncoderLayer(nn.Module):
         self.self_attn = SiglipAttention(c)
         self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.mlp = SiglipMLP(c)
+        self.hook_resid_post = HookPoint()  # (B, N, D) the layer's output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        return self.hook_resid_post(x + self.mlp(self.layer_norm2(x)))
 
 
 class SiglipEncoder(nn.Module):

@@ -56,7 +56,11 @@ def resolve(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
     if path.exists() or str(path_or_repo_id).startswith((".", "/")) or str(path_or_repo_id).count("/") != 1:
         raise CheckpointError(f"{path_or_repo_id}: not a checkpoint folder, and not a hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
-    return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=HUB_FILES))
+    try:
+        return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated, no network: the hub's own words, after ours
+        raise CheckpointError(f"{path_or_repo_id}: not a local folder; as a hub id: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -80,13 +84,33 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def read_header(path: Path) -> dict:
-    """safetensors layout: u64 little-endian header size, JSON header, then raw tensor bytes."""
+    """safetensors layout: u64 little-endian header size, JSON header, then raw tensor bytes. The header
+    and every tensor's byte range are checked against the file's size (a truncated download, a Git
+    LFS pointer in place of the file), so a bad file is named instead of read out of bounds."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        if head == b"version " and f.read(16) == b"https://git-lfs.":  # "version https://git-lfs.github.com/spec/v1"
+            raise CheckpointError(f"{path}: a Git LFS pointer file, not the weights: run `git lfs pull` in its repository")
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n > size - 8:
+            raise CheckpointError(f"{path}: not a safetensors file or truncated ({size} bytes; the header alone "
+                                  f"claims {n} bytes)" + (" (a Git LFS pointer? run `git lfs pull`)" if size < 1024 else ""))
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: safetensors header is not JSON ({e})") from None
     header.pop("__metadata__", None)
-    for info in header.values():
-        info["offset"] = 8 + n + info["data_offsets"][0]
+    for key, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            nbytes = math.prod(info["shape"]) * torch.empty((), dtype=FILE_DTYPES[info["dtype"]]).element_size()
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry {info} ({e!r})") from None
+        if not 0 <= start <= end <= size - 8 - n or end - start != nbytes:
+            raise CheckpointError(f"{path}: tensor {key!r} needs bytes {start}..{end} of {size - 8 - n} "
+                                  f"({nbytes} for {info['dtype']} {info['shape']}): the file is truncated or corrupt")
+        info["offset"] = 8 + n + start
     return header
 
 

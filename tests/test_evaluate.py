@@ -155,7 +155,7 @@ def test_bad_input_is_named(tiny_run, tmp_path):
         evaluate.main(["--predictions", str(tmp_path / "q.jsonl"), "--data", data, "--split", "val",
                        "--out", str(tmp_path / "e")])
     (tmp_path / "r.jsonl").write_text(json.dumps({"img": "x.png", "caption": "a"}) + "\n")
-    with pytest.raises(DataError, match=r"r.jsonl: row 1 lacks an 'image' or 'prediction' field"):
+    with pytest.raises(DataError, match=r"r.jsonl:1: expected an 'image' and a 'prediction' field"):
         evaluate.main(["--predictions", str(tmp_path / "r.jsonl"), "--data", data, "--split", "val",
                        "--out", str(tmp_path / "e")])
     with pytest.raises(DataError, match="no examples in split 'tset'"):
@@ -176,3 +176,60 @@ def test_command_line_errors_are_one_line(tiny_run, tmp_path):
                         "--out", str(tmp_path / "e")], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1])
     assert p.returncode == 1 and p.stderr.strip() == f"evaluate.py: {tmp_path / 'none.jsonl'}: predictions file not found"
+
+
+def test_faulty_prediction_files_name_file_and_line(tiny_run, tmp_path):
+    _, data = tiny_run
+    examples, _ = load_examples(data, "val")
+    lines = [json.dumps({"image": e.image.name, "prediction": "a lake"}) for e in examples]
+    cases = {"broken": (lines[:2] + ['{"image": "x.png", "prediction": '] + lines[2:], r"broken.jsonl:3: not JSON"),
+             "twice": (lines + [lines[4]], rf"twice.jsonl:{len(lines) + 1}: a second prediction for "
+                                           rf"{examples[4].image.name} \(the first is on line 5\)"),
+             "number": (lines[:1] + [json.dumps({"image": "y.png", "prediction": 3})], r"number.jsonl:2: 'prediction' is int")}
+    for name, (rows, message) in cases.items():
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+        with pytest.raises(DataError, match=message):
+            evaluate.main(["--predictions", str(tmp_path / f"{name}.jsonl"), "--data", data, "--split", "val",
+                           "--out", str(tmp_path / "e")])
+
+
+def test_skip_bad_is_accepted_and_reported(tiny_run, tmp_path):
+    """The missing-image message suggests --skip-bad: evaluate.py takes it and records what it skipped."""
+    _, data = tiny_run
+    examples, _ = load_examples(data, "val")
+    broken = tmp_path / "broken"
+    shutil.copytree(examples[0].image.parent.parent, broken)
+    (broken / examples[1].image.parent.name / examples[1].image.name).unlink()
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"image": e.image.name, "prediction": e.captions[0]}) + "\n"
+                                              for e in examples if e is not examples[1]))
+    evaluate.main(["--predictions", str(tmp_path / "p.jsonl"), "--data", str(broken / "captions.csv"), "--split", "val",
+                   "--out", str(tmp_path / "e"), "--skip-bad"])
+    protocol = json.loads((tmp_path / "e" / "metrics.json").read_text())["protocol"]
+    assert protocol["images"] == len(examples) - 1
+    assert len(protocol["skipped"]) == 1 and f"{examples[1].image.name} not found" in protocol["skipped"][0]
+
+
+def test_file_without_splits_needs_split_all(tiny_run, tmp_path):
+    _, data = tiny_run
+    examples, _ = load_examples(data, "val")
+    with open(data) as f, open(tmp_path / "nosplit.csv", "w", newline="") as g:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
+        w = csv.DictWriter(g, [k for k in rows[0] if k != "split"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (tmp_path / "images").symlink_to(examples[0].image.parent)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"image": e.image.name, "prediction": "a"}) + "\n"
+                                              for e in examples))
+    common = ["--predictions", str(tmp_path / "p.jsonl"), "--data", str(tmp_path / "nosplit.csv")]
+    with pytest.raises(DataError, match="no 'split' column, so there is no split 'test'"):
+        evaluate.main(common + ["--out", str(tmp_path / "e")])
+    evaluate.main(common + ["--out", str(tmp_path / "e"), "--split", "all"])
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["protocol"]["images"] == len(examples)
+
+
+@pytest.mark.parametrize("flag, value", [("--max-samples", "-1"), ("--max-samples", "0"), ("--batch-size", "0"),
+                                         ("--num-beams", "0"), ("--top-p", "0"), ("--temperature", "0")])
+def test_bad_numbers_are_refused_at_parse_time(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(["--model", "m", "--data", "d", "--out", "o", flag, value])
+    assert e.value.code == 2 and f"argument {flag}: expected " in capsys.readouterr().err

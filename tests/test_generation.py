@@ -120,3 +120,16 @@ def test_caption_command(pg1_tok_dir, tmp_path, capsys):
     model, proc = PaliGemma.from_pretrained(pg1_tok_dir), Processor.from_pretrained(pg1_tok_dir)
     expected = proc.batch_decode(model.generate(**proc(paths, "caption en"), max_new_tokens=5))
     assert lines == [f"{p}\t{one_line(e)}" for p, e in zip(paths, expected)]
+
+
+def test_top_p_boundary_matches_transformers():
+    """A token whose cumulative probability (ascending) lands exactly on 1 - top_p is dropped, as in
+    transformers (`<=`): four equal logits have exact cumulative probabilities 0.25, 0.5, 0.75, 1, so
+    top_p = 0.5 keeps two tokens, not three."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    from paligemma.generation import _sample
+    logits = torch.zeros(1, 4)
+    allowed = torch.isfinite(TopPLogitsWarper(0.5)(None, logits.clone()))
+    assert int(allowed.sum()) == 2
+    draws = torch.stack([_sample(logits, 1.0, None, 0.5, torch.Generator().manual_seed(s)) for s in range(200)], 1)
+    assert torch.equal(torch.zeros_like(allowed).scatter(1, draws, True), allowed)

@@ -165,6 +165,19 @@ def test_adapter_that_does_not_fit(pg1_dir, pg2_dir, tmp_path):
         lora.load(PaliGemma.from_pretrained(pg1_dir), tmp_path / "empty")
 
 
+@pytest.mark.parametrize("text, message", [("{\"r\": 4,", r"adapter_config.json: not valid JSON \(Expecting"),
+                                           ("[4, 8]", "adapter_config.json: expected a JSON object, got list"),
+                                           ('{"r": "4", "lora_alpha": 8}', r"adapter_config.json: r is '4', expected a positive integer"),
+                                           ('{"r": 4, "lora_alpha": null}', "adapter_config.json: lora_alpha is None, expected a number")])
+def test_malformed_adapter_config_is_named(pg1_dir, tmp_path, text, message):
+    ours = PaliGemma.from_pretrained(pg1_dir)
+    lora.inject(ours, "decoder", r=4)
+    lora.save(ours, tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(text)
+    with pytest.raises(lora.AdapterError, match=message):
+        lora.load(PaliGemma.from_pretrained(pg1_dir), tmp_path / "a")
+
+
 def test_export_merged_loads_everywhere(pg2_dir, tmp_path):
     ours = PaliGemma.from_pretrained(pg2_dir)
     lora.inject(ours, "all", r=4, alpha=8)
@@ -194,3 +207,34 @@ def test_3b_decoder_only_table_on_meta():
     table = lora.summary(model)
     assert "| decoder |" in table and "9,805,824" in table
     assert "| vision | " in table and "| 0 (0.000%) |" in table
+
+
+def test_regex_target_must_match_the_whole_name(pg1_dir):
+    """A string target is a regex matched against the whole module name (PEFT's re.fullmatch):
+    'q_proj' alone names no module, '.*language_model.*q_proj' only the decoder's query projections."""
+    model = PaliGemma.from_pretrained(pg1_dir)
+    with pytest.raises(ValueError, match="match no module"):
+        lora.inject(model, "q_proj")
+    lora.inject(model, r".*language_model.*q_proj", r=2)
+    wrapped = sorted(lora.lora_layers(model))
+    assert wrapped == [f"language_model.model.layers.{i}.self_attn.q_proj" for i in range(2)]
+
+
+def test_dropout_on_the_lora_input_only():
+    """y = W x + s B A dropout(x) (PEFT): the mask has the input's shape and the base path is never
+    dropped; checked against the formula with the same dropout draw."""
+    from lora.layer import LoRALinear
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 20)
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.5).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(6, 12)
+    torch.manual_seed(1)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    torch.manual_seed(1)
+    y = layer(x)
+    with torch.no_grad():
+        expected = base(x) + 2.0 * dropped @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    assert_close(y, expected)
+    assert not torch.allclose(y, base(x) + 2.0 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)

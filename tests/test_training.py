@@ -1,67 +1,21 @@
-"""Training pieces and train.py end to end on a tiny synthetic set."""
-import random
+"""train.py end to end on a tiny synthetic set: resume, logs, torchrun, OUT/best, early stopping, and
+what it does with faults and bad input. (Its pieces: tests/captioning/test_training.py.)"""
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from paligemma.captioning.data import DataError, Example, load_examples, sample_caption
-from paligemma.captioning.training import check_labels, first_loss_check, lr_at
 from tests.helpers import Crash, crash_after
 
-
-def test_lr_schedule_hand_values():
-    assert lr_at(0, 1.0, 10, 110) == pytest.approx(0.1)
-    assert lr_at(9, 1.0, 10, 110) == pytest.approx(1.0)
-    assert lr_at(60, 1.0, 10, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
-    assert lr_at(110, 1.0, 10, 110) == pytest.approx(0.1)
-
-
-def test_caption_sampling():
-    e = Example(image=None, captions=["a", "b", "c", "d", "e"])
-    rng = random.Random(0)
-    assert {sample_caption(e, rng) for _ in range(200)} == set("abcde")
-    assert {sample_caption(e, rng, first_only=True) for _ in range(20)} == {"a"}
-
-
-def test_every_example_needs_a_label():
-    labels = torch.tensor([[-100, 5, 1], [-100, -100, -100]])
-    with pytest.raises(ValueError, match=r"\['1'\] have no unmasked label token"):
-        check_labels({"labels": labels})
-
-
-def test_uniform_first_loss_warns_for_pretrained():
-    with pytest.warns(UserWarning, match="ln\\(vocab\\)"):
-        first_loss_check(11.57, 257_216, pretrained=True)
-
-
-def write_csv(folder, rows):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "captions.csv").write_text("source,split,image,caption_1,caption_2\n" + "\n".join(rows) + "\n")
-    return folder / "captions.csv"
-
-
-def test_bad_data(tmp_path):
-    from PIL import Image
-    (tmp_path / "images").mkdir()
-    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "ok.png")
-    (tmp_path / "images" / "corrupt.png").write_bytes(b"junk")
-    path = write_csv(tmp_path, ["x,train,ok.png,a field,a lake", "x,train,missing.png,a,b",
-                                "x,train,corrupt.png,a,b", "x,train,ok.png,a field,"])
-    with pytest.raises(DataError, match=r"captions.csv:3: image file .*missing.png not found"):
-        load_examples(path, "train")
-    examples, skipped = load_examples(path, "train", skip_bad=True)
-    assert len(examples) == 1 and len(skipped.reasons) == 3
-    assert "corrupt" in skipped.report() and "empty caption(s) [2]" in skipped.report()
-    with pytest.raises(DataError, match="no examples in split 'test'"):
-        load_examples(path, "test")
-    (tmp_path / "nocap.csv").write_text("image,text\nok.png,a\n")
-    with pytest.raises(DataError, match="no caption column"):
-        load_examples(tmp_path / "nocap.csv")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_args(model, data, out, *extra):
     return ["--model", model, "--data", data, "--out", str(out), "--batch-size", "8", "--eval-every", "4",
-            "--eval-samples", "4", "--save-every", "3", "--lr", "1e-3", "--warmup", "2", *extra]
+            "--eval-samples", "4", "--save-every", "3", "--lr", "1e-3", "--warmup", "2", "--val-captions", "4", *extra]
 
 
 @pytest.mark.parametrize("mode", [["--finetune", "full"], ["--finetune", "lora", "--lora", "all", "--lora-r", "4"]])
@@ -79,15 +33,19 @@ def test_resume_equals_uninterrupted(tiny_run, tmp_path, mode):
 
 
 def test_loss_falls_and_is_logged(tiny_run, tmp_path):
-    import json
     import train
     model, data = tiny_run
     train.main(train_args(model, data, tmp_path, "--steps", "12", "--finetune", "full"))
     records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] - 0.5
-    assert any("image_gap" in r for r in records)
+    evals = [r for r in records if "image_gap" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12] and all("val_CIDEr-D" in r and "val_BLEU-4" in r for r in evals)
     assert (tmp_path / "final" / "model.safetensors").exists() and (tmp_path / "final" / "tokenizer.model").exists()
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    scores = [r["val_CIDEr-D"] for r in evals]
+    assert best["step"] == evals[scores.index(max(scores))]["step"] == records[-1]["best_step"]
+    assert (tmp_path / "best" / "model.safetensors").exists() and (tmp_path / "best" / "tokenizer.model").exists()
 
 
 def test_non_finite_loss_stops_with_step(tiny_run, tmp_path, monkeypatch):
@@ -112,8 +70,6 @@ def test_ddp_two_processes_equal_one(tiny_run, tmp_path, mode):
     """torchrun with 2 gloo processes on the same global batch (8 = 2 x 4, accumulated twice) takes the
     same steps as 1 process: same logged loss and gradient norm, same weights. float32 so that only
     summation order differs."""
-    import json
-    from pathlib import Path
     import train
     model, data = tiny_run
     args = train_args(model, data, tmp_path / "one", "--steps", "4", "--grad-accum", "2", "--amp", "none",
@@ -127,13 +83,12 @@ def test_ddp_two_processes_equal_one(tiny_run, tmp_path, mode):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert len(logs[1]) == 4
-    state = torch.load(two_out / "checkpoint" / "state.pt", weights_only=False)["model"]
+    state = torch.load(two_out / "checkpoint" / "state.pt", weights_only=True)["model"]
     ref = one.state_dict()
     assert state and all(torch.allclose(v, ref[k], atol=1e-5) for k, v in state.items())
 
 
 def test_overfit_batch_memorises_and_plots(tiny_run, tmp_path, capsys):
-    import json
     import train
     model, data = tiny_run
     train.main(train_args(model, data, tmp_path, "--steps", "60", "--finetune", "full", "--overfit-batch",
@@ -144,15 +99,6 @@ def test_overfit_batch_memorises_and_plots(tiny_run, tmp_path, capsys):
     assert losses[-1] < 0.1 * losses[0]
     png = (tmp_path / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-
-
-def test_blind_control_keeps_captions_and_moves_images():
-    from paligemma.captioning.training import blind
-    examples = [Example(image=f"{i}.png", captions=[f"caption {i}"]) for i in range(50)]
-    shuffled = blind(examples, seed=0)
-    assert [e.captions for e in shuffled] == [e.captions for e in examples]
-    assert sorted(e.image for e in shuffled) == sorted(e.image for e in examples)
-    assert sum(a.image == b.image for a, b in zip(examples, shuffled)) <= 3
 
 
 def torchrun(args, cwd, script=("train.py",), ok=True):
@@ -169,8 +115,6 @@ def torchrun(args, cwd, script=("train.py",), ok=True):
 def test_fsdp_two_processes_equal_one_and_resume(tiny_run, tmp_path):
     """FSDP2 full fine-tuning on 2 gloo processes: same steps as 1 process, and a run stopped after
     step 3 and resumed ends where the uninterrupted sharded run does."""
-    import json
-    from pathlib import Path
     from safetensors.torch import load_file
     import train
     model, data = tiny_run
@@ -199,3 +143,113 @@ def test_fsdp_needs_full_finetuning_under_torchrun(tiny_run, tmp_path):
     model, data = tiny_run
     with pytest.raises(SystemExit, match="--fsdp shards full fine-tuning"):
         train.main(train_args(model, data, tmp_path, "--steps", "2", "--fsdp", "--finetune", "full"))
+
+
+def test_best_model_and_early_stop(tiny_run, tmp_path, monkeypatch, capsys):
+    """Scripted validation CIDEr-D 0.1, 0.5, 0.3, 0.2 at steps 2, 4, 6, 8: OUT/best holds step 4's
+    weights (compared with the checkpoint written at step 4), --early-stop 2 stops at step 8, and the
+    report scores the test split with OUT/best too."""
+    import shutil
+    from safetensors.torch import load_file
+    import train
+    from paligemma.captioning import validation
+    model, data = tiny_run
+    scripted = iter([0.1, 0.5, 0.3, 0.2])
+    real = validation.caption_and_score
+
+    def scored(*a, **k):
+        scores, health, preds = real(*a, **k)
+        return dict(scores, **{"CIDEr-D": next(scripted)}), health, preds
+    monkeypatch.setattr(validation, "caption_and_score", scored)
+    saves, save = tmp_path / "saves", train.save_train_state
+
+    def save_and_copy(directory, model, optimizer, step, *a, **k):  # every checkpoint kept, to compare with
+        save(directory, model, optimizer, step, *a, **k)
+        shutil.copytree(directory, saves / str(step))
+    monkeypatch.setattr(train, "save_train_state", save_and_copy)
+    out = tmp_path / "run"
+    train.main(train_args(model, data, out, "--steps", "20", "--finetune", "full", "--eval-every", "2",
+                          "--save-every", "2", "--early-stop", "2"))
+    printed = capsys.readouterr().out
+    records = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
+    assert [r["val_CIDEr-D"] for r in records if "val_CIDEr-D" in r] == [0.1, 0.5, 0.3, 0.2]
+    assert "early stop at step 8: 2 evaluations without a better val CIDEr-D (best: step 4, 0.500)" in printed
+    assert json.loads((out / "checkpoint" / "step.json").read_text())["step"] == 8
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["step"] == 4 and best["val_CIDEr-D"] == 0.5
+    at_4 = torch.load(saves / "4" / "state.pt", weights_only=True)["model"]
+    kept = load_file(out / "best" / "model.safetensors")
+    assert set(kept) == set(at_4) and all(torch.equal(kept[k], at_4[k]) for k in at_4)
+    assert not all(torch.equal(kept[k], v) for k, v in torch.load(saves / "8" / "state.pt", weights_only=True)["model"].items())
+    assert "best: step 4 (val CIDEr-D 0.5000)" in printed and "| best (step 4) |" in printed
+    assert "test_best" in records[-1] and records[-1]["best_step"] == 4
+
+
+def test_kill_inside_a_checkpoint_swap_loses_nothing(tiny_run, tmp_path, monkeypatch, capsys):
+    """Killed between 'live checkpoint moved aside' and 'new one renamed in' (issue #14: --resume then
+    restarted at step 0): --resume continues from the newest whole checkpoint; --resume with another
+    LoRA rank, or a new run in the same folder, is refused by name."""
+    import train
+    from paligemma import atomic
+    from paligemma.captioning.training import ResumeError
+    model, data = tiny_run
+    lora_args = ["--finetune", "lora", "--lora", "decoder", "--lora-r", "4", "--save-every", "2", "--eval-every", "100"]
+    calls, real = [], atomic.os.replace
+
+    def replace(src, dst):  # the third rename of the second checkpoint save: .checkpoint.new -> checkpoint
+        calls.append(Path(dst).name)
+        if calls.count("checkpoint") == 2:
+            raise Crash("killed between the two renames")
+        real(src, dst)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(Crash):
+        train.main(train_args(model, data, tmp_path, "--steps", "4", *lora_args))
+    monkeypatch.setattr(atomic.os, "replace", real)
+    assert not (tmp_path / "checkpoint").exists()  # the state the old code turned into a restart at step 0
+    with pytest.raises(ResumeError, match=r"--lora-r 8 \(checkpoint: 4\)"):
+        train.main(train_args(model, data, tmp_path, "--steps", "4", "--resume", *lora_args[:-4], "--lora-r", "8",
+                              *lora_args[-4:]))
+    with pytest.raises(ResumeError, match="already holds a run \\(checkpoint at step 4\\): pass --resume"):
+        train.main(train_args(model, data, tmp_path, "--steps", "4", *lora_args))
+    capsys.readouterr()
+    train.main(train_args(model, data, tmp_path, "--steps", "4", "--resume", *lora_args))
+    assert "resumed at step 4" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_resume_without_checkpoint_is_refused(tiny_run, tmp_path):
+    import train
+    from paligemma.captioning.training import ResumeError
+    model, data = tiny_run
+    with pytest.raises(ResumeError, match=r"--resume: .*state.pt does not exist, nothing to resume \(check --out"):
+        train.main(train_args(model, data, tmp_path / "typo", "--steps", "2", "--resume"))
+
+
+def command(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--steps", "0", "expected an integer >= 1, got '0'"),
+    ("--batch-size", "0", "expected an integer >= 1, got '0'"),
+    ("--lr", "0", "expected a number > 0, got '0'"),
+    ("--lora-dropout", "1", "expected a number in [0, 1), got '1'"),
+    ("--warmup", "x", "expected an integer >= 0, got 'x'"),
+])
+def test_bad_numbers_are_one_line_parse_errors(flag, value, expected):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.parse_args([flag, value])
+    assert e.value.code == 2
+    p = command("train.py", flag, value)  # and as a user sees it: usage and one line, no traceback
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == f"train.py: error: argument {flag}: {expected}"
+
+
+def test_bad_input_is_one_line_without_traceback(tiny_run, tmp_path):
+    _, data = tiny_run
+    p = command("train.py", "--model", "no/such-model", "--data", data, "--out", str(tmp_path / "x"))
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("train.py: no/such-model: not a local folder; as a hub id: ") and len(p.stderr.splitlines()) == 1
+    p = command("train.py", "--model", "no/such-model", "--data", data, "--out", str(tmp_path / "x"), "--debug")
+    assert p.returncode == 1 and "Traceback" in p.stderr

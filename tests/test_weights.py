@@ -131,3 +131,31 @@ def test_same_dtype_tensors_are_views_of_the_file_and_converted_ones_are_not(pg2
         torch.testing.assert_close(model.state_dict(), {k: v.to(dtype) for k, v in src.to(torch.bfloat16).state_dict().items()},
                                    atol=0, rtol=0)
     assert mapped == [(True, True), (False, False)]
+
+
+def test_truncated_file_is_named_not_read_past_its_end(pg1_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(pg1_dir, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor '.+' needs bytes \d+\.\.\d+ of \d+ .*truncated"):
+        PaliGemma.from_pretrained(bad)
+    (bad / "model.safetensors").write_bytes(data[:100])  # cut inside the header
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a safetensors file or truncated \(100 bytes"):
+        PaliGemma.from_pretrained(bad)
+
+
+def test_git_lfs_pointer_says_git_lfs_pull(pg1_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(pg1_dir, bad)
+    (bad / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n"
+                                           "oid sha256:" + "0" * 64 + "\nsize 5920000000\n")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: a Git LFS pointer file, not the weights: run `git lfs pull`"):
+        PaliGemma.from_pretrained(bad)
+
+
+def test_missing_path_that_looks_like_a_hub_id_says_both(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match=r"^checkpoints/run1: not a local folder; as a hub id: \w+"):
+        PaliGemma.from_pretrained("checkpoints/run1")

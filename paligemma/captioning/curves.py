@@ -1,7 +1,9 @@
-"""loss.png from metrics.jsonl: training loss, validation loss, and validation loss with shuffled images.
+"""loss.png from metrics.jsonl: training loss, validation loss, and validation loss with shuffled images;
+on a second axis the validation captions' CIDEr-D, with the best step (OUT/best) marked.
 
-The gap between the last two is the image-reliance figure: two curves on top of each other mean the
-decoder is captioning without looking. matplotlib is an optional extra (`pip install -e '.[plot]'`).
+The gap between the two validation losses is the image-reliance figure: two curves on top of each
+other mean the decoder is captioning without looking. matplotlib is an optional extra
+(`pip install -e '.[plot]'`).
 """
 import json
 from pathlib import Path
@@ -31,7 +33,16 @@ def plot(log: str | Path, png: str | Path) -> Path | None:
     ax.set_ylabel("cross-entropy (nats / caption token)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles = ax.get_legend_handles_labels()
+    cider = [(r["step"], r["val_CIDEr-D"]) for r in records if "val_CIDEr-D" in r]
+    if cider:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*cider), "^-", color="tab:purple", label="val CIDEr-D (captions)")
+        best = max(cider, key=lambda c: c[1])  # the first of equals, as validation.Best keeps it
+        ax2.plot(*best, "*", color="tab:purple", ms=14, label=f"best: step {best[0]}")
+        ax2.set_ylabel("CIDEr-D")
+        handles = [a + b for a, b in zip(handles, ax2.get_legend_handles_labels())]
+    ax.legend(*handles, fontsize=8)
     fig.tight_layout()
     with atomic_file(png, "wb") as f:
         fig.savefig(f, format="png")

@@ -3,10 +3,18 @@
 RISC (`captions.csv`): source, split, image, caption_1 ... caption_5, images in a folder beside it
 (`images/`, `resized/`, or the CSV's own folder). Generic: an `image` column (or key) and one or
 more columns starting with `caption` (or a JSONL `captions` list). Bad rows are errors that name the
-file, line and field; with `skip_bad=True` they are skipped, counted and reported instead.
+file, line and field; with `skip_bad=True` they are skipped, counted and reported instead. Images are
+decoded in full when checked (a truncated JPEG passes PIL's verify() and would fail hours later).
+
+Refused whatever `skip_bad` says, because each would change what is measured rather than lose a row:
+a split asked of a file without a `split` column (every row would be in every split: validation and
+test on the training images), the same image on two rows of a split (one row's references would
+hide the other's), and image paths that leave the image folder (`../x.jpg`, `/etc/passwd`).
 """
 import csv
+import io
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,38 +55,62 @@ def find_image_dir(data: Path, image_dir: str | Path | None, first_image: str) -
     raise DataError(f"{data}: cannot find image {first_image!r} in any of {IMAGE_DIRS} beside it; pass image_dir")
 
 
+def read_text(path: Path) -> str:
+    """The file as UTF-8 (a BOM is dropped); a decode error names the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
+                        "save the file as UTF-8") from None
+
+
 def read_rows(path: Path) -> list[tuple[int, dict]]:
+    text = read_text(path)
     if path.suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
+        for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append((i, json.loads(line)))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{i}: not JSON: {e}") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{i}: expected a JSON object with 'image' and captions, got "
+                                    f"{type(row).__name__}")
+                rows.append((i, row))
         return rows
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "image" not in reader.fieldnames:
-            raise DataError(f"{path}: no 'image' column (columns: {reader.fieldnames})")
-        if not any(c.startswith("caption") for c in reader.fieldnames):
-            raise DataError(f"{path}: no caption column (expected caption_1 ... or caption); columns: {reader.fieldnames}")
-        return [(i, row) for i, row in enumerate(reader, 2)]
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None or "image" not in reader.fieldnames:
+        raise DataError(f"{path}: no 'image' column (columns: {reader.fieldnames})")
+    if not any(c.startswith("caption") for c in reader.fieldnames):
+        raise DataError(f"{path}: no caption column (expected caption_1 ... or caption); columns: {reader.fieldnames}")
+    rows, line = [], 1
+    for row in reader:
+        rows.append((line + 1, row))
+        line = reader.line_num  # a quoted caption may span lines
+    return rows
 
 
 def load_examples(data: str | Path, split: str | None = None, image_dir=None, skip_bad: bool = False,
                   check_images: bool = True) -> tuple[list[Example], Skipped]:
-    """Examples of one split (all rows if the file has no split column or split is None)."""
+    """Examples of one split (every row with split=None)."""
     path = Path(data)
     if path.is_dir():
         path = path / "captions.csv"
     if not path.exists():
         raise DataError(f"{path}: data file not found")
     rows = read_rows(path)
-    if split is not None and rows and "split" in rows[0][1]:
+    if split is not None and rows:
+        if not any("split" in r for _, r in rows):
+            raise DataError(f"{path}: no 'split' column, so there is no split {split!r}: every row would be in "
+                            "every split (validation and test on the training images). Add a split column "
+                            "(train / val / test)")
         rows = [(i, r) for i, r in rows if r.get("split") == split]
     if not rows:
         raise DataError(f"{path}: no examples" + (f" in split {split!r}" if split else ""))
+    check_unique(path, rows)
     folder = find_image_dir(path, image_dir, str(rows[0][1].get("image", "")))
     examples, skipped = [], Skipped()
     for line, row in rows:
@@ -93,27 +125,50 @@ def load_examples(data: str | Path, split: str | None = None, image_dir=None, sk
     return examples, skipped
 
 
+def check_unique(path: Path, rows):
+    seen = {}
+    for line, row in rows:
+        name = row.get("image")
+        if name and name in seen:
+            raise DataError(f"{path}:{line}: image {name!r} is also on line {seen[name]} of the same split: "
+                            "put all its captions on one row (one row per image)")
+        seen.setdefault(name, line)
+
+
+def inside(folder: Path, name: str) -> Path:
+    """folder / name, refused if the name leaves the folder (judged on the text, so symlinked images work)."""
+    norm = os.path.normpath(name)
+    if os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep):
+        raise DataError(f"image path {name!r} leaves the image folder {folder}")
+    return folder / name
+
+
 def parse_row(path, line, row, folder, check_images) -> Example:
     where = f"{path}:{line}"
     name = row.get("image")
-    if not name:
+    if not name or not isinstance(name, str):
         raise DataError(f"{where}: empty 'image' field")
     caps = row.get("captions")
     if caps is None:
-        keys = sorted((k for k in row if k.startswith("caption")), key=lambda k: (len(k), k))
+        keys = sorted((k for k in row if k and k.startswith("caption")), key=lambda k: (len(k), k))
         caps = [row[k] for k in keys]
+    if not isinstance(caps, list) or not all(isinstance(c, str) or c is None for c in caps):
+        raise DataError(f"{where}: captions must be strings (a JSONL 'captions' list of strings)")
     empty = [i + 1 for i, c in enumerate(caps) if not (c or "").strip()]
     if empty or not caps:
         raise DataError(f"{where}: empty caption(s) {empty or 'all'} for image {name}")
-    image = folder / name
+    try:
+        image = inside(folder, name)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
     if check_images:
         if not image.exists():
             raise DataError(f"{where}: image file {image} not found")
         from PIL import Image, UnidentifiedImageError
         try:
             with Image.open(image) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError) as e:
+                im.load()  # decode every byte: verify() alone passes truncated JPEGs
+        except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataError(f"{where}: image file {image} is corrupt ({e})") from None
     return Example(image=image, captions=[c.strip() for c in caps], split=row.get("split", ""))
 

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import warnings
 from pathlib import Path
@@ -102,40 +103,124 @@ def image_reliance(model, batch: dict) -> tuple[float, float]:
     return own, model.loss(**shuffled).item()
 
 
+def make_trainable(model, full: bool, args):
+    """Full fine-tuning: every weight, in float32 master copies (autocast computes in bf16). LoRA: the
+    adapter layers named by --lora, plus any --train-modules, in float32; the rest stays frozen."""
+    import lora
+    if full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.float()
+        return
+    lora.inject(model, args.lora, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, rslora=args.rslora)
+    lora.train_modules(model, args.train_modules)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
 def trainable_state(model, full: bool) -> dict:
     """Full fine-tuning: every weight; otherwise only what trains (LoRA and any unfrozen modules)."""
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if full or k in trains}
 
 
+class ResumeError(ValueError):
+    """A run folder that --resume cannot continue, or that a new run would overwrite."""
+
+
+# Settings that change what a checkpoint's weights, optimizer state and data position mean: a resumed
+# run must use the saved ones. (--steps, --lr, --eval-every, --save-every, --device ... may change.)
+MUST_MATCH = ("model", "data", "prompt", "finetune", "lora", "lora_r", "lora_alpha", "lora_dropout", "rslora",
+              "train_modules", "batch_size", "grad_accum", "seed", "first_caption_only", "max_length", "dtype",
+              "blind", "overfit_batch")
+
+
+def check_run_folder(out: Path, resume: bool):
+    """Before a run reads or writes OUT: finish a checkpoint swap a kill interrupted (atomic.recover),
+    then refuse --resume without a checkpoint (a typo in --out must not restart from step 0) and a new
+    run over an existing checkpoint (its first save would replace it). Rank 0 only."""
+    from ..atomic import recover
+    checkpoint = recover(out / "checkpoint")
+    recover(out / "best")
+    state = checkpoint / "state.pt"
+    if resume and not state.exists():
+        raise ResumeError(f"--resume: {state} does not exist, nothing to resume (check --out, or drop --resume "
+                          "to start a new run)")
+    if not resume and state.exists():
+        step = json.loads((checkpoint / "step.json").read_text())["step"] if (checkpoint / "step.json").exists() else "?"
+        raise ResumeError(f"{out} already holds a run (checkpoint at step {step}): pass --resume to continue it, "
+                          "or choose another --out")
+
+
 def save_train_state(directory, model, optimizer, step: int, batches: Batches, rng: random.Random, full: bool,
-                    args: dict, states: tuple[dict, dict] | None = None):
-    """Everything needed to continue exactly: weights that train, optimizer, step, data position, RNGs.
-    Written to a temp folder and renamed, so `directory` is always a whole checkpoint. `states`:
-    (model, optimizer) state already gathered from shards (FSDP)."""
+                    args: dict, states: tuple[dict, dict] | None = None, extra: dict | None = None):
+    """Everything needed to continue exactly: weights that train, optimizer, step, data position, RNGs,
+    the settings, and `extra` (the best-model tracker). Only tensors and plain Python values, so that
+    load_train_state reads it with torch.load(weights_only=True). Written to a temp folder and swapped
+    in (atomic.py), so `directory` is always a whole checkpoint. `states`: (model, optimizer) state
+    already gathered from shards (FSDP)."""
     model_state, optimizer_state = states or (trainable_state(model, full), optimizer.state_dict())
     with atomic_dir(directory) as tmp:
         torch.save({"model": model_state, "optimizer": optimizer_state, "step": step,
                     "data": batches.state(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                    "args": args}, tmp / "state.pt")
+                    "args": args, "extra": extra or {}}, tmp / "state.pt")
         if not full:
             import lora
             lora.save(model, tmp / "adapter", base_model_name_or_path=args.get("model"))
         (tmp / "step.json").write_text(json.dumps({"step": step}))
 
 
-def load_train_state(directory, model, optimizer, batches: Batches, rng: random.Random, sharded=None) -> int:
-    """Restore what save_train_state wrote; `sharded`: the FSDP-wrapped model, whose shards are filled
-    from the whole state."""
-    state = torch.load(Path(directory) / "state.pt", weights_only=False)
-    missing = set(state["model"]) - set(model.state_dict())
-    if missing:
-        raise ValueError(f"{directory}: checkpoint has weights this model lacks: {sorted(missing)[:5]}")
+def read_train_state(directory) -> dict:
+    """state.pt, unpickled with weights_only=True: tensors and plain values only, never code. A file this
+    program did not write, or a damaged one, is refused by name."""
+    path = Path(directory) / "state.pt"
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise ResumeError(f"{path}: refused: it holds more than tensors and plain values, so it was not written by "
+                          f"train.py and loading it could run code ({str(e).splitlines()[0]}). Run folder: "
+                          f"{Path(directory).parent}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ResumeError(f"{path}: unreadable checkpoint, damaged or truncated ({str(e).splitlines()[0]}). "
+                          f"Run folder: {Path(directory).parent}") from None
+    want = {"model", "optimizer", "step", "data", "rng", "torch_rng", "args"}
+    if not isinstance(state, dict) or not want <= set(state):
+        raise ResumeError(f"{path}: not a train.py checkpoint (expected keys {sorted(want)})")
+    return state
+
+
+def check_settings(saved: dict, current: dict, directory):
+    """--resume with other settings than the checkpoint's would continue a different run: name them."""
+    def same(key):
+        a, b = saved.get(key), current.get(key)
+        if key in ("model", "data") and a and b and Path(a).exists() and Path(b).exists():
+            return Path(a).resolve() == Path(b).resolve()  # the same folder spelt another way
+        return a == b
+    differ = [f"--{k.replace('_', '-')} {current.get(k)!r} (checkpoint: {saved.get(k)!r})"
+              for k in MUST_MATCH if not same(k)]
+    if differ:
+        raise ResumeError(f"{directory}: --resume with other settings than the checkpoint's: {'; '.join(differ)}")
+
+
+def load_train_state(directory, model, optimizer, batches: Batches, rng: random.Random, sharded=None,
+                     args: dict | None = None) -> tuple[int, dict]:
+    """Restore what save_train_state wrote; returns (step, extra). `sharded`: the FSDP-wrapped model,
+    whose shards are filled from the whole state. `args`: the current settings, checked against the saved."""
+    state = read_train_state(directory)
+    if args is not None:
+        check_settings(state["args"], args, directory)
+    current = model.state_dict()
+    unknown = sorted(set(state["model"]) - set(current))
+    shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(current[k].shape)}"
+              for k, v in state["model"].items() if k in current and v.shape != current[k].shape]
+    if unknown or shapes:
+        raise ResumeError(f"{directory}: checkpoint does not fit this model: weights it lacks {unknown[:5]}, "
+                          f"wrong shapes {shapes[:5]}")
     if sharded is not None:
         from .distributed import load_full_state
         load_full_state(sharded, optimizer, state["model"], state["optimizer"])
     else:
-        current = model.state_dict()
         with torch.no_grad():
             for k, v in state["model"].items():  # only the trained subset is stored
                 current[k].copy_(v)
@@ -143,7 +228,29 @@ def load_train_state(directory, model, optimizer, batches: Batches, rng: random.
     batches.load(state["data"])
     rng.setstate(state["rng"])
     torch.set_rng_state(state["torch_rng"])
-    return state["step"]
+    return state["step"], state.get("extra", {})
+
+
+def export(model, full: bool, base: str, folder: Path, state: dict | None = None):
+    """What a user keeps: a hub-layout checkpoint + tokenizer (full), or a PEFT adapter (LoRA), in
+    `folder`. `state`: the whole state gathered from FSDP shards."""
+    import shutil
+    import lora
+    from ..weights import resolve
+    if full:
+        model.save_pretrained(folder, state_dict=state)
+        shutil.copyfile(resolve(base) / "tokenizer.model", Path(folder) / "tokenizer.model")
+    else:
+        lora.save(model, folder, base_model_name_or_path=base)
+
+
+def trim_log(log: Path, step: int):
+    """A resumed run logs again the steps after its checkpoint: drop the first run's records of them."""
+    if log.exists():
+        from ..atomic import atomic_file
+        keep = [l for l in log.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        with atomic_file(log) as f:
+            f.write("".join(l + "\n" for l in keep))
 
 
 def wandb_run(project: str | None, config: dict, rank: int):

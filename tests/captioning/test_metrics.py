@@ -1,5 +1,6 @@
 """Metrics against pycocoevalcap's own scorers (same tokenised inputs) and hand-computed values."""
 import csv
+import math
 import gzip
 import random
 import re
@@ -10,7 +11,7 @@ import pytest
 from paligemma.captioning import metrics
 from paligemma.captioning.wordnet import DEBIAN, LEXNAMES, lexnames_text
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsicd-subset" / "captions_only.csv"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "rsicd-subset" / "captions_only.csv"
 
 
 def caption_pairs(n=60, seed=0):
@@ -117,3 +118,62 @@ def test_lexnames_match_the_manual_page():
         pytest.skip("lexnames(5WN) manual page not installed")
     names = re.findall(r"^\d\d\s+(\S+)", gzip.open(page, "rt").read(), re.M)
     assert names == LEXNAMES and len(lexnames_text().splitlines()) == 45
+
+
+# --- data where the conventions bite (each also checked against pycocoevalcap) ----------------------
+
+def coco(scorer, h, r):
+    score, _ = scorer.compute_score(r, h, **({"verbose": 0} if type(scorer).__name__ == "Bleu" else {}))
+    return score
+
+
+def test_bleu_brevity_penalty_uses_the_closest_reference_length():
+    """7 words against references of 2, 8 and 20: the closest (8) sets the penalty, exp(1 - 8/7);
+    the shortest (2) would give none, the average (10) a harsher one. Ties go to the shorter."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    h = {"a": ["a b c d e f g"]}
+    r = {"a": ["a b", "a b c d e f g h", " ".join("abcdefghijklmnopqrst")]}
+    ours = metrics.bleu(h, r)
+    assert ours[0] == pytest.approx(math.exp(1 - 8 / 7), rel=1e-9)  # every unigram matches
+    assert ours == pytest.approx(coco(Bleu(4), h, r), rel=1e-9)
+    tie = {"a": ["a b c d e f"]}, {"a": ["a b c d", "a b c d e f x y"]}  # 6 words: 4 and 8 both 2 away
+    assert metrics.bleu(*tie)[0] == pytest.approx(1.0) and coco(Bleu(4), *tie)[0] == pytest.approx(1.0)
+    # over a corpus the lengths add up before the penalty: 7 + 6 words against 8 + 4
+    corpus_h, corpus_r = {**h, "b": tie[0]["a"]}, {**r, "b": tie[1]["a"]}
+    assert metrics.bleu(corpus_h, corpus_r) == pytest.approx(coco(Bleu(4), corpus_h, corpus_r), rel=1e-9)
+
+
+def test_repeated_ngrams_are_clipped_to_the_reference_counts():
+    """'plane plane plane plane' against references holding 'plane' at most twice: BLEU counts 2 of 4
+    unigrams correct; CIDEr-D clips the repeated n-grams' tf-idf to the reference's."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    h = {"a": ["plane plane plane plane"], "b": ["a red roof"], "c": ["two ships ships ships near a pier"]}
+    r = {"a": ["a plane near a plane", "one plane"], "b": ["a red roof on a house", "red roofs"],
+         "c": ["two ships near a pier", "ships at a pier", "a pier with two ships"]}
+    b1 = metrics.bleu({"a": h["a"]}, {"a": r["a"]})[0]
+    assert b1 == pytest.approx(2 / 4 * math.exp(1 - 5 / 4), rel=1e-9)  # 4 words, closest reference 5
+    assert metrics.bleu(h, r) == pytest.approx(coco(Bleu(4), h, r), rel=1e-9)
+    ours = metrics.cider_d(h, r)
+    assert ours == pytest.approx(coco(Cider(), h, r), rel=1e-9)
+    unclipped = dict(h, a=["plane plane plane plane plane plane plane plane"])
+    assert metrics.cider_d(unclipped, r) < ours  # more repeats, never a higher score
+
+
+def test_hypotheses_shorter_than_four_words():
+    """1-3 word hypotheses have no 4-gram (COCO counts zero guesses, not one); BLEU, ROUGE-L and
+    CIDEr-D equal pycocoevalcap's on a corpus of them, mixed with longer ones."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    h = {"a": ["plane"], "b": ["red roof"], "c": ["two ships near"], "d": ["a lake with a bridge over it"]}
+    r = {"a": ["a plane on a runway", "plane"], "b": ["a red roof", "red roofs of houses"],
+         "c": ["two ships near a pier", "ships"], "d": ["a bridge over a lake", "a lake and a bridge"]}
+    ours = metrics.bleu(h, r)
+    assert ours == pytest.approx(coco(Bleu(4), h, r), rel=1e-9)
+    assert metrics.rouge_l(h, r) == pytest.approx(coco(Rouge(), h, r), rel=1e-9)
+    assert metrics.cider_d(h, r) == pytest.approx(coco(Cider(), h, r), rel=1e-9)
+    # by hand for one image: 1 of 1 unigram; no bigram guess, smoothed (0 + 1e-15) / (0 + 1e-9), so
+    # BLEU-2 = (1 x 1e-6)^(1/2); counting one guess (nltk's max(1, .)) would give 3e-8
+    one = metrics.bleu({"a": h["a"]}, {"a": r["a"]})
+    assert one[0] == pytest.approx(1.0) and one[1] == pytest.approx(1e-3, rel=1e-6)

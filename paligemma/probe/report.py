@@ -1,0 +1,177 @@
+"""The where-it-looks report: one recorded caption -> probe.json and a self-contained report.html.
+
+The page opens from disk (no server, no network): the image as the model saw it (resized to a square),
+the caption as clickable tokens; for the selected token its attention over the image patches as a
+heatmap overlay (any decoder layer or all of them, any head or their average), its top-5 next tokens
+(what the model chose from), the logit lens at that position (each layer's top tokens), and the
+caption's image reliance (each token's log-probability with its image and with the image features
+zeroed). The view is in the address: report.html#token=3&layer=5&head=avg. Heatmaps travel as one uint8 per patch, each grid scaled to its own maximum (kept beside it).
+"""
+import base64
+import html
+import io
+import json
+
+import numpy as np
+import torch
+
+from . import DECODER, image_grid, image_reliance, logit_lens
+
+VIEW = dict(left=16, top=72, size=448)  # where the image sits on the page, in CSS pixels (the browser test reads it)
+
+
+def piece(tokenizer, i: int) -> str:
+    """A token as the page shows it: SentencePiece's '▁' as a space, a newline as \\n, special tokens by name."""
+    names = {tokenizer.eos_id: "<eos>", tokenizer.bos_id: "<bos>", tokenizer.pad_id: "<pad>",
+             tokenizer.image_id: "<image>"}
+    if i in names:
+        return names[i]
+    if i >= tokenizer.sp.get_piece_size():
+        return f"<{i}>"
+    return tokenizer.sp.id_to_piece(i).replace("\u2581", " ").replace("\n", "\\n")
+
+
+@torch.no_grad()
+def summarize(model, processor, rec, inputs: dict) -> tuple[dict, np.ndarray]:
+    """Row 0 of a Recording (decoder hook_pattern and hook_resid_post recorded) -> (probe.json's dict,
+    heatmaps (n tokens, L, H, side, side) float32)."""
+    tok = processor.tokenizer
+    ids = rec.tokens[0].tolist()
+    n, L = len(ids), model.config.text.num_hidden_layers
+    heat, lens = [], []
+    for i in range(n):
+        step = {k: v[:1] for k, v in rec.step(i).items()}
+        rows = [step[DECODER.format(l) + "self_attn.hook_pattern"][:, :, 0] for l in range(L)]  # (1, H, S) each
+        heat.append(torch.stack([image_grid(model, r, rec.input_ids[:1])[0] for r in rows]))  # (L, H, side, side)
+        probs, top = logit_lens(model, step, k=5)  # (L, 1, 1, 5)
+        lens.append([[[piece(tok, int(t)), round(float(p), 4)] for t, p in zip(top[l, 0, 0], probs[l, 0, 0])]
+                     for l in range(L)])
+    next_p, next_ids = rec.logits[0].softmax(-1).topk(5)  # (n, 5): what each token was chosen from
+    rel = image_reliance(model, inputs["input_ids"][:1], inputs["pixel_values"][:1], rec.tokens[:1],
+                         inputs["attention_mask"][:1], inputs["token_type_ids"][:1])
+    real = rel["real"][0]
+    summary = dict(
+        tokens=ids, pieces=[piece(tok, i) for i in ids], text=processor.decode(ids),
+        image_attention=rec.image_share(model)[0].tolist(),  # (n, L): head-averaged share on image keys
+        top5=[[[piece(tok, int(t)), round(float(p), 4)] for t, p in zip(next_ids[i], next_p[i])] for i in range(n)],
+        logit_lens=lens,  # (n, L, 5) [piece, probability] at the position that chose each token
+        reliance=dict(with_image=rel["with_image"][0].tolist(), without_image=rel["without_image"][0].tolist(),
+                      real=real.tolist(), total_with_image=float(rel["with_image"][0][real].sum()),
+                      total_without_image=float(rel["without_image"][0][real].sum())),
+        layers=L, heads=model.config.text.num_attention_heads,
+        grid=model.config.vision.image_size // model.config.vision.patch_size)
+    return summary, torch.stack(heat).float().numpy()
+
+
+def _png(image, size: int) -> str:
+    buf = io.BytesIO()
+    image.convert("RGB").resize((size, size)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render(summary: dict, heat: np.ndarray, image, title: str, model_size: int) -> str:
+    """-> report.html text. `image`: a PIL image, shown as the model saw it (square, model_size px)."""
+    peak = heat.max(axis=(-2, -1), keepdims=True)  # (n, L, H, 1, 1)
+    scaled = np.round(heat / np.maximum(peak, 1e-30) * 255).astype(np.uint8)
+    data = dict(summary, heat=base64.b64encode(scaled.tobytes()).decode(), peak=peak[..., 0, 0].tolist())
+    payload = json.dumps(data).replace("</", "<\\/")
+    return (PAGE.replace("$TITLE", html.escape(title)).replace("$IMAGE", _png(image, model_size))
+            .replace("$LEFT", str(VIEW["left"])).replace("$TOP", str(VIEW["top"])).replace("$SIZE", str(VIEW["size"]))
+            .replace("$DATA", payload))
+
+
+def index(entries: list[tuple[str, str, str]]) -> str:
+    """entries (folder, image name, caption) -> index.html text."""
+    rows = "\n".join(f'<li><a href="{html.escape(folder)}/report.html">{html.escape(name)}</a>: {html.escape(text)}</li>'
+                     for folder, name, text in entries)
+    return f"<!doctype html><meta charset=utf-8><title>probe</title><h1>Where it looks</h1><ul>\n{rows}\n</ul>\n"
+
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>$TITLE</title>
+<style>
+body { margin: 0; font: 14px/1.4 sans-serif; color: #222; background: #fff; }
+header { position: absolute; left: 16px; top: 0; height: 64px; right: 16px; overflow: hidden; }
+header h1 { font-size: 18px; margin: 10px 0 2px; } header p { margin: 0; color: #555; }
+#view { position: absolute; left: $LEFTpx; top: $TOPpx; width: $SIZEpx; height: $SIZEpx; }
+#view img, #view canvas { position: absolute; left: 0; top: 0; width: $SIZEpx; height: $SIZEpx; }
+#view canvas { image-rendering: pixelated; }
+#side { position: absolute; left: calc($LEFTpx + $SIZEpx + 24px); top: $TOPpx; right: 16px; }
+.tok { display: inline-block; margin: 2px; padding: 2px 6px; border: 1px solid #bbb; border-radius: 4px;
+       cursor: pointer; white-space: pre; background: #f6f6f6; }
+.tok.on { background: #cfe0f5; border-color: #3b6fb6; }
+table { border-collapse: collapse; margin: 6px 0 12px; } td, th { padding: 1px 8px; text-align: left; }
+th { color: #555; font-weight: normal; } h2 { font-size: 15px; margin: 12px 0 4px; }
+#lens td { white-space: pre; font-family: monospace; font-size: 12px; }
+</style></head><body>
+<header><h1>$TITLE</h1><p id="caption"></p></header>
+<div id="view"><img src="data:image/png;base64,$IMAGE" alt="input image"><canvas id="heat"></canvas></div>
+<div id="side">
+<div id="tokens"></div>
+<p>layer <select id="layer"></select> head <select id="head"></select><br><span id="share"></span></p>
+<h2>Top-5 next tokens</h2><table id="top5"></table>
+<h2>Image reliance</h2><p id="reltext"></p><svg id="rel" height="120"></svg>
+<h2>Logit lens (each layer's residual through the final norm and the tied head)</h2><table id="lens"></table>
+</div>
+<script>
+const D = $DATA;
+const raw = Uint8Array.from(atob(D.heat), c => c.charCodeAt(0));
+const N = D.grid * D.grid, L = D.layers, H = D.heads;
+let token = 0;
+const $ = id => document.getElementById(id);
+function cell(t, l, h, j) { const g = (t * L + l) * H + h; return raw[g * N + j] / 255 * D.peak[t][l][h]; }
+function grid(t, layer, head) {   // the attention over the patches, averaged as selected
+  const out = new Float32Array(N), ls = layer === "all" ? [...Array(L).keys()] : [+layer];
+  const hs = head === "avg" ? [...Array(H).keys()] : [+head];
+  for (const l of ls) for (const h of hs) for (let j = 0; j < N; j++) out[j] += cell(t, l, h, j) / (ls.length * hs.length);
+  return out;
+}
+function draw() {
+  const g = grid(token, $("layer").value, $("head").value), c = $("heat");
+  c.width = c.height = D.grid;
+  const ctx = c.getContext("2d"), img = ctx.createImageData(D.grid, D.grid);
+  let top = 0, low = Infinity, sum = 0;
+  for (const v of g) { top = Math.max(top, v); low = Math.min(low, v); sum += v; }
+  for (let j = 0; j < N; j++) {  // hot colour map from this view's dimmest patch (clear) to its brightest (yellow)
+    const v = top > low ? (g[j] - low) / (top - low) : 0;
+    img.data.set([255, Math.round(255 * Math.max(0, 2 * v - 1)), 0, Math.round(190 * v)], 4 * j);
+  }
+  ctx.putImageData(img, 0, 0);
+  $("share").textContent = `attention on the image ${(100 * sum).toFixed(1)}%; colours span patches ` +
+    `from ${(100 * low).toFixed(2)}% (clear) to ${(100 * top).toFixed(2)}% (yellow)`;
+  document.querySelectorAll(".tok").forEach((b, i) => b.classList.toggle("on", i === token));
+  history.replaceState(null, "", `#token=${token}&layer=${$("layer").value}&head=${$("head").value}`);  // a link to this view
+  $("top5").innerHTML = "<tr><th>token</th><th>probability</th></tr>" + D.top5[token].map(([p, q]) =>
+    `<tr><td>${esc(p)}</td><td>${q.toFixed(3)}</td></tr>`).join("");
+  $("lens").innerHTML = "<tr><th>layer</th><th colspan=5>top-5</th></tr>" + D.logit_lens[token].map((row, l) =>
+    `<tr><td>${l}</td>` + row.map(([p, q]) => `<td>${esc(p)} ${q.toFixed(2)}</td>`).join("") + "</tr>").join("");
+}
+function esc(s) { return s.replace(/[&<>]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;"})[c]); }
+function reliance() {
+  const R = D.reliance, n = D.tokens.length, w = 28, svg = $("rel");
+  svg.setAttribute("width", n * w + 10);
+  let s = "", big = 1e-9;
+  for (let i = 0; i < n; i++) big = Math.max(big, Math.abs(R.with_image[i] - R.without_image[i]));
+  for (let i = 0; i < n; i++) {  // bar up: the image makes the token likelier; down: less likely
+    if (!R.real[i]) continue;
+    const d = R.with_image[i] - R.without_image[i], h = 50 * Math.abs(d) / big;
+    s += `<rect x="${i * w + 5}" y="${d > 0 ? 60 - h : 60}" width="${w - 6}" height="${h}" fill="${d > 0 ? "#3b6fb6" : "#999"}">` +
+         `<title>${esc(D.pieces[i])}: log p ${R.with_image[i].toFixed(2)} with image, ${R.without_image[i].toFixed(2)} without</title></rect>`;
+  }
+  svg.innerHTML = s + `<line x1="0" x2="${n * w + 10}" y1="60" y2="60" stroke="#444"/>`;
+  $("reltext").textContent = `caption log-likelihood ${R.total_with_image.toFixed(2)} with its image, ` +
+    `${R.total_without_image.toFixed(2)} with the image features zeroed (bars: per-token difference)`;
+}
+$("caption").textContent = D.text;
+$("tokens").innerHTML = D.pieces.map((p, i) => `<span class="tok" data-i="${i}">${esc(p)}</span>`).join("");
+document.querySelectorAll(".tok").forEach(b => b.onclick = () => { token = +b.dataset.i; draw(); });
+$("layer").innerHTML = `<option value="all">all (average)</option>` + [...Array(L).keys()].map(l => `<option>${l}</option>`).join("");
+$("head").innerHTML = `<option value="avg">average</option>` + [...Array(H).keys()].map(h => `<option>${h}</option>`).join("");
+const view = new URLSearchParams(location.hash.slice(1));  // e.g. report.html#token=3&layer=5&head=avg
+token = Math.min(+(view.get("token") || 0), D.tokens.length - 1);
+if (view.has("layer")) $("layer").value = view.get("layer");
+if (view.has("head")) $("head").value = view.get("head");
+$("layer").onchange = $("head").onchange = draw;
+reliance(); draw();
+</script></body></html>
+"""

@@ -1,0 +1,101 @@
+"""paligemma/captioning/data.py: bad rows named by file and line, or skipped and counted; rows that
+would change what is measured (no split column, the same image twice, paths outside the image
+folder) refused whatever --skip-bad says."""
+import random
+
+import pytest
+from PIL import Image
+
+from paligemma.captioning.data import DataError, Example, load_examples, sample_caption
+
+
+def test_caption_sampling():
+    e = Example(image=None, captions=["a", "b", "c", "d", "e"])
+    rng = random.Random(0)
+    assert {sample_caption(e, rng) for _ in range(200)} == set("abcde")
+    assert {sample_caption(e, rng, first_only=True) for _ in range(20)} == {"a"}
+
+
+def write_csv(folder, rows, header="source,split,image,caption_1,caption_2"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "captions.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+    return folder / "captions.csv"
+
+
+@pytest.fixture
+def images(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "ok.png")
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "images" / "ok2.png")
+    return tmp_path / "images"
+
+
+def test_bad_data(tmp_path, images):
+    (images / "corrupt.png").write_bytes(b"junk")
+    path = write_csv(tmp_path, ["x,train,ok.png,a field,a lake", "x,train,missing.png,a,b",
+                                "x,train,corrupt.png,a,b", "x,train,ok2.png,a field,"])
+    with pytest.raises(DataError, match=r"captions.csv:3: image file .*missing.png not found"):
+        load_examples(path, "train")
+    examples, skipped = load_examples(path, "train", skip_bad=True)
+    assert len(examples) == 1 and len(skipped.reasons) == 3
+    assert "corrupt" in skipped.report() and "empty caption(s) [2]" in skipped.report()
+    with pytest.raises(DataError, match="no examples in split 'test'"):
+        load_examples(path, "test")
+    (tmp_path / "nocap.csv").write_text("image,text\nok.png,a\n")
+    with pytest.raises(DataError, match="no caption column"):
+        load_examples(tmp_path / "nocap.csv")
+
+
+def test_truncated_jpeg_is_caught_when_checked(tmp_path, images):
+    """PIL's verify() passes a JPEG cut in half; decoding it fails. The check decodes."""
+    import numpy as np
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / "cut.jpg")
+    data = (images / "cut.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(data[:len(data) // 2])
+    with Image.open(images / "cut.jpg") as im:
+        im.verify()  # the old check: passes
+    path = write_csv(tmp_path, ["x,train,ok.png,a,b", "x,train,cut.jpg,a,b"])
+    with pytest.raises(DataError, match=r"captions.csv:3: image file .*cut.jpg is corrupt"):
+        load_examples(path, "train")
+    examples, skipped = load_examples(path, "train", skip_bad=True)
+    assert [e.image.name for e in examples] == ["ok.png"] and "cut.jpg" in skipped.report()
+
+
+def test_no_split_column_is_refused(tmp_path, images):
+    path = write_csv(tmp_path, ["ok.png,a,b", "ok2.png,c,d"], header="image,caption_1,caption_2")
+    with pytest.raises(DataError, match=r"captions.csv: no 'split' column, so there is no split 'val'"):
+        load_examples(path, "val")
+    assert len(load_examples(path)[0]) == 2  # every row, when no split is asked for
+
+
+def test_same_image_twice_in_a_split_names_both_lines(tmp_path, images):
+    path = write_csv(tmp_path, ["x,test,ok.png,a,b", "x,test,ok2.png,c,d", "x,test,ok.png,e,f"])
+    with pytest.raises(DataError, match=r"captions.csv:4: image 'ok.png' is also on line 2"):
+        load_examples(path, "test", skip_bad=True)
+
+
+@pytest.mark.parametrize("name", ["../captions.csv", "../../../etc/passwd", "/etc/passwd", "sub/../../x.png"])
+def test_paths_leaving_the_image_folder_are_refused_unopened(tmp_path, images, monkeypatch, name):
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    path = write_csv(tmp_path, ["x,train,ok.png,a,b", f"x,train,{name},a,b"])
+    with pytest.raises(DataError, match=rf"captions.csv:3: image path '{name}' leaves the image folder"):
+        load_examples(path, "train")
+    examples, skipped = load_examples(path, "train", skip_bad=True)
+    assert len(examples) == 1 and len(skipped.reasons) == 1
+    assert not [p for p in opened if "passwd" in p or p.endswith("captions.csv")]
+
+
+def test_non_utf8_csv_names_the_line(tmp_path, images):
+    path = tmp_path / "captions.csv"
+    path.write_bytes("split,image,caption_1\ntrain,ok.png,a field\ntrain,ok2.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"captions.csv:3: not UTF-8 \(byte 0xe9"):
+        load_examples(path, "train")
+
+
+def test_jsonl_rows_must_be_objects(tmp_path, images):
+    path = tmp_path / "captions.jsonl"
+    path.write_text('{"split": "train", "image": "ok.png", "captions": ["a"]}\n["ok2.png", "b"]\n')
+    with pytest.raises(DataError, match=r"captions.jsonl:2: expected a JSON object"):
+        load_examples(path, "train")

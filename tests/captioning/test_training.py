@@ -1,0 +1,137 @@
+"""paligemma/captioning/training.py: the pieces of train.py, and its checkpoints: read without running
+code, refused by name when damaged, foreign, or resumed with other settings."""
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from paligemma.captioning.data import Example
+from paligemma.captioning.training import (Batches, ResumeError, blind, check_labels, check_run_folder,
+                                           check_settings, first_loss_check, load_train_state, lr_at,
+                                           make_trainable, read_train_state, save_train_state)
+
+
+def test_lr_schedule_hand_values():
+    assert lr_at(0, 1.0, 10, 110) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 110) == pytest.approx(1.0)
+    assert lr_at(60, 1.0, 10, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lr_at(110, 1.0, 10, 110) == pytest.approx(0.1)
+
+
+def test_every_example_needs_a_label():
+    labels = torch.tensor([[-100, 5, 1], [-100, -100, -100]])
+    with pytest.raises(ValueError, match=r"\['1'\] have no unmasked label token"):
+        check_labels({"labels": labels})
+
+
+def test_uniform_first_loss_warns_for_pretrained():
+    with pytest.warns(UserWarning, match="ln\\(vocab\\)"):
+        first_loss_check(11.57, 257_216, pretrained=True)
+
+
+def test_blind_control_keeps_captions_and_moves_images():
+    examples = [Example(image=f"{i}.png", captions=[f"caption {i}"]) for i in range(50)]
+    shuffled = blind(examples, seed=0)
+    assert [e.captions for e in shuffled] == [e.captions for e in examples]
+    assert sorted(e.image for e in shuffled) == sorted(e.image for e in examples)
+    assert sum(a.image == b.image for a, b in zip(examples, shuffled)) <= 3
+
+
+LORA = dict(lora="decoder", lora_r=4, lora_alpha=8.0, lora_dropout=0.0, rslora=False, train_modules=[])
+
+
+def lora_model(pg1_dir, r=4):
+    from paligemma import PaliGemma
+    model = PaliGemma.from_pretrained(pg1_dir)
+    make_trainable(model, False, SimpleNamespace(**dict(LORA, lora_r=r)))
+    return model
+
+
+def saved_run(pg1_dir, folder, args=None):
+    """A LoRA checkpoint after one optimizer step, as train.py writes it, and the objects it came from."""
+    model = lora_model(pg1_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    batches, rng = Batches(list(range(10)), 3, 0), random.Random(5)
+    batches.next()
+    rng.random()
+    args = dict(model=str(pg1_dir), **LORA) if args is None else args
+    save_train_state(folder, model, optimizer, 1, batches, rng, False, args, extra={"best": {"step": 1}})
+    return model, optimizer, batches, rng
+
+
+def test_checkpoint_round_trip_with_weights_only(pg1_dir, tmp_path):
+    """What save_train_state writes loads with torch.load(weights_only=True) and restores everything."""
+    model, optimizer, batches, rng = saved_run(pg1_dir, tmp_path / "checkpoint")
+    torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)
+    fresh = lora_model(pg1_dir)
+    opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    b2, r2 = Batches(list(range(10)), 3, 0), random.Random(0)
+    step, extra = load_train_state(tmp_path / "checkpoint", fresh, opt, b2, r2, args=dict(model=str(pg1_dir), **LORA))
+    assert step == 1 and extra == {"best": {"step": 1}}
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+    assert b2.next() == batches.next() and r2.random() == rng.random()
+    assert str(opt.state_dict()["state"]) == str(optimizer.state_dict()["state"])
+
+
+class Planted:
+    """A pickle that runs code when unpickled: it creates a marker file."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_malicious_checkpoint_runs_no_code(pg1_dir, tmp_path):
+    folder = tmp_path / "run" / "checkpoint"
+    saved_run(pg1_dir, folder)
+    state = torch.load(folder / "state.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    torch.save(dict(state, extra=Planted(str(marker))), folder / "state.pt")
+    torch.load(folder / "state.pt", weights_only=False)  # the old loader: the code runs ...
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ResumeError, match=r"state.pt: refused: .*could run code.*Run folder: .*run"):
+        read_train_state(folder)
+    assert not marker.exists()  # ... ours refuses before any of it runs
+
+
+def test_damaged_checkpoint_names_the_run_folder(pg1_dir, tmp_path):
+    folder = tmp_path / "run" / "checkpoint"
+    saved_run(pg1_dir, folder)
+    data = (folder / "state.pt").read_bytes()
+    (folder / "state.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ResumeError, match=rf"state.pt: unreadable checkpoint, damaged or truncated .*Run folder: {tmp_path / 'run'}"):
+        read_train_state(folder)
+    torch.save({"weights": torch.zeros(2)}, folder / "state.pt")
+    with pytest.raises(ResumeError, match="not a train.py checkpoint"):
+        read_train_state(folder)
+
+
+def test_resume_with_other_settings_names_them(pg1_dir, tmp_path):
+    saved = dict(model=str(pg1_dir), batch_size=8, **LORA)
+    with pytest.raises(ResumeError, match=r"--lora-r 8 \(checkpoint: 4\); --batch-size 4 \(checkpoint: 8\)"):
+        check_settings(saved, dict(saved, lora_r=8, batch_size=4, steps=100), tmp_path)
+    check_settings(saved, dict(saved, steps=100, lr=1.0, model=str(pg1_dir) + "/."), tmp_path)  # these may change
+
+
+def test_resume_into_a_model_of_other_shapes_names_them(pg1_dir, tmp_path):
+    saved_run(pg1_dir, tmp_path / "checkpoint")
+    model = lora_model(pg1_dir, r=2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(ResumeError, match=r"wrong shapes \[.*lora_[AB].weight: checkpoint \(\d+, \d+\), model"):
+        load_train_state(tmp_path / "checkpoint", model, opt, Batches([], 1, 0), random.Random())
+
+
+def test_run_folder_refusals(pg1_dir, tmp_path):
+    with pytest.raises(ResumeError, match=r"--resume: .*checkpoint/state.pt does not exist, nothing to resume"):
+        check_run_folder(tmp_path, resume=True)
+    saved_run(pg1_dir, tmp_path / "checkpoint")
+    with pytest.raises(ResumeError, match=r"already holds a run \(checkpoint at step 1\): pass --resume"):
+        check_run_folder(tmp_path, resume=False)
+    check_run_folder(tmp_path, resume=True)
