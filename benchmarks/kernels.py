@@ -59,7 +59,8 @@ def main():
             x = torch.randn(M, K, dtype=torch.bfloat16)
             lines = [("bf16 F.linear", "bf16", lambda: F.linear(x, dense.weight)),
                      ("bf16 oneDNN-packed (packing.py)", "bf16", lambda: packed(x)),
-                     ("int8 torch._weight_int8pack_mm", "int8", lambda: i8(x)),
+                     ("int8 torch._weight_int8pack_mm", "int8",
+                      lambda: torch._weight_int8pack_mm(x, i8.qweight, i8.scales)),
                      ("int8 dequantize + F.linear", "int8", lambda: F.linear(x, i8.dequantize())),
                      ("nf4 dequantize + F.linear", "nf4", lambda: nf4(x))]
             if M > 16:  # torch._int_mm needs M > 16
