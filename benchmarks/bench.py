@@ -156,6 +156,16 @@ def measure(impl: str, task: str, ckpt: str, device: str, reps: int, batch: int,
             seconds = time.perf_counter() - t0
         nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         return dict(seconds=seconds, peak_bytes=mem.delta, model_bytes=nbytes)
+    if task == "first_caption":  # what a user of the caption command feels: fresh process, load, one caption
+        import paligemma.weights  # noqa: F401  (imports excluded, as for load)
+        import transformers.models.paligemma.modeling_paligemma  # noqa: F401
+        batch = inputs(config, 1, device=device)
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            generate(impl, load(impl, ckpt, device), batch, 20)  # ours: the inference path, packed on CPU
+            sync(device)
+            seconds = time.perf_counter() - t0
+        return dict(seconds=seconds, peak_bytes=mem.delta)
     model = load(impl, ckpt, device, pack=task != "train")
     if task == "train":
         model = add_lora(impl, model).train()
@@ -234,7 +244,7 @@ def run_line(impl, task, ckpt, device, reps, batch=1, checkpointing=False, new=N
     cmd = [sys.executable, __file__, "--one", impl, task, "--ckpt", ckpt, "--device", device, "--reps", str(reps),
            "--batch", str(batch), "--threads", str(torch.get_num_threads()), "--new", str(new)] \
         + (["--checkpointing"] if checkpointing else [])
-    if task == "load":  # a fresh process per repetition: load is a one-shot event
+    if task in ("load", "first_caption"):  # a fresh process per repetition: one-shot events
         runs = [json.loads(subprocess.run(cmd + ["--reps", "1"], capture_output=True, text=True, check=True,
                                           cwd=ROOT).stdout.strip().splitlines()[-1]) for _ in range(reps)]
         return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
