@@ -7,7 +7,7 @@ import sys
 
 from tqdm import tqdm
 
-from .cli import DTYPES, POSITIVE, add_debug, load_for_inference, run
+from .cli import POSITIVE, add_debug, add_image_command_args, load_for_inference, run
 
 
 def caption(model, processor, images, prompt="caption en", batch_size=8, seed=None, **generate_kwargs):
@@ -25,15 +25,10 @@ def main(argv=None) -> int:
     """Prints `image<TAB>caption` per readable image; unreadable ones are named on stderr and make the
     exit code 1, without stopping the others."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--model", required=True, help="checkpoint folder or hub repo id")
-    p.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to apply")
-    p.add_argument("--prompt", default="caption en", help="task prefix (default: caption en)")
+    add_image_command_args(p)
     p.add_argument("--max-new-tokens", type=POSITIVE, default=32, help="longest caption in tokens")
     p.add_argument("--num-beams", type=POSITIVE, default=1, help="beam width (1 = greedy)")
     p.add_argument("--batch-size", type=POSITIVE, default=8, help="images per forward pass")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--quantize", choices=["int8", "nf4"], help="int8 or 4-bit NF4 linear weights (quantize.py)")
     add_debug(p)
     args = p.parse_args(argv)

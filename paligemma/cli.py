@@ -72,5 +72,15 @@ def run(main, prog: str, argv: list[str] | None = None):
         sys.exit(f"{prog}: interrupted")
 
 
+def add_image_command_args(p: argparse.ArgumentParser):
+    """The arguments of the commands that run a model on image files (caption, probe)."""
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--model", required=True, help="checkpoint folder or hub repo id")
+    p.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to apply")
+    p.add_argument("--prompt", default="caption en", help="task prefix (default: caption en)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+
+
 def add_debug(parser: argparse.ArgumentParser):
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors in the input too")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..atomic import atomic_file
 from ..caption import one_line
-from ..cli import DTYPES, load_for_inference
+from ..cli import add_image_command_args, load_for_inference
 from . import generate
 from .report import index, render, summarize
 
@@ -39,14 +39,9 @@ def write(path: Path, text: str):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--model", required=True, help="checkpoint folder or hub repo id")
-    p.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to apply")
-    p.add_argument("--prompt", default="caption en", help="task prefix (default: caption en)")
+    add_image_command_args(p)
     p.add_argument("--max-new-tokens", type=int, default=20, help="longest caption in tokens")
     p.add_argument("--out", required=True, help="folder for index.html and one report folder per image")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     args = p.parse_args(argv)
     model, processor = load_for_inference(args.model, args.adapter, args.dtype, args.device)
     out, entries, used = Path(args.out), [], set()
