@@ -19,7 +19,7 @@ from tqdm import tqdm
 from paligemma.atomic import atomic_file
 from paligemma.caption import caption, one_line
 from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, load_for_inference, number, run
-from paligemma.captioning.data import DataError, load_examples, read_text
+from paligemma.captioning.data import DataError, load_examples, read_jsonl, read_text
 from paligemma.captioning.metrics import health, score_all
 
 
@@ -75,13 +75,7 @@ def read_predictions(path, examples) -> list[str]:
         raise DataError(f"{path}: predictions file not found")
     text = read_text(path)
     if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((i, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: not JSON: {e}") from None
+        rows = read_jsonl(path, text)
     else:
         rows = list(enumerate(csv.DictReader(io.StringIO(text, newline="")), 2))
     preds, lines = {}, {}

@@ -66,20 +66,26 @@ def read_text(path: Path) -> str:
                         "save the file as UTF-8") from None
 
 
+def read_jsonl(path: Path, text: str) -> list[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line; a line that is not JSON is named."""
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: not JSON: {e}") from None
+    return rows
+
+
 def read_rows(path: Path) -> list[tuple[int, dict]]:
     text = read_text(path)
     if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: not JSON: {e}") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{i}: expected a JSON object with 'image' and captions, got "
-                                    f"{type(row).__name__}")
-                rows.append((i, row))
+        rows = read_jsonl(path, text)
+        for i, row in rows:
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object with 'image' and captions, got "
+                                f"{type(row).__name__}")
         return rows
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if reader.fieldnames is None or "image" not in reader.fieldnames:
