@@ -118,7 +118,9 @@ class GemmaModel(nn.Module):
     def __init__(self, c: TextConfig):
         super().__init__()
         self.config = c
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        # No random init: weights come from a checkpoint or PaliGemma.init_weights(). (nn.Embedding's own
+        # normal_ on the meta device, where from_pretrained builds the model, imports torch._dynamo: 2-7 s.)
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, _weight=torch.zeros(c.vocab_size, c.hidden_size))
         self.layers = nn.ModuleList(GemmaDecoderLayer(c, i) for i in range(c.num_hidden_layers))
         self.norm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.gradient_checkpointing = False

@@ -22,7 +22,9 @@ class SiglipEmbeddings(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
         self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
-        self.position_embedding = nn.Embedding(c.num_patches, c.hidden_size)  # learned, one per patch
+        # learned, one per patch; no random init (see GemmaModel.embed_tokens)
+        self.position_embedding = nn.Embedding(c.num_patches, c.hidden_size,
+                                               _weight=torch.zeros(c.num_patches, c.hidden_size))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, S/p, S/p)

@@ -159,3 +159,15 @@ def test_missing_path_that_looks_like_a_hub_id_says_both(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match=r"^checkpoints/run1: not a local folder; as a hub id: \w+"):
         PaliGemma.from_pretrained("checkpoints/run1")
+
+
+def test_loading_does_not_import_torch_dynamo(pg1_dir):
+    """nn.Embedding's random init on the meta device imports torch._dynamo (2-7 s here, more than the
+    whole load of a bf16 3B checkpoint): from_pretrained must not trigger it. A fresh process, since
+    anything else in this one may have imported it already."""
+    import subprocess
+    import sys
+    code = (f"import sys, torch; from paligemma import PaliGemma; PaliGemma.from_pretrained({str(pg1_dir)!r}); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
