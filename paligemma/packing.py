@@ -21,8 +21,14 @@ from .gemma import TiedHead
 from .weights import drop_file_pages
 
 
+# The row count oneDNN chooses the blocked layout for. A prefill's (~256 image tokens + prompt), not a
+# decode step's 1: measured at 3B shapes (benchmarks/NOTES.md, change 10), this layout is also the
+# faster one at 1 and 8 rows, while the batch-1 layout made a 268-row prefill 2.5x slower.
+ROWS_HINT = 256
+
+
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # hint: batch-1 decode
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
 
 
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias, training: bool) -> torch.Tensor:
