@@ -40,10 +40,12 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias, training: bool) 
 class PackedLinear(nn.Module):
     """nn.Linear for inference with a oneDNN-reordered weight; saves as a plain `weight`."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: torch.Tensor | None = None):
+        """`packed`: `weight` already reordered (while loading); `weight` then only gives the shape."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = _reorder(weight)  # a plain attribute: the blocked layout is not a checkpoint format
+        # a plain attribute: the blocked layout is not a checkpoint format
+        self.packed = _reorder(weight) if packed is None else packed
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @property
@@ -74,27 +76,54 @@ class PackedHead(TiedHead):
         return self.cap(_packed_linear(h, self.packed, None, self.training))
 
 
+def packable(device, dtype: torch.dtype) -> bool:
+    return torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float32) \
+        and torch.backends.mkldnn.is_available()
+
+
 def can_pack(model) -> bool:
     p = next(model.parameters())
-    return p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float32) and torch.backends.mkldnn.is_available()
+    return packable(p.device, p.dtype)
 
 
-def pack(model, head: bool = True):
+def _linear_names(model) -> list[str]:
+    return [name for name, m in model.named_modules() if type(m) is nn.Linear]
+
+
+def converter(model):
+    """For weights.py, packing while loading `model` (built on `meta`): (convert, transient, packed).
+    convert(name, tensor) reorders each linear weight as soon as it is read into `packed`
+    (name -> packed tensor, for pack()) and leaves a meta placeholder in the state, so neither a
+    plain copy of the model nor a second pass over it is ever made; `transient`: those names (a
+    float32 file's weight is converted into one reused buffer before its reorder)."""
+    names = frozenset(f"{n}.weight" for n in _linear_names(model))
+    packed = {}
+
+    def convert(name: str, tensor: torch.Tensor) -> dict:
+        if name not in names:
+            return {name: tensor}
+        packed[name] = _reorder(tensor)
+        return {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")}
+    return convert, names, packed
+
+
+def pack(model, head: bool = True, packed: dict | None = None):
     """Put `model` in eval mode and replace every nn.Linear (both towers, projector, the frozen base and
     the rank-r matrices of LoRA layers) by a PackedLinear, and the output head by a PackedHead.
-    Returns the model; a no-op off CPU.
+    Returns the model; a no-op off CPU. `packed`: weights already reordered while loading
+    (`converter`), by state-dict name; the rest are reordered here.
 
     One layer at a time: only module names are listed up front, so each plain weight is freed as soon
     as its packed copy replaces it, and the transient memory is one linear layer, plus the head's
     packed copy (V x D) that stays."""
-    if not can_pack(model):
+    packed = {} if packed is None else packed
+    if not packed and not can_pack(model):
         return model
-    names = [name for name, m in model.named_modules() if type(m) is nn.Linear]
-    for name in names:
+    for name in _linear_names(model):
         parent, _, child = name.rpartition(".")
         parent = model.get_submodule(parent)
         linear = getattr(parent, child)
-        setattr(parent, child, PackedLinear(linear.weight, linear.bias))
+        setattr(parent, child, PackedLinear(linear.weight, linear.bias, packed.pop(f"{name}.weight", None)))
         drop_file_pages(linear.weight)  # a weight mapped from a bf16 file: its pages are not needed now
         del linear
     lm = model.language_model

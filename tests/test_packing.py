@@ -75,3 +75,27 @@ def test_from_pretrained_for_inference_is_packed_frozen_and_the_same(pg2_dir):
     with torch.no_grad():
         assert torch.equal(plain(**inputs), fast(**inputs))
     assert torch.equal(plain.generate(**inputs, **gen), fast.generate(**inputs, **gen))
+
+
+def test_inference_load_packs_each_weight_as_it_is_read_through_one_buffer(pg2_dir, monkeypatch):
+    """from_pretrained(inference=True) on a float32 file: every linear weight is converted to bf16 into
+    one reused buffer and reordered from there (no plain bf16 copy of the model, no fresh pages per
+    weight); the buffer moves only when a larger weight needs it to grow."""
+    from paligemma import packing
+    seen, reorder = [], packing._reorder
+
+    def recording_reorder(weight):
+        seen.append((weight.data_ptr(), weight.numel()))
+        return reorder(weight)
+
+    monkeypatch.setattr(packing, "_reorder", recording_reorder)
+    PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16, inference=True)
+    linears = seen[:-1]  # the last is the head's copy of the embedding table, which stays plain too
+    plain = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16)
+    assert len(linears) == sum(type(m) is torch.nn.Linear for m in plain.modules())
+    largest = linears[0][1]
+    for (ptr, n), (prev, _) in zip(linears[1:], linears):
+        if ptr != prev:  # moved: only to grow
+            assert n > largest
+        largest = max(largest, n)
+    assert len({ptr for ptr, _ in linears}) < len(linears) / 4
