@@ -12,9 +12,9 @@ def load_for_inference(model: str, adapter: str | None = None, dtype: str = "flo
                        quantize: str | None = None):
     """(model, processor): a checkpoint folder or hub id, quantized while loading if asked ("int8",
     "nf4": quantize.py), the adapter (PEFT format) applied, and on CPU the linear layers packed for
-    speed (identical captions, see packing.py)."""
+    speed once they have been used enough to pay for it (identical captions, see packing.py)."""
     from .model import PaliGemma
-    from .packing import pack
+    from .packing import AFTER, pack
     from .processor import Processor
     if not adapter:
         net = PaliGemma.from_pretrained(model, DTYPES[dtype], device, inference=True, quantize=quantize)
@@ -25,7 +25,7 @@ def load_for_inference(model: str, adapter: str | None = None, dtype: str = "flo
     if quantize:
         from .quantize import int8_head
         int8_head(net)  # logits from an int8 copy of the table, not a packed bf16 one
-    return pack(net.requires_grad_(False)), Processor.from_pretrained(model)
+    return pack(net.requires_grad_(False), after=AFTER), Processor.from_pretrained(model)
 
 
 def number(kind: type, low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):

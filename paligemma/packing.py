@@ -1,24 +1,31 @@
-"""Faster CPU inference: linear weights reordered once into oneDNN's blocked layout.
+"""Faster CPU inference: linear weights reordered into oneDNN's blocked layout.
 
 A decode step at batch 1 is a chain of matrix-vector products: its speed is how fast the weights
 stream from memory. torch's plain bf16 `F.linear` reaches about half of this machine's read
 bandwidth at batch 1; the same oneDNN kernel on a weight it has reordered in advance reaches most
-of it (measured in benchmarks/NOTES.md), with the same bits in bf16 (tests/test_packing.py; in
-float32 a few-row product takes another oneDNN kernel and may differ in the last bit). This is what torch.compile's CPU "freezing" does, here as
-an explicit, inference-only step that swaps modules after the model is built, as gpt-fast's
-quantize.py does; the model's own files never learn about it:
+of it, and the layout chosen here also runs a 268-row prefill ~1.7x faster than the plain weight
+(measured in benchmarks/NOTES.md), with the same bits in bf16 (tests/test_packing.py; in float32 a
+few-row product takes another oneDNN kernel and may differ in the last bit). This is what
+torch.compile's CPU "freezing" does, here as an inference-only step that swaps modules after the
+model is built, as gpt-fast's quantize.py does; the model's own files never learn about it:
 
     model = PaliGemma.from_pretrained(..., dtype=torch.bfloat16)
     pack(model)          # no autograd through packed layers; state_dict() still gives plain weights
+
+A reorder is a copy of the weight into fresh memory, which costs seconds at 3B: more than one short
+caption saves. So `from_pretrained(..., inference=True)` packs what it must copy anyway (weights
+converted from a float32 file) as it loads them, and lets each other layer pack itself once it has
+been called AFTER times (below); `pack(model)` packs everything at once.
 
 The tied output head (257k x 2048 at 3B) gets a packed copy beside the embedding table, which
 lookups still read: +1 GB at 3B for about a fifth of every decode step's bytes.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .gemma import TiedHead
-from .weights import drop_file_pages
+from .weights import drop_file_pages, mapped
 
 
 # The row count oneDNN chooses the blocked layout for. A prefill's (~256 image tokens + prompt), not a
@@ -26,34 +33,66 @@ from .weights import drop_file_pages
 # faster one at 1 and 8 rows, while the batch-1 layout made a 268-row prefill 2.5x slower.
 ROWS_HINT = 256
 
+# from_pretrained(inference=True) packs a layer read as a view of a bf16 file on its AFTER-th call
+# (PackedLinear). Break-even at 3B shapes is ~20 calls (a reorder costs about a fresh copy of the weight,
+# ~60 ms for 16384 x 2048 here; each decode call on it saves ~3 ms); a little past it, so that a one-off
+# caption (PaliGemma's are 10-30 tokens) is computed plain, at transformers' cost, and a long run packs
+# once, early. A weight that must be converted anyway (a float32 file) is packed as it loads: no extra cost.
+AFTER = 32
+
 
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
 
 
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias, training: bool) -> torch.Tensor:
+def _check_inference(x: torch.Tensor, training: bool):
     if training or (torch.is_grad_enabled() and x.requires_grad):
         raise RuntimeError("packed layers are for inference (model.eval()): load the model again to train it")
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias, training: bool) -> torch.Tensor:
+    _check_inference(x, training)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
 
 
 class PackedLinear(nn.Module):
-    """nn.Linear for inference with a oneDNN-reordered weight; saves as a plain `weight`."""
+    """nn.Linear for inference with a oneDNN-reordered weight; saves as a plain `weight`.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: torch.Tensor | None = None):
+    With `after` > 0 it computes with the plain weight for its first `after - 1` calls and reorders
+    it on the `after`-th (then frees the plain one): ski rental. A reorder costs about as much as
+    copying the weight into fresh memory, which ~20 calls of the faster kernel win back at 3B shapes
+    (benchmarks/NOTES.md, change 10), so a short one-off caption never pays for it and a long run
+    pays for it once, early."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: torch.Tensor | None = None,
+                 after: int = 0):
         """`packed`: `weight` already reordered (while loading); `weight` then only gives the shape."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        # a plain attribute: the blocked layout is not a checkpoint format
-        self.packed = _reorder(weight) if packed is None else packed
+        # plain attributes: neither the blocked layout nor the countdown is a checkpoint format
+        self.packed, self.plain, self.calls_left = packed, weight.detach(), after
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        if packed is not None or after <= 0:
+            self._pack(packed)
+
+    def _pack(self, packed=None):
+        self.packed = _reorder(self.plain) if packed is None else packed
+        drop_file_pages(self.plain)  # a weight mapped from a bf16 file: its pages are not needed now
+        self.plain = None
 
     @property
     def weight(self) -> torch.Tensor:
-        """(out, in) dense copy, made on demand: for analysis and saving, not for the forward."""
-        return self.packed.to_dense()
+        """(out, in): the plain weight, or a dense copy of the packed one made on demand (for analysis and
+        saving, not for the forward)."""
+        return self.plain if self.packed is None else self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            self.calls_left -= 1
+            if self.calls_left > 0:
+                _check_inference(x, self.training)
+                return F.linear(x, self.plain, self.bias)
+            self._pack()
         return _packed_linear(x, self.packed, self.bias, self.training)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -62,17 +101,27 @@ class PackedLinear(nn.Module):
             destination[prefix + "bias"] = self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+        state = "packed" if self.packed is not None else f"packed after {self.calls_left} more calls"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {state}"
 
 
 class PackedHead(TiedHead):
-    """The tied head with its own packed copy of the embedding table; the table passed in is unused."""
+    """The tied head with its own packed copy of the embedding table (made on the `after`-th call, as
+    PackedLinear's); until then, and for lookups always, the table passed in."""
 
-    def __init__(self, head: TiedHead, embedding: torch.Tensor):
+    def __init__(self, head: TiedHead, embedding: torch.Tensor, after: int = 0):
         super().__init__(head.softcap)
-        self.packed = _reorder(embedding)  # (V, D) blocked; not in state_dict(), which has no head key
+        self.packed, self.calls_left = None, after  # (V, D) blocked; not in state_dict(), which has no head key
+        if after <= 0:
+            self.packed = _reorder(embedding)
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            self.calls_left -= 1
+            if self.calls_left > 0:
+                _check_inference(h, self.training)
+                return super().forward(h, weight)
+            self.packed = _reorder(weight)
         return self.cap(_packed_linear(h, self.packed, None, self.training))
 
 
@@ -100,18 +149,19 @@ def converter(model):
     packed = {}
 
     def convert(name: str, tensor: torch.Tensor) -> dict:
-        if name not in names:
+        if name not in names or mapped(tensor):  # a view of a bf16 file: copying it now costs, packing lazily pays
             return {name: tensor}
         packed[name] = _reorder(tensor)
         return {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")}
     return convert, names, packed
 
 
-def pack(model, head: bool = True, packed: dict | None = None):
+def pack(model, head: bool = True, packed: dict | None = None, after: int = 0):
     """Put `model` in eval mode and replace every nn.Linear (both towers, projector, the frozen base and
     the rank-r matrices of LoRA layers) by a PackedLinear, and the output head by a PackedHead.
     Returns the model; a no-op off CPU. `packed`: weights already reordered while loading
-    (`converter`), by state-dict name; the rest are reordered here.
+    (`converter`), by state-dict name. The others are reordered now (`after` = 0; layers already
+    swapped but still counting down are packed now too), or each on its `after`-th call.
 
     One layer at a time: only module names are listed up front, so each plain weight is freed as soon
     as its packed copy replaces it, and the transient memory is one linear layer, plus the head's
@@ -123,10 +173,13 @@ def pack(model, head: bool = True, packed: dict | None = None):
         parent, _, child = name.rpartition(".")
         parent = model.get_submodule(parent)
         linear = getattr(parent, child)
-        setattr(parent, child, PackedLinear(linear.weight, linear.bias, packed.pop(f"{name}.weight", None)))
-        drop_file_pages(linear.weight)  # a weight mapped from a bf16 file: its pages are not needed now
+        setattr(parent, child, PackedLinear(linear.weight, linear.bias, packed.pop(f"{name}.weight", None), after))
         del linear
+    if after <= 0:
+        for m in model.modules():
+            if isinstance(m, PackedLinear) and m.packed is None:
+                m._pack()
     lm = model.language_model
-    if head and type(lm.lm_head) is TiedHead:
-        lm.lm_head = PackedHead(lm.lm_head, lm.model.embed_tokens.weight)
+    if head and (type(lm.lm_head) is TiedHead or (after <= 0 and isinstance(lm.lm_head, PackedHead))):
+        lm.lm_head = PackedHead(lm.lm_head, lm.model.embed_tokens.weight, after)
     return model.eval()

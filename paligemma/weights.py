@@ -150,19 +150,34 @@ def read_tensor(mm: mmap.mmap, info: dict, dtype: torch.dtype, device, out: torc
 _MAPS: list[tuple[int, weakref.ref]] = []
 
 
-def drop_file_pages(t: torch.Tensor):
-    """If `t` is a view of a checkpoint map made here, drop its whole pages from this process: they are
-    read from the file again if `t` is used again. Packing calls this once it holds its own copy, so a
-    packed model's memory is the packed copies, not those plus the mapped file. Any other tensor: no-op."""
+def _map_of(t: torch.Tensor):
+    """(map, its address) if `t` lies inside a checkpoint map made here, else None."""
     start, nbytes = t.data_ptr(), t.numel() * t.element_size()
     for base, ref in _MAPS:
         mm = ref()
         if mm is not None and base <= start and start + nbytes <= base + len(mm):
-            first = -(-(start - base) // mmap.PAGESIZE) * mmap.PAGESIZE  # inward: neighbours keep their pages
-            last = (start - base + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-            if last > first:
-                mm.madvise(mmap.MADV_DONTNEED, first, last - first)
-            return
+            return mm, base
+    return None
+
+
+def mapped(t: torch.Tensor) -> bool:
+    """Whether `t` is a view of a checkpoint file (read_tensor's zero-copy case), not memory of its own."""
+    return t.device.type == "cpu" and _map_of(t) is not None
+
+
+def drop_file_pages(t: torch.Tensor):
+    """If `t` is a view of a checkpoint map made here, drop its whole pages from this process: they are
+    read from the file again if `t` is used again. Packing calls this once it holds its own copy, so a
+    packed model's memory is the packed copies, not those plus the mapped file. Any other tensor: no-op."""
+    found = _map_of(t) if t.device.type == "cpu" else None
+    if found is None:
+        return
+    mm, base = found
+    start, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    first = -(-(start - base) // mmap.PAGESIZE) * mmap.PAGESIZE  # inward: neighbours keep their pages
+    last = (start - base + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def release(mm: mmap.mmap, start: int, length: int):
@@ -249,7 +264,7 @@ def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", rev
     if inference:  # frozen, and on CPU packed for speed (packing.py)
         if quantize:  # logits from an int8 copy of the table rather than a packed bf16 one
             q.int8_head(model)
-        packing.pack(model.requires_grad_(False), packed=packed)
+        packing.pack(model.requires_grad_(False), packed=packed, after=packing.AFTER)
     return model.eval()
 
 

@@ -89,8 +89,9 @@ def test_inference_load_packs_each_weight_as_it_is_read_through_one_buffer(pg2_d
         return reorder(weight)
 
     monkeypatch.setattr(packing, "_reorder", recording_reorder)
-    PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16, inference=True)
-    linears = seen[:-1]  # the last is the head's copy of the embedding table, which stays plain too
+    model = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16, inference=True)
+    assert model.language_model.lm_head.packed is None  # the head's copy waits for its AFTER-th call
+    linears = seen
     plain = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16)
     assert len(linears) == sum(type(m) is torch.nn.Linear for m in plain.modules())
     largest = linears[0][1]
@@ -99,3 +100,41 @@ def test_inference_load_packs_each_weight_as_it_is_read_through_one_buffer(pg2_d
             assert n > largest
         largest = max(largest, n)
     assert len({ptr for ptr, _ in linears}) < len(linears) / 4
+
+
+def test_layers_mapped_from_a_bf16_file_pack_themselves_on_their_after_th_call(pg2_dir, tmp_path, monkeypatch):
+    """bf16 files: inference=True keeps each linear weight a view of the file and packs it on its
+    AFTER-th call (a one-off short caption never pays for the copy); every output before, during and
+    after the switch is the plain model's, bit for bit."""
+    from paligemma import packing
+    from paligemma.packing import PackedHead
+    from paligemma.weights import mapped
+    PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    monkeypatch.setattr(packing, "AFTER", 4)
+    plain = PaliGemma.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    fast = PaliGemma.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, inference=True)
+    layers = [m for m in fast.modules() if isinstance(m, PackedLinear)]
+    assert layers and all(m.packed is None and mapped(m.plain) for m in layers)
+    inputs = batch(16, prompt_lens=(5, 3))
+    gen = dict(max_new_tokens=6, eos_id=-1)  # calls per decoder layer: 1 prefill + 5 steps, past AFTER = 4
+    assert torch.equal(plain.generate(**inputs, **gen), fast.generate(**inputs, **gen))
+    decoder = [m for n, m in fast.named_modules() if isinstance(m, PackedLinear) and "language_model" in n]
+    assert all(m.packed is not None and m.plain is None for m in decoder)
+    assert fast.language_model.lm_head.packed is not None and isinstance(fast.language_model.lm_head, PackedHead)
+    vision = [m for n, m in fast.named_modules() if isinstance(m, PackedLinear) and "vision_tower" in n]
+    assert all(m.packed is None and m.calls_left == 3 for m in vision)  # one image batch: one call each
+    with torch.no_grad():
+        assert torch.equal(plain(**inputs), fast(**inputs))
+    pack(fast)  # packs the rest now
+    assert all(m.packed is not None for m in layers)
+    with torch.no_grad():
+        assert torch.equal(plain(**inputs), fast(**inputs))
+
+
+def test_layers_not_yet_packed_refuse_to_train_too(pg2_dir):
+    from paligemma.packing import AFTER
+    model = pack(PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16), after=AFTER)
+    assert all(m.packed is None for m in model.modules() if isinstance(m, PackedLinear))
+    model.train()
+    with pytest.raises(RuntimeError, match="packed layers are for inference"):
+        model.loss(**batch(16, suffix_len=2), labels=batch(16, suffix_len=2)["input_ids"])
