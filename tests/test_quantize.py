@@ -59,8 +59,11 @@ def unpack_nf4_by_hand(layer, absmax) -> torch.Tensor:
     return values.view(-1)[:layer.in_features * layer.out_features].view(layer.out_features, layer.in_features)
 
 
+@pytest.mark.parametrize("chunk", [None, 128])  # 128: dequantized in several chunks, the last one short
 @pytest.mark.parametrize("shape", [(96, 40), (36, 10)])  # 36 x 10 = 360 weights: the last block is padded
-def test_nf4_equals_hand_reference(shape):
+def test_nf4_equals_hand_reference(shape, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(Q, "NF4_CHUNK", chunk)
     dense = linear(*shape)
     w = dense.weight.detach()
     layer = Q.quantized_linear(dense, "nf4")
