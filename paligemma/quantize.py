@@ -50,18 +50,20 @@ def nf4_levels() -> torch.Tensor:
     infinite at 1 itself.
     """
     offset = 0.5 * ((1 - 1 / 30) + (1 - 1 / 32))
-    ppf = lambda p: torch.special.ndtri(torch.tensor(p, dtype=torch.float64))  # noqa: E731
-    pos = ppf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1].tolist())  # 8 values > 0
-    neg = -ppf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1].tolist())  # 7 values < 0
-    levels = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
+    f64 = dict(dtype=torch.float64, device="cpu")  # on the CPU whatever the default device: MPS has no float64
+    ppf = lambda p: torch.special.ndtri(torch.tensor(p, **f64))  # noqa: E731
+    pos = ppf(torch.linspace(offset, 0.5, 9, **f64)[:-1].tolist())  # 8 values > 0
+    neg = -ppf(torch.linspace(offset, 0.5, 8, **f64)[:-1].tolist())  # 7 values < 0
+    levels = torch.cat([neg, torch.zeros(1, **f64), pos]).sort().values
     return (levels / levels.max()).float()
 
 
-NF4 = nf4_levels()  # (16,) float32
+NF4 = nf4_levels()  # (16,) float32, on the CPU
 # every byte -> its two levels (high nibble first): dequantizing is then one gather per byte. The pair
-# is read as one float64-sized item, which CPU index_select gathers ~1.7x faster than (256, 2) rows.
+# is read as one 8-byte item, which CPU index_select gathers ~1.7x faster than (256, 2) rows; as an
+# int64, not a float64, so that the table moves to any device (MPS has no float64).
 NF4_PAIRS = torch.stack([NF4.repeat_interleave(16), NF4.repeat(16)], dim=1)  # (256, 2) float32
-NF4_PAIRS_AS_ONE = NF4_PAIRS.view(torch.float64).view(-1)  # (256,): the same bytes, 8 per item
+NF4_PAIRS_AS_ONE = NF4_PAIRS.view(torch.int64).view(-1)  # (256,): the same bytes, 8 per item
 
 
 class Int8Linear(nn.Module):
