@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.testing import assert_close
 
 import lora
@@ -59,8 +60,11 @@ def unpack_nf4_by_hand(layer, absmax) -> torch.Tensor:
     return values.view(-1)[:layer.in_features * layer.out_features].view(layer.out_features, layer.in_features)
 
 
+@pytest.mark.parametrize("chunk", [None, 128])  # 128: dequantized in several chunks, the last one short
 @pytest.mark.parametrize("shape", [(96, 40), (36, 10)])  # 36 x 10 = 360 weights: the last block is padded
-def test_nf4_equals_hand_reference(shape):
+def test_nf4_equals_hand_reference(shape, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(Q, "NF4_CHUNK", chunk)
     dense = linear(*shape)
     w = dense.weight.detach()
     layer = Q.quantized_linear(dense, "nf4")
@@ -165,6 +169,33 @@ def test_refusals(pg1_dir):
     lora.inject(q, "decoder", r=2)
     with pytest.raises(RuntimeError, match="cannot merge into a quantized base"):
         lora.merge(q)
+
+
+class Float64Watch(TorchFunctionMode):
+    """Records every torch function that returns a float64 tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+            self.seen.append(getattr(func, "__name__", str(func)))
+        return out
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_no_float64_after_import(mode):
+    """MPS has no float64: quantizing, dequantizing and running a layer (forward and backward, double
+    quantization too) must make none, so that nothing float64 is ever moved to the layer's device
+    (NF4's table is built in float64 once, on the CPU, at import)."""
+    dense = linear(256, 64)
+    with Float64Watch() as watch:
+        layer = Q.quantized_linear(dense, mode, double_quant=True)
+        layer(torch.randn(3, 256, requires_grad=True)).sum().backward()
+        layer(torch.randn(3, 256)), layer.dequantize(torch.bfloat16)
+    assert watch.seen == []
 
 
 # --- QLoRA ------------------------------------------------------------------------------------------
