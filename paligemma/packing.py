@@ -14,8 +14,9 @@ model is built, as gpt-fast's quantize.py does; the model's own files never lear
 
 A reorder is a copy of the weight into fresh memory, which costs seconds at 3B: more than one short
 caption saves. So `from_pretrained(..., inference=True)` packs what it must copy anyway (weights
-converted from a float32 file) as it loads them, and lets each other layer pack itself once it has
-been called AFTER times (below); `pack(model)` packs everything at once.
+converted from a float32 file) as it loads them; each other layer computes one-row products (batch-1
+decode steps) with torch.mv on its plain weight, as fast as packed, and packs itself on its AFTER-th
+product with more rows (below); `pack(model)` packs everything at once.
 
 The tied output head (257k x 2048 at 3B) gets a packed copy beside the embedding table, which
 lookups still read: +1 GB at 3B for about a fifth of every decode step's bytes.
@@ -33,12 +34,13 @@ from .weights import drop_file_pages, mapped
 # faster one at 1 and 8 rows, while the batch-1 layout made a 268-row prefill 2.5x slower.
 ROWS_HINT = 256
 
-# from_pretrained(inference=True) packs a layer read as a view of a bf16 file on its AFTER-th call
-# (PackedLinear). Break-even at 3B shapes is ~20 calls (a reorder costs about a fresh copy of the weight,
-# ~60 ms for 16384 x 2048 here; each decode call on it saves ~3 ms); a little past it, so that a one-off
-# caption (PaliGemma's are 10-30 tokens) is computed plain, at transformers' cost, and a long run packs
-# once, early. A weight that must be converted anyway (a float32 file) is packed as it loads: no extra cost.
-AFTER = 32
+# from_pretrained(inference=True) packs a layer read as a view of a bf16 file on its AFTER-th call with
+# more than one row (PackedLinear): one-row calls already run at the packed speed through torch.mv, so
+# the reorder (a fresh copy of the weight, ~60 ms for 16384 x 2048 here) is won back only by multi-row
+# products: a 268-row prefill saves ~10 ms on that weight, a batch-8 decode step ~2 ms. A one-off
+# caption never pays for it; a run over many images packs once, early. A weight that must be converted
+# anyway (a float32 file) is packed as it loads: no extra cost.
+AFTER = 8
 
 
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
@@ -50,6 +52,13 @@ def _check_inference(x: torch.Tensor, training: bool):
         raise RuntimeError("packed layers are for inference (model.eval()): load the model again to train it")
 
 
+def _one_row(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """(..., in) holding one row -> (..., out), as a matrix-vector product."""
+    v = x.reshape(-1)
+    y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)
+    return y.view(*x.shape[:-1], -1)
+
+
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias, training: bool) -> torch.Tensor:
     _check_inference(x, training)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
@@ -58,11 +67,10 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias, training: bool) 
 class PackedLinear(nn.Module):
     """nn.Linear for inference with a oneDNN-reordered weight; saves as a plain `weight`.
 
-    With `after` > 0 it computes with the plain weight for its first `after - 1` calls and reorders
-    it on the `after`-th (then frees the plain one): ski rental. A reorder costs about as much as
-    copying the weight into fresh memory, which ~20 calls of the faster kernel win back at 3B shapes
-    (benchmarks/NOTES.md, change 10), so a short one-off caption never pays for it and a long run
-    pays for it once, early."""
+    With `after` > 0 it starts plain and reorders its weight on its `after`-th call with more than one
+    row (then frees the plain one): ski rental, see AFTER. Until then a one-row input (a batch-1
+    decode step) goes through torch.mv, which streams the plain weight about as fast as the packed
+    kernel does (F.linear's one-row path is ~1.7x slower), and does not count."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: torch.Tensor | None = None,
                  after: int = 0):
@@ -88,9 +96,11 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
+            _check_inference(x, self.training)
+            if x.numel() == x.shape[-1]:
+                return _one_row(x, self.plain, self.bias)
             self.calls_left -= 1
             if self.calls_left > 0:
-                _check_inference(x, self.training)
                 return F.linear(x, self.plain, self.bias)
             self._pack()
         return _packed_linear(x, self.packed, self.bias, self.training)
@@ -106,8 +116,8 @@ class PackedLinear(nn.Module):
 
 
 class PackedHead(TiedHead):
-    """The tied head with its own packed copy of the embedding table (made on the `after`-th call, as
-    PackedLinear's); until then, and for lookups always, the table passed in."""
+    """The tied head with its own packed copy of the embedding table (made on the `after`-th call with
+    more than one row, as PackedLinear's); until then, and for lookups always, the table passed in."""
 
     def __init__(self, head: TiedHead, embedding: torch.Tensor, after: int = 0):
         super().__init__(head.softcap)
@@ -117,9 +127,11 @@ class PackedHead(TiedHead):
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
+            _check_inference(h, self.training)
+            if h.numel() == h.shape[-1]:
+                return self.cap(_one_row(h, weight, None))
             self.calls_left -= 1
             if self.calls_left > 0:
-                _check_inference(h, self.training)
                 return super().forward(h, weight)
             self.packed = _reorder(weight)
         return self.cap(_packed_linear(h, self.packed, None, self.training))

@@ -103,9 +103,10 @@ def test_inference_load_packs_each_weight_as_it_is_read_through_one_buffer(pg2_d
 
 
 def test_layers_mapped_from_a_bf16_file_pack_themselves_on_their_after_th_call(pg2_dir, tmp_path, monkeypatch):
-    """bf16 files: inference=True keeps each linear weight a view of the file and packs it on its
-    AFTER-th call (a one-off short caption never pays for the copy); every output before, during and
-    after the switch is the plain model's, bit for bit."""
+    """bf16 files: inference=True keeps each linear weight a view of the file, computes one-row products
+    with torch.mv (uncounted) and packs a layer on its AFTER-th product with more rows (a one-off
+    caption never pays for the copy); every output before, during and after the switch is the plain
+    model's, bit for bit."""
     from paligemma import packing
     from paligemma.packing import PackedHead
     from paligemma.weights import mapped
@@ -115,14 +116,18 @@ def test_layers_mapped_from_a_bf16_file_pack_themselves_on_their_after_th_call(p
     fast = PaliGemma.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, inference=True)
     layers = [m for m in fast.modules() if isinstance(m, PackedLinear)]
     assert layers and all(m.packed is None and mapped(m.plain) for m in layers)
-    inputs = batch(16, prompt_lens=(5, 3))
-    gen = dict(max_new_tokens=6, eos_id=-1)  # calls per decoder layer: 1 prefill + 5 steps, past AFTER = 4
+    gen = dict(max_new_tokens=6, eos_id=-1)
+    one = batch(16, prompt_lens=(5,))  # batch 1: decode steps are one-row products, through torch.mv
+    assert torch.equal(plain.generate(**one, **gen), fast.generate(**one, **gen))
+    assert all(m.packed is None and m.calls_left == 3 for m in layers)  # only the prefill counted
+    assert fast.language_model.lm_head.packed is None
+    inputs = batch(16, prompt_lens=(5, 3))  # batch 2: 1 prefill + 5 two-row steps, past AFTER = 4
     assert torch.equal(plain.generate(**inputs, **gen), fast.generate(**inputs, **gen))
     decoder = [m for n, m in fast.named_modules() if isinstance(m, PackedLinear) and "language_model" in n]
     assert all(m.packed is not None and m.plain is None for m in decoder)
     assert fast.language_model.lm_head.packed is not None and isinstance(fast.language_model.lm_head, PackedHead)
     vision = [m for n, m in fast.named_modules() if isinstance(m, PackedLinear) and "vision_tower" in n]
-    assert all(m.packed is None and m.calls_left == 3 for m in vision)  # one image batch: one call each
+    assert all(m.packed is None and m.calls_left == 2 for m in vision)  # two image batches: one call each
     with torch.no_grad():
         assert torch.equal(plain(**inputs), fast(**inputs))
     pack(fast)  # packs the rest now
