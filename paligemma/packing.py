@@ -70,7 +70,7 @@ class PackedLinear(nn.Module):
     With `after` > 0 it starts plain and reorders its weight on its `after`-th call with more than one
     row (then frees the plain one): ski rental, see AFTER. Until then a one-row input (a batch-1
     decode step) goes through torch.mv, which streams the plain weight about as fast as the packed
-    kernel does (F.linear's one-row path is ~1.7x slower), and does not count."""
+    kernel does (F.linear's one-row path is 1.2-1.7x slower here), and does not count."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: torch.Tensor | None = None,
                  after: int = 0):

@@ -132,7 +132,7 @@ def test_loss_is_the_mean_over_label_tokens(tiny_run, tmp_path):
     assert len(set(counts.tolist())) > 1, "the test needs captions of different lengths"
     per_token = float(sums.sum() / counts.sum())
     per_row = float((sums / counts).mean())
-    assert abs(per_token - per_row) > 1e-3 * per_token  # the two conventions are told apart ...
+    assert abs(per_token - per_row) > 1e-4 * per_token  # the two conventions are told apart (10x the tolerance) ...
     assert logged(tmp_path / "run")[0]["loss"] == pytest.approx(per_token, rel=1e-5)  # ... far beyond rounding
 
 
