@@ -59,6 +59,16 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     return y.view(*x.shape[:-1], -1)
 
 
+def _rent(layer, x: torch.Tensor, weight: torch.Tensor, bias):
+    """A not-yet-packed layer's product with its plain weight: one row through torch.mv (not counted),
+    more rows through F.linear while `layer.calls_left` lasts. None when it is time to pack."""
+    _check_inference(x, layer.training)
+    if x.numel() == x.shape[-1]:
+        return _one_row(x, weight, bias)
+    layer.calls_left -= 1
+    return F.linear(x, weight, bias) if layer.calls_left > 0 else None
+
+
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias, training: bool) -> torch.Tensor:
     _check_inference(x, training)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
@@ -96,12 +106,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
-            _check_inference(x, self.training)
-            if x.numel() == x.shape[-1]:
-                return _one_row(x, self.plain, self.bias)
-            self.calls_left -= 1
-            if self.calls_left > 0:
-                return F.linear(x, self.plain, self.bias)
+            y = _rent(self, x, self.plain, self.bias)
+            if y is not None:
+                return y
             self._pack()
         return _packed_linear(x, self.packed, self.bias, self.training)
 
@@ -127,12 +134,9 @@ class PackedHead(TiedHead):
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
-            _check_inference(h, self.training)
-            if h.numel() == h.shape[-1]:
-                return self.cap(_one_row(h, weight, None))
-            self.calls_left -= 1
-            if self.calls_left > 0:
-                return super().forward(h, weight)
+            logits = _rent(self, h, weight, None)
+            if logits is not None:
+                return self.cap(logits)
             self.packed = _reorder(weight)
         return self.cap(_packed_linear(h, self.packed, None, self.training))
 
@@ -191,7 +195,9 @@ def pack(model, head: bool = True, packed: dict | None = None, after: int = 0):
         for m in model.modules():
             if isinstance(m, PackedLinear) and m.packed is None:
                 m._pack()
-    lm = model.language_model
-    if head and (type(lm.lm_head) is TiedHead or (after <= 0 and isinstance(lm.lm_head, PackedHead))):
-        lm.lm_head = PackedHead(lm.lm_head, lm.model.embed_tokens.weight, after)
+    lm, table = model.language_model, model.language_model.model.embed_tokens.weight
+    if head and type(lm.lm_head) is TiedHead:
+        lm.lm_head = PackedHead(lm.lm_head, table, after)
+    elif head and after <= 0 and isinstance(lm.lm_head, PackedHead) and lm.lm_head.packed is None:
+        lm.lm_head.packed = _reorder(table)  # still counting down: packed now, not copied a second time
     return model.eval()

@@ -152,6 +152,8 @@ _MAPS: list[tuple[int, weakref.ref]] = []
 
 def _map_of(t: torch.Tensor):
     """(map, its address) if `t` lies inside a checkpoint map made here, else None."""
+    if t.device.type != "cpu":
+        return None
     start, nbytes = t.data_ptr(), t.numel() * t.element_size()
     for base, ref in _MAPS:
         mm = ref()
@@ -162,14 +164,14 @@ def _map_of(t: torch.Tensor):
 
 def mapped(t: torch.Tensor) -> bool:
     """Whether `t` is a view of a checkpoint file (read_tensor's zero-copy case), not memory of its own."""
-    return t.device.type == "cpu" and _map_of(t) is not None
+    return _map_of(t) is not None
 
 
 def drop_file_pages(t: torch.Tensor):
     """If `t` is a view of a checkpoint map made here, drop its whole pages from this process: they are
     read from the file again if `t` is used again. Packing calls this once it holds its own copy, so a
     packed model's memory is the packed copies, not those plus the mapped file. Any other tensor: no-op."""
-    found = _map_of(t) if t.device.type == "cpu" else None
+    found = _map_of(t)
     if found is None:
         return
     mm, base = found
