@@ -7,7 +7,7 @@ siglip.py      vision tower (image -> patch tokens)
 gemma.py       Gemma / Gemma 2 decoder, and the tied output head
 cache.py       static KV cache
 model.py       PaliGemma: merge image tokens into the text, prefix-LM masks, logits and loss
-weights.py     hub checkpoints -> model, without a float32 detour
+weights.py     hub checkpoints -> model, without a float32 detour (safetensors_io.py: the file format)
 
 Then, around the model:
 tokenizer.py, processor.py   text and images -> the prompt layout and labels PaliGemma was trained on
@@ -15,7 +15,9 @@ generation.py                greedy, sampling and beam search over the cache
 caption.py, cli.py           the captioning command; the model options all three commands share
 atomic.py                    crash-safe writes of files and folders
 
-Add-ons that attach from outside, by swapping or hooking modules after the model is built:
+Add-ons: they swap or hook modules of a built model, and the model files never import them
+(from_pretrained lets packing and quantize convert each weight as it is read, so that no dense copy
+is made first); imports point one way, checked by tests/test_imports.py:
 packing.py                   faster CPU inference (oneDNN-reordered weights)
 probe/                       hooks, run_with_cache, recorded generation, logit lens, the report page
 verify.py                    every stage against transformers on your own weights

@@ -14,6 +14,9 @@ class ConfigError(ValueError):
     pass
 
 
+IGNORE = -100  # the label of positions the loss skips (transformers' convention): the processor writes it, the loss reads it
+
+
 @dataclass
 class VisionConfig:  # SigLIP So400m/14 in every released PaliGemma
     hidden_size: int

@@ -17,12 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .config import PaliGemmaConfig
+from .config import IGNORE, PaliGemmaConfig
 from .gemma import GemmaForCausalLM, GemmaRMSNorm
 from .hookpoint import HookPoint
 from .siglip import SiglipVisionTower
-
-IGNORE = -100  # the label of positions the loss skips (transformers' convention)
 
 
 class MultiModalProjector(nn.Module):

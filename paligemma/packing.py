@@ -6,8 +6,9 @@ bandwidth at batch 1; the same oneDNN kernel on a weight it has reordered in adv
 of it, and the layout chosen here also runs a 268-row prefill ~1.7x faster than the plain weight
 (measured in benchmarks/NOTES.md), with the same bits in bf16 (tests/test_packing.py; in float32 a
 few-row product takes another oneDNN kernel and may differ in the last bit). This is what
-torch.compile's CPU "freezing" does, here as an inference-only step that swaps modules after the
-model is built, as gpt-fast's quantize.py does; the model's own files never learn about it:
+torch.compile's CPU "freezing" does, here as an inference-only step that swaps modules, as gpt-fast's
+quantize.py does (on a built model, or while weights.py loads one: `converter`); the model's own
+files never learn about it:
 
     model = PaliGemma.from_pretrained(..., dtype=torch.bfloat16)
     pack(model)          # no autograd through packed layers; state_dict() still gives plain weights
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gemma import TiedHead
-from .weights import drop_file_pages, mapped
+from .safetensors_io import drop_file_pages, mapped
 
 
 # The row count oneDNN chooses the blocked layout for. A prefill's (~256 image tokens + prompt), not a

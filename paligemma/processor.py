@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .model import IGNORE
+from .config import IGNORE
 from .tokenizer import Tokenizer
 
 

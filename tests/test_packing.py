@@ -109,7 +109,7 @@ def test_layers_mapped_from_a_bf16_file_pack_themselves_on_their_after_th_call(p
     model's, bit for bit."""
     from paligemma import packing
     from paligemma.packing import PackedHead
-    from paligemma.weights import mapped
+    from paligemma.safetensors_io import mapped
     PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     monkeypatch.setattr(packing, "AFTER", 4)
     plain = PaliGemma.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)

@@ -54,8 +54,8 @@ def test_bf16_from_float32_rounds_each_tensor(pg1_dir):
 
 
 def test_chunked_conversion_matches(pg1_dir, monkeypatch):
-    import paligemma.weights as weights
-    monkeypatch.setattr(weights, "CHUNK_BYTES", 100)  # forces many chunks per tensor
+    import paligemma.safetensors_io as safetensors_io
+    monkeypatch.setattr(safetensors_io, "CHUNK_BYTES", 100)  # forces many chunks per tensor
     a = PaliGemma.from_pretrained(pg1_dir, dtype=torch.bfloat16).state_dict()
     monkeypatch.undo()
     b = PaliGemma.from_pretrained(pg1_dir, dtype=torch.bfloat16).state_dict()
