@@ -6,9 +6,9 @@
     lora.save(model, "adapter/"); lora.load(model, "adapter/")   # PEFT's file format
     lora.merge(model); lora.unmerge(model)                 # explicit, never a side effect
 """
-from .inject import PRESETS, inject, lora_layers, merge, summary, train_modules, unmerge
+from .inject import inject, lora_layers, matches, merge, summary, train_modules, unmerge
 from .layer import LoRALinear
 from .peft_format import AdapterError, export_merged, load, save
 
-__all__ = ["LoRALinear", "PRESETS", "inject", "merge", "unmerge", "save", "load", "export_merged", "summary",
+__all__ = ["LoRALinear", "matches", "inject", "merge", "unmerge", "save", "load", "export_merged", "summary",
            "train_modules", "lora_layers", "AdapterError"]

@@ -3,7 +3,9 @@
 Targets follow PEFT: a string is a regular expression that must match the whole module name
 (`re.fullmatch`); a list matches a name exactly or by its last dotted parts (`q_proj` matches
 `...self_attn.q_proj`). SigLIP and Gemma both have `q_proj`, `k_proj`, `v_proj`: a suffix list
-reaches into both towers. The presets below name one part of PaliGemma each.
+reaches into both towers. A model may name presets (`model.lora_targets`, e.g. PaliGemma's
+"decoder", "vision", "projector", "all") and its parts (`model.parts`, for `summary`): this package
+reads them as attributes and knows no model by name.
 """
 import re
 
@@ -11,20 +13,27 @@ from torch import nn
 
 from .layer import LoRALinear, is_linear
 
-_N = r"\d+"
-PRESETS = {
-    "decoder": rf"language_model\.model\.layers\.{_N}\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
-    "vision": rf"vision_tower\.vision_model\.encoder\.layers\.{_N}\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))",
-    "projector": r"multi_modal_projector\.linear",
-}
-PRESETS["all"] = "|".join(f"({p})" for p in PRESETS.values())
-TOWERS = {"vision_tower": "vision", "multi_modal_projector": "projector", "language_model": "decoder"}
-
 
 def matches(name: str, targets) -> bool:
+    """PEFT's target semantics: a regex string must match the whole name; a list matches a name exactly
+    or by its last dotted parts. (quantize.py's `skip` uses the same rule.)"""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def preset(model: nn.Module, targets):
+    """A preset name of `model` (its `lora_targets`) -> that regex; anything else as given. A regex that
+    does not compile is refused by name."""
+    if not isinstance(targets, str):
+        return targets
+    targets = getattr(model, "lora_targets", {}).get(targets, targets)
+    try:
+        re.compile(targets)
+    except re.error as e:
+        raise ValueError(f"LoRA targets {targets!r}: not a preset ({', '.join(getattr(model, 'lora_targets', {}))}) "
+                         f"and not a valid regular expression ({e})") from None
+    return targets
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -35,7 +44,7 @@ def inject(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout: fl
            exclude=None) -> list[str]:
     """Wrap every linear layer (nn.Linear, or a quantized one: QLoRA) whose name matches `targets` (a preset name, regex or suffix list) and not
     `exclude`; freeze everything else. Returns the wrapped names."""
-    targets = PRESETS.get(targets, targets) if isinstance(targets, str) else targets
+    targets = preset(model, targets)
     if lora_layers(model):
         raise RuntimeError(f"model already has LoRA layers ({len(lora_layers(model))}): inject once, or load")
     chosen = [(n, m) for n, m in model.named_modules()
@@ -81,7 +90,7 @@ def summary(model: nn.Module) -> str:
     """Trainable parameters per tower, as a Markdown table: what a run will actually update."""
     rows = {}
     for tower, module in model.named_children():
-        name = TOWERS.get(tower, tower)
+        name = getattr(model, "parts", {}).get(tower, tower)
         total = sum(p.numel() for p in module.parameters())
         if total == 0:  # parameter-free children (a model's hook points) are no part
             continue

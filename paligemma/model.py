@@ -21,6 +21,16 @@ from .config import IGNORE, PaliGemmaConfig
 from .gemma import GemmaForCausalLM, GemmaRMSNorm
 from .hookpoint import HookPoint
 from .siglip import SiglipVisionTower
+from .weights import canonical, to_transformers
+
+# LoRA presets: one part of PaliGemma each, as a regex over module names (PEFT's re.fullmatch semantics)
+_N = r"\d+"
+LORA_TARGETS = {
+    "decoder": rf"language_model\.model\.layers\.{_N}\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
+    "vision": rf"vision_tower\.vision_model\.encoder\.layers\.{_N}\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))",
+    "projector": r"multi_modal_projector\.linear",
+}
+LORA_TARGETS["all"] = "|".join(f"({p})" for p in LORA_TARGETS.values())
 
 
 class MultiModalProjector(nn.Module):
@@ -33,6 +43,14 @@ class MultiModalProjector(nn.Module):
 
 
 class PaliGemma(nn.Module):
+    # Facts about this model that other packages read through these attributes (lora/ never imports
+    # this module): LoRA presets by name, the parts lora.summary counts, and the names transformers
+    # (and so PEFT) gives our modules (weights.TRANSFORMERS_NAMES).
+    lora_targets = LORA_TARGETS
+    parts = {"vision_tower": "vision", "multi_modal_projector": "projector", "language_model": "decoder"}
+    to_transformers = staticmethod(to_transformers)
+    from_transformers = staticmethod(canonical)
+
     def __init__(self, config: PaliGemmaConfig):
         super().__init__()
         self.config = config

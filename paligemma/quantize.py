@@ -25,8 +25,6 @@ What stays unquantized, and why:
   logits (Int8Head), as packing.py adds a packed one;
 - LoRA's `lora_A` / `lora_B`: they are what trains (float32).
 """
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -259,13 +257,10 @@ LAYERS = {"int8": Int8Linear, "nf4": NF4Linear}
 
 def targets(model: nn.Module, skip=()) -> list[str]:
     """Names of the nn.Linear layers `quantize` would replace: all but LoRA's own and `skip` (a regex
-    matched against the whole name, or a list of names / name suffixes, as in lora.inject)."""
-    def skipped(name):
-        if isinstance(skip, str):
-            return re.fullmatch(skip, name) is not None
-        return any(name == s or name.endswith("." + s) for s in skip)
+    matched against the whole name, or a list of names / name suffixes: lora.inject's rule, lora.matches)."""
+    from lora import matches
     return [n for n, m in model.named_modules()
-            if type(m) is nn.Linear and n.rpartition(".")[2] not in ("lora_A", "lora_B") and not skipped(n)]
+            if type(m) is nn.Linear and n.rpartition(".")[2] not in ("lora_A", "lora_B") and not (skip and matches(n, skip))]
 
 
 def check(model: nn.Module, mode: str):

@@ -19,21 +19,24 @@ import sys
 import numpy as np
 import torch
 
+from .weights import to_transformers
+
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
 def stages(config) -> list[tuple[str, str, str]]:
     """(stage, our module path, transformers' module path), in the order the forward reaches them."""
-    vision, theirs_vision = "vision_tower.vision_model.", "model.vision_tower."
-    rows = [("siglip embeddings", vision + "embeddings", theirs_vision + "embeddings")]
-    rows += [(f"siglip layer {i}", vision + f"encoder.layers.{i}", theirs_vision + f"encoder.layers.{i}")
-             for i in range(config.vision.num_hidden_layers)]
-    rows += [("siglip post-layernorm", vision + "post_layernorm", theirs_vision + "post_layernorm"),
-             ("projector", "multi_modal_projector", "model.multi_modal_projector"),
-             ("merged embeddings", "hook_embed", "model.language_model")]  # theirs: the decoder's input
-    rows += [(f"decoder layer {i}", f"language_model.model.layers.{i}", f"model.language_model.layers.{i}")
+    def theirs(path):  # the table maps name prefixes, which end in a dot
+        return to_transformers(path + ".")[:-1]
+    vision = "vision_tower.vision_model."
+    ours = [("siglip embeddings", vision + "embeddings")]
+    ours += [(f"siglip layer {i}", vision + f"encoder.layers.{i}") for i in range(config.vision.num_hidden_layers)]
+    ours += [("siglip post-layernorm", vision + "post_layernorm"), ("projector", "multi_modal_projector")]
+    rows = [(stage, path, theirs(path)) for stage, path in ours]
+    rows += [("merged embeddings", "hook_embed", theirs("language_model.model"))]  # theirs: the decoder's input
+    rows += [(f"decoder layer {i}", f"language_model.model.layers.{i}", theirs(f"language_model.model.layers.{i}"))
              for i in range(config.text.num_hidden_layers)]
-    rows += [("final norm", "language_model.model.norm", "model.language_model.norm"),
+    rows += [("final norm", "language_model.model.norm", theirs("language_model.model.norm")),
              ("logits", "language_model.lm_head", None)]  # theirs: the output's logits (soft-capped there)
     return rows
 

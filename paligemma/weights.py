@@ -23,15 +23,42 @@ SKIPPED = [
     r"language_model\.lm_head\.weight",  # tied to embed_tokens, never stored by the hub files
 ]
 
-# Other key layouts -> the hub layout (which is also our module layout). transformers >= 4.52 saves
-# `vision_tower.*` without `vision_model.`; its in-memory names add a leading `model.`.
-KEY_REWRITES = [
-    (r"^model\.language_model\.", "language_model.model."),
-    (r"^model\.vision_tower\.", "vision_tower."),
-    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
-    (r"^lm_head\.", "language_model.lm_head."),
-    (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
+# Where each of our modules (named as the hub checkpoint's keys) lives in transformers' PaliGemma, as
+# (ours, transformers') name prefixes. The first row for each of ours is transformers 5's module path
+# (in memory, and so in PEFT adapters made on it): what to_transformers writes. The other rows are
+# read too: 4.52-4.57 kept `vision_model.` in memory; transformers 5 *saves* its files with the hub's
+# `language_model.model.` but `vision_tower.` without `vision_model.`. The one table for the fact:
+# weights.py reads checkpoints with it, verify.py pairs modules with it, lora/ names adapters with it
+# (through PaliGemma.to_transformers / from_transformers).
+TRANSFORMERS_NAMES = [
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    ("vision_tower.vision_model.", "model.vision_tower.vision_model."),
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
 ]
+OURS = tuple(dict.fromkeys(ours for ours, _ in TRANSFORMERS_NAMES))
+
+
+def to_transformers(name: str) -> str:
+    """Our module or key name -> transformers 5's (`vision_tower.vision_model.x` -> `model.vision_tower.x`)."""
+    for ours, theirs in TRANSFORMERS_NAMES:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name
+
+
+def canonical(key: str) -> str:
+    """A key or module name of any layout in TRANSFORMERS_NAMES -> ours (the hub's); ours unchanged."""
+    if key.startswith(OURS):
+        return key
+    theirs = [(t, o) for o, t in TRANSFORMERS_NAMES if key.startswith(t)]
+    if not theirs:
+        return key
+    t, o = max(theirs, key=lambda p: len(p[0]))  # `model.vision_tower.vision_model.` before `model.vision_tower.`
+    return o + key[len(t):]
+
 
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model",
              "preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json"]
@@ -70,12 +97,6 @@ def weight_files(folder: Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"{folder}: no model.safetensors, no model.safetensors.index.json, no *.safetensors")
     return files
-
-
-def canonical(key: str) -> str:
-    for pattern, repl in KEY_REWRITES:
-        key = re.sub(pattern, repl, key)
-    return key
 
 
 def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype, device, convert=None,
