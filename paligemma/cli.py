@@ -14,18 +14,9 @@ def load_for_inference(model: str, adapter: str | None = None, dtype: str = "flo
     "nf4": quantize.py), the adapter (PEFT format) applied, and on CPU the linear layers packed for
     speed once they have been used enough to pay for it (identical captions, see packing.py)."""
     from .model import PaliGemma
-    from .packing import AFTER, pack
     from .processor import Processor
-    if not adapter:
-        net = PaliGemma.from_pretrained(model, DTYPES[dtype], device, inference=True, quantize=quantize)
-        return net, Processor.from_pretrained(model)
-    net = PaliGemma.from_pretrained(model, DTYPES[dtype], device, quantize=quantize)
-    import lora  # the one direction: commands use LoRA; lora/ imports nothing from paligemma/
-    lora.load(net, adapter)  # LoRA wraps plain (or quantized) linear layers: pack after it
-    if quantize:
-        from .quantize import int8_head
-        int8_head(net)  # logits from an int8 copy of the table, not a packed bf16 one
-    return pack(net.requires_grad_(False), after=AFTER), Processor.from_pretrained(model)
+    net = PaliGemma.from_pretrained(model, DTYPES[dtype], device, inference=True, quantize=quantize, adapter=adapter)
+    return net, Processor.from_pretrained(model)
 
 
 def number(kind: type, low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):

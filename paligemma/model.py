@@ -62,13 +62,14 @@ class PaliGemma(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None,
-                        inference: bool = False, quantize: str | None = None) -> "PaliGemma":
+                        inference: bool = False, quantize: str | None = None, adapter=None) -> "PaliGemma":
         """Local folder or hub repo id (hub layout, single or sharded safetensors); see weights.py.
         inference=True: for captioning, not training: weights frozen and, on CPU, packed (packing.py).
-        quantize="int8" | "nf4": linear layers quantized while loading (quantize.py)."""
+        quantize="int8" | "nf4": linear layers quantized while loading (quantize.py).
+        adapter: a LoRA adapter folder (PEFT format) applied after loading (lora.load)."""
         from .weights import load_pretrained
         return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device, revision=revision,
-                               inference=inference, quantize=quantize)
+                               inference=inference, quantize=quantize, adapter=adapter)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):

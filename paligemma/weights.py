@@ -143,7 +143,9 @@ def load_state(folder: Path, model: torch.nn.Module, dtype: torch.dtype, device,
 
 
 def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", revision=None, inference=False,
-                    quantize=None):
+                    quantize=None, adapter=None):
+    """PaliGemma.from_pretrained: the model on `meta`, each weight read (and quantized or packed as it is
+    read), assigned; then the LoRA `adapter` (a PEFT folder) if given, and `for_inference`."""
     folder = resolve(path_or_repo_id, revision)
     if not (folder / "config.json").exists():
         raise ConfigError(f"{folder}: no config.json")
@@ -155,17 +157,31 @@ def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", rev
     if quantize:  # the file's dense weights are checked against the dense model, then swapped in quantized
         from . import quantize as q
         convert = q.converter(model.to(dtype), quantize)  # .to on meta: free, and the layers get `dtype`
-    elif inference and packing.packable(device, dtype):  # each linear weight packed as soon as it is read
+    elif inference and not adapter and packing.packable(device, dtype):  # each linear weight packed as it is read
         convert, transient, packed = packing.converter(model)
     state = load_state(folder, model, dtype, device, convert, transient)
     if quantize:
         q.quantize(model, quantize, head=False)  # on meta: empty quantized layers for the state to fill
     model.load_state_dict(state, strict=True, assign=True)
-    if inference:  # frozen, and on CPU packed for speed (packing.py)
-        if quantize:  # logits from an int8 copy of the table rather than a packed bf16 one
-            q.int8_head(model)
-        packing.pack(model.requires_grad_(False), packed=packed, after=packing.AFTER)
+    if adapter:
+        import lora  # LoRA wraps the plain (or quantized) linear layers, so packing comes after it
+        lora.load(model, adapter)
+    if inference:
+        for_inference(model, quantized=bool(quantize), packed=packed)
     return model.eval()
+
+
+def for_inference(model, quantized: bool = False, packed: dict | None = None):
+    """The one inference set-up: weights frozen; with quantized layers, the logits from an int8 copy of
+    the embedding table (quantize.Int8Head) rather than a packed bf16 one; on CPU every linear layer
+    packed (packing.py), each once it has been used enough to pay for its copy (packing.AFTER), or at
+    once where `packed` (from packing.converter while loading) already holds it."""
+    from . import packing
+    model.requires_grad_(False)
+    if quantized:
+        from .quantize import int8_head
+        int8_head(model)
+    return packing.pack(model, packed=packed, after=packing.AFTER)
 
 
 def save_pretrained(model: torch.nn.Module, directory: str | Path, max_shard_bytes: int | None = None,
