@@ -153,7 +153,7 @@ def main(argv=None):
     say(lora.summary(model))
     model.set_gradient_checkpointing(args.checkpointing)
     # DDP all-reduces gradients in its backward; FSDP2 shards parameters, gradients and optimizer state
-    wrapped = distributed.fsdp(model, world, args.device) if args.fsdp else distributed.wrap(model, world, args.device)
+    wrapped = distributed.fully_sharded(model, world, args.device) if args.fsdp else distributed.wrap(model, world, args.device)
     params = [p for p in model.parameters() if p.requires_grad]
     generates = rank == 0 or args.fsdp  # a sharded model generates only with every rank taking part
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.98),

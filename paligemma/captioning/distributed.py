@@ -74,7 +74,7 @@ def wrap(model, world: int, device: str) -> nn.Module:
 # holds the rest (embedding table = output head, projector, final norms). DDP's arithmetic is kept:
 # gradients are averaged over ranks, so the same loss normalisation gives the same steps.
 
-def fsdp(model, world: int, device: str) -> nn.Module:
+def fully_sharded(model, world: int, device: str) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.split(":")[0], (world,))
@@ -113,3 +113,35 @@ def load_full_state(wrapped: nn.Module, optimizer, model_state: dict, optimizer_
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(wrapped, {"model." + k: v for k, v in model_state.items()}, options=options)
     set_optimizer_state_dict(wrapped, optimizer, optimizer_state, options=options)
+
+
+class Parallel:
+    """How train.py's loop runs over processes, as one object so the loop has no sharding branch: one
+    process, DDP (every rank holds the model; gradients all-reduced in backward) or FSDP2 (`fsdp=True`:
+    parameters, gradients and optimizer state sharded; full fine-tuning of models one device cannot
+    hold). `wrapped` is the module the loop calls for the loss."""
+
+    def __init__(self, model, rank: int, world: int, device: str, fsdp: bool = False):
+        self.model, self.rank, self.world, self.sharded = model, rank, world, fsdp
+        self.wrapped = fully_sharded(model, world, device) if fsdp else wrap(model, world, device)
+
+    @property
+    def generates(self) -> bool:
+        """Whether this rank captions (validation, test): rank 0, or every rank of a sharded model, whose
+        layers gather their parameters only with all ranks taking part."""
+        return self.rank == 0 or self.sharded
+
+    def no_sync(self, last_micro_batch: bool):
+        """Around a micro-batch's forward and backward: DDP all-reduces only on the step's last one."""
+        if last_micro_batch or self.world == 1 or self.sharded:
+            return contextlib.nullcontext()
+        return self.wrapped.no_sync()
+
+    def gathered(self):
+        """Around generation (the model's own methods, not the wrapper's forward); every rank enters."""
+        return root_gathered(self.wrapped)
+
+    def full_state(self, optimizer=None) -> tuple[dict | None, dict | None]:
+        """(model, optimizer) state gathered from the shards to rank 0's CPU, every rank calling; (None,
+        None) when nothing is sharded (each rank already holds it all)."""
+        return full_state(self.wrapped, optimizer) if self.sharded else (None, None)
