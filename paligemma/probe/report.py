@@ -15,7 +15,7 @@ import json
 import numpy as np
 import torch
 
-from . import DECODER, image_grid, image_reliance, logit_lens
+from . import DECODER, image_ablation, image_grid, logit_lens
 
 VIEW = dict(left=16, top=72, size=448)  # where the image sits on the page, in CSS pixels (the browser test reads it)
 
@@ -47,7 +47,7 @@ def summarize(model, processor, rec, inputs: dict) -> tuple[dict, np.ndarray]:
         lens.append([[[piece(tok, int(t)), round(float(p), 4)] for t, p in zip(top[l, 0, 0], probs[l, 0, 0])]
                      for l in range(L)])
     next_p, next_ids = rec.logits[0].softmax(-1).topk(5)  # (n, 5): what each token was chosen from
-    rel = image_reliance(model, inputs["input_ids"][:1], inputs["pixel_values"][:1], rec.tokens[:1],
+    rel = image_ablation(model, inputs["input_ids"][:1], inputs["pixel_values"][:1], rec.tokens[:1],
                          inputs["attention_mask"][:1], inputs["token_type_ids"][:1])
     real = rel["real"][0]
     summary = dict(
