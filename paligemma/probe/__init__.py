@@ -26,7 +26,7 @@ import warnings
 from .groups import GROUPS, group_positions, token_groups
 from .hooking import DECODER, HEAD, hook_names, hooks, run_with_cache
 from .knockout import knockout
-from .patching import SITES, patch_sweep, plot_sweep
+from .patching import SITES, patch_sweep, plot_sweep, sweep_columns
 from .recording import Recording, generate, image_ablation, image_grid, logit_lens
 
 
@@ -40,4 +40,4 @@ def image_reliance(*args, **kwargs) -> dict:
 
 __all__ = ["hook_names", "hooks", "run_with_cache", "Recording", "generate", "image_grid", "logit_lens",
            "image_ablation", "image_reliance", "GROUPS", "token_groups", "group_positions", "knockout",
-           "patch_sweep", "plot_sweep", "SITES", "HEAD", "DECODER"]
+           "patch_sweep", "plot_sweep", "sweep_columns", "SITES", "HEAD", "DECODER"]

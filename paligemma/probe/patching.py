@@ -2,7 +2,7 @@
 a clean input and a corrupted one to the output.
 
     sweep = probe.patch_sweep(model, clean, corrupted, target=(red, blue))     # (sites, layers, groups)
-    probe.plot_sweep(sweep, columns=list(probe.group_positions(probe.token_groups(model, **clean))))
+    probe.plot_sweep(sweep, columns=probe.sweep_columns(model, clean))                 # labels: the groups
 
 The corrupted input is run with one clean activation restored at a time: one site (a per-layer hook
 point), one layer, one set of positions. Each run is scored by the target's logit difference at the
@@ -33,8 +33,8 @@ SITES = {"attn_out": "hook_attn_out", "resid_mid": "hook_resid_mid", "mlp_out": 
          "resid_post": "hook_resid_post"}
 
 
-def _columns(model, inputs: dict, positions) -> dict:
-    """positions -> {label: [positions]}, one column of the sweep each."""
+def sweep_columns(model, inputs: dict, positions="groups") -> dict:
+    """positions ("groups", "each" or {label: [positions]}) -> {label: [positions]}: the sweep's columns."""
     T = inputs["input_ids"].shape[1]
     if positions == "groups":
         return group_positions(token_groups(model, **inputs))
@@ -83,7 +83,14 @@ def _run(model, inputs: dict, names: list[str]):
 
     with hooks(model, {n: keep for n in names}):
         h = model.hidden_states(**inputs)
-    return model.language_model.logits(h[:, -1]), cache
+    return _last_logits(model, h), cache
+
+
+def _last_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """(R, T, D) final-normed states -> (R, V) logits at the last position, one run at a time: CPU matmuls
+    round a row differently at different row counts, and a run's score must not depend on how many runs
+    share its forward (nor may the sweep's ends miss 0 and 1)."""
+    return torch.stack([model.language_model.logits(h[r, -1]) for r in range(h.shape[0])])
 
 
 @torch.no_grad()
@@ -95,7 +102,7 @@ def _from_layer(model, start: int, x: torch.Tensor, attention_mask, token_type_i
     cos, sin = rope(positions, lm.config.head_dim, lm.config.rope_theta, x.dtype)
     for layer in lm.layers[start:]:
         x = layer(x, cos=cos, sin=sin, mask=masks["sliding" if layer.sliding else "full"])
-    return model.language_model.logits(lm.norm(x[:, -1]))
+    return _last_logits(model, lm.norm(x[:, -1:]))
 
 
 @torch.no_grad()
@@ -113,7 +120,7 @@ def patch_sweep(model, clean: dict, corrupted: dict, target, sites=("resid_post"
     layers = list(range(n_layers)) if layers is None else [int(l) for l in layers]
     if not layers or not all(0 <= l < n_layers for l in layers):
         raise ValueError(f"patch_sweep: layers {layers} are not decoder layers (0-{n_layers - 1})")
-    columns = list(_columns(model, clean, positions).values())
+    columns = list(sweep_columns(model, clean, positions).values())
     metric = _metric(target)
     names = [DECODER.format(l) + SITES[s] for l in layers for s in sites]
     resid = ["hook_embed"] + [DECODER.format(l) + "hook_resid_post" for l in range(n_layers - 1)]  # layer inputs

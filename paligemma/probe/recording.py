@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .groups import GROUPS, slot_groups
-from .hooking import DECODER, HEAD, hooks
+from .hooking import DECODER, HEAD, _select, hooks
 
 @dataclass
 class Recording:
@@ -86,8 +86,8 @@ def generate(model, input_ids, pixel_values, attention_mask=None, token_type_ids
     def keep(x, name):
         values.setdefault(name, []).append(x.detach())
 
-    patterns = list(names or ["*"]) + [HEAD]
-    with hooks(model, {p: keep for p in patterns}):
+    chosen = [*_select(model, names or ["*"]), HEAD]  # names, so that "*" and HEAD do not record the head twice
+    with hooks(model, dict.fromkeys(chosen, keep)):
         tokens = model.generate(input_ids, pixel_values, attention_mask, token_type_ids, max_new_tokens, **kwargs)
     return Recording(tokens, input_ids, values, attention_mask, token_type_ids)
 
