@@ -1,9 +1,15 @@
 """python -m paligemma.probe end to end (probe.json against transformers' generate, the page in headless
 Chromium), image_ablation, knockout and patch sweeps against transformers or plain loops."""
 import contextlib
+import html
+import io
 import json
+import re
 import shutil
+import struct
 import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -12,6 +18,7 @@ from PIL import Image
 from torch.testing import assert_close
 
 from paligemma import PaliGemma, Processor, probe
+from paligemma.cli import run
 from paligemma.probe.__main__ import main
 from paligemma.probe.report import VIEW
 from tests.helpers import IMAGE_TOKEN, batch, load_hf
@@ -27,28 +34,55 @@ def blue_noise(size=64):
     return Image.fromarray(a)
 
 
+def bad_images(root) -> list:
+    """Files PIL cannot decode: truncated, a chunk with a broken checksum, a decompression bomb (a header
+    claiming 40000 x 40000 pixels), missing."""
+    good = io.BytesIO()
+    blue_noise().save(good, format="PNG")
+    data = good.getvalue()
+    (root / "truncated.png").write_bytes(data[:len(data) // 2])
+    broken = bytearray(data)
+    i = broken.index(b"IHDR")
+    broken[i + 4 + 13] ^= 0xFF  # the header chunk's CRC
+    (root / "broken.png").write_bytes(bytes(broken))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return [root / "truncated.png", root / "broken.png", root / "bomb.png", root / "missing.png"]
+
+
 @pytest.fixture(scope="module")
 def probed(pg1_tok_dir, tmp_path_factory):
+    """The command on two good images with the same name and four bad ones between them."""
     root = tmp_path_factory.mktemp("probe")
     blue = root / "blue.png"
     blue_noise().save(blue)
     (root / "other").mkdir()
     noise = root / "other" / "blue.png"  # same name, another folder: its own report folder
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(noise)
+    bad = bad_images(root)
     out = root / "out"
-    main(["--model", str(pg1_tok_dir), str(blue), str(noise), "--max-new-tokens", "5", "--out", str(out)])
-    return out, [blue, noise]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(["--model", str(pg1_tok_dir), str(blue), *map(str, bad), str(noise), "--max-new-tokens", "5",
+                     "--out", str(out)])
+    return out, [blue, noise], bad, code, stderr.getvalue()
 
 
 def test_probe_writes_reports(probed, pg1_tok_dir):
-    out, images = probed
+    out, images, _, _, _ = probed
     index = (out / "index.html").read_text()
     assert 'href="blue/report.html"' in index and 'href="blue-2/report.html"' in index
+    assert index.count('<img src="data:image/png;base64,') == 2  # thumbnails
     model, processor = PaliGemma.from_pretrained(pg1_tok_dir), Processor.from_pretrained(pg1_tok_dir)
     hf = load_hf(pg1_tok_dir)
     L = model.config.text.num_hidden_layers
     for folder, image in zip(["blue", "blue-2"], images):
         summary = json.loads((out / folder / "probe.json").read_text())
+        assert html.escape(summary["text"]) in index  # each caption beside its thumbnail
         inputs = processor([image], "caption en")
         T = inputs["input_ids"].shape[1]
         tokens = model.generate(**inputs, max_new_tokens=5)[0].tolist()
@@ -56,21 +90,65 @@ def test_probe_writes_reports(probed, pg1_tok_dir):
         ref = hf.generate(**inputs, max_new_tokens=5, do_sample=False, output_attentions=True,
                           return_dict_in_generate=True)
         assert ref.sequences[0, T:].tolist() == tokens
-        is_image = inputs["input_ids"][0] == model.config.image_token_index
-        want = [[float(ref.attentions[i][l][0, :, -1, :T][:, is_image].sum(-1).mean()) for l in range(L)]
-                for i in range(len(tokens))]
-        assert_close(torch.tensor(summary["image_attention"]), torch.tensor(want), rtol=1e-5, atol=1e-5)
+        # attention shares: transformers' attentions summed over the key groups read from the ids
+        labels = id_groups(inputs, generated=len(tokens))[0]  # (T + n,)
+        want = torch.tensor([[[float(ref.attentions[i][l][0, :, -1][:, labels[:T + i] == g].sum(-1).mean())
+                               for g in range(4)] for l in range(L)] for i in range(len(tokens))])
+        got = torch.tensor(summary["attention_shares"])
+        assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert_close(got.sum(-1), torch.ones(len(tokens), L), rtol=0, atol=1e-5)
+        assert (got[1:, :, 3] > 0).all() and (got[0, :, 3] == 0).all()  # the caption so far: none at token 0
+        assert_close(torch.tensor(summary["image_attention"]), want[..., 0], rtol=1e-5, atol=1e-5)
         assert len(summary["top5"]) == len(tokens) and len(summary["logit_lens"][0]) == L
         assert summary["top5"][0][0][1] >= summary["top5"][0][4][1]
-        html = (out / folder / "report.html").read_text()
-        assert html.startswith("<!doctype html>") and "src=\"http" not in html  # self-contained
+        # the knocked-out caption: transformers' generate with caption -> image masked in every layer
+        with hf_blocked(hf, by_group(id_groups(inputs, generated=5), [(3, 0)]), range(L)):
+            blind = hf.generate(**inputs, max_new_tokens=5, do_sample=False)[0, T:].tolist()
+        assert summary["knockout"][0] == dict(first_layer=0, text=processor.decode(blind))
+        page = (out / folder / "report.html").read_text()
+        assert page.startswith("<!doctype html>") and "src=\"http" not in page  # self-contained
 
 
-def test_image_reliance_against_transformers(pg1_dir):
+def test_probe_finishes_the_readable_images(probed):
+    """Unreadable files are named one line each and skipped; the good ones after them are reported; exit 1."""
+    out, _, bad, code, stderr = probed
+    assert code == 1
+    lines = stderr.strip().splitlines()
+    for path in bad:
+        assert sum(str(path) in line for line in lines) == 2  # its own line, and the summary's list
+    assert "decompression bomb" in stderr and "4 of 6 images could not be read" in lines[-1]
+    assert all(line.startswith("paligemma.probe: ") for line in lines)
+    assert (out / "blue-2" / "report.html").exists() and not (out / "bomb").exists()
+
+
+def test_probe_command_errors(probed, pg1_tok_dir, tmp_path, capsys):
+    out, images, _, _, _ = probed
+    before = (out / "index.html").read_text()
+    with pytest.raises(SystemExit) as e:  # an earlier run is not replaced without a word, checked before loading
+        run(main, "paligemma.probe", ["--model", str(tmp_path / "absent"), str(images[0]), "--out", str(out)])
+    assert "index.html exists" in str(e.value) and "--overwrite" in str(e.value)
+    assert (out / "index.html").read_text() == before
+    for n in ("0", "-3"):
+        with pytest.raises(SystemExit):
+            main(["--model", str(pg1_tok_dir), str(images[0]), "--out", str(tmp_path / "o"), "--max-new-tokens", n])
+        assert f"--max-new-tokens: expected an integer >= 1, got '{n}'" in capsys.readouterr().err
+    again = tmp_path / "again"
+    assert main(["--model", str(pg1_tok_dir), str(images[0]), "--out", str(again), "--max-new-tokens", "2"]) == 0
+    assert main(["--model", str(pg1_tok_dir), str(images[1]), "--out", str(again), "--max-new-tokens", "2",
+                 "--overwrite"]) == 0
+    assert "blue.png" in (again / "index.html").read_text()
+    # the command ends through cli.run: one line, exit 1
+    done = subprocess.run([sys.executable, "-m", "paligemma.probe", "--model", str(tmp_path / "absent"), str(images[0]),
+                           "--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("paligemma.probe: ") and "absent" in done.stderr
+
+
+def test_image_ablation_against_transformers(pg1_dir):
     model, hf = PaliGemma.from_pretrained(pg1_dir), load_hf(pg1_dir)
     inputs = batch(N_IMG, prompt_lens=(3, 6), seed=7)
     caption = torch.tensor([[17, 40, 1, 0], [33, 12, 90, 5]])  # row 0 ends at <eos>, then padding
-    rel = probe.image_reliance(model, caption=caption, **inputs)
+    rel = probe.image_ablation(model, caption=caption, **inputs)
     assert rel["real"].tolist() == [[True, True, True, False], [True, True, True, True]]
     T = inputs["input_ids"].shape[1]
     full = dict(input_ids=torch.cat([inputs["input_ids"], caption], 1), pixel_values=inputs["pixel_values"],
@@ -90,6 +168,9 @@ def test_image_reliance_against_transformers(pg1_dir):
     finally:
         handle.remove()
     assert not torch.allclose(rel["with_image"], rel["without_image"], atol=1e-3)
+    with pytest.warns(DeprecationWarning, match="image_ablation"):  # the old name, kept for a while
+        old = probe.image_reliance(model, caption=caption, **inputs)
+    assert all(torch.equal(old[k], rel[k]) for k in rel)
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian: chromium) not installed")
@@ -97,7 +178,7 @@ def test_report_renders_in_chromium(probed, pg1_tok_dir, tmp_path):
     """Screenshots of the page over the blue image (red channel 0): as it opens (token 0, layers and heads
     averaged) and at one layer and head, the overlay's red follows the recorded attention patch by patch,
     clear at the least attended patch, and nothing is drawn outside the image."""
-    out, images = probed
+    out, images, _, _, _ = probed
     model, processor = PaliGemma.from_pretrained(pg1_tok_dir), Processor.from_pretrained(pg1_tok_dir)
     inputs = processor([images[0]], "caption en")
     rec = probe.generate(model, **inputs, max_new_tokens=1, names=["*.self_attn.hook_pattern"])
@@ -128,6 +209,38 @@ def test_report_renders_in_chromium(probed, pg1_tok_dir, tmp_path):
     redness = torch.tensor(centres[..., 0].reshape(-1)[order.numpy()])  # red channel, by recorded attention
     assert redness[-1] > 150 and redness[0] < 30
     assert (redness.diff() >= -2).all()  # more attention, more red (up to the colour rounding)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian: chromium) not installed")
+def test_report_shows_attention_shares_in_chromium(probed):
+    """The page as Chromium built it (its DOM after the scripts ran): one stacked bar per generated token
+    and layer whose four parts show the recorded shares, add up to 1 and fill the bar; token labels under
+    the image-reliance bars; the knocked-out captions."""
+    out, _, _, _, _ = probed
+    summary = json.loads((out / "blue" / "probe.json").read_text())
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          (out / "blue" / "report.html").as_uri()], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    panel = re.search(r'<svg id="shares"[^>]*>(.*?)</svg>', dom, re.S).group(1)  # the element, not the script
+    bars = {}
+    for rect in re.findall(r'<rect class="share"([^>]*)>', panel):
+        a = dict(re.findall(r'([\w-]+)="([^"]*)"', rect))
+        bars.setdefault((int(a["data-token"]), int(a["data-layer"])), []).append(
+            (int(a["data-group"]), float(a["data-share"]), float(a["width"])))
+    n, L = len(summary["tokens"]), summary["layers"]
+    assert sorted(bars) == [(t, l) for t in range(n) for l in range(L)]
+    width = re.search(r"CW = (\d+)", dom)
+    for (t, l), parts in bars.items():
+        assert [g for g, _, _ in parts] == [0, 1, 2, 3]
+        assert [v for _, v, _ in parts] == pytest.approx(summary["attention_shares"][t][l], abs=1e-12)
+        assert sum(v for _, v, _ in parts) == pytest.approx(1, abs=1e-5)
+        assert sum(w for _, _, w in parts) == pytest.approx(int(width.group(1)) - 2, abs=1e-3)
+    shown = re.search(r'<svg id="rel"[^>]*>(.*?)</svg>', dom, re.S).group(1)
+    labels = [html.unescape(x) for x in re.findall(r'<text class="lab"[^>]*>([^<]*)</text>', shown)]
+    real = summary["reliance"]["real"]
+    assert labels == [p for p, r in zip(summary["pieces"], real) if r]
+    knock = re.search(r'<p id="knock">(.*?)</p>', dom, re.S).group(1)
+    assert html.escape(summary["knockout"][0]["text"], quote=False) in knock
 
 
 # ---- knockout: against transformers' eager attention with the edges removed from its 4-D mask ----
