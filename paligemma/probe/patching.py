@@ -167,13 +167,15 @@ def plot_sweep(sweep: torch.Tensor, sites=("resid_post", "attn_out", "mlp_out"),
     n_sites, n_layers, P = sweep.shape
     columns = [str(c) for c in range(P)] if columns is None else list(columns)
     layers = list(range(n_layers)) if layers is None else list(layers)
-    fig, axes = plt.subplots(1, n_sites, figsize=(1.2 + n_sites * max(2.0, 0.35 * P + 0.8), 0.8 + 0.22 * n_layers),
+    longest = max(len(c) for c in columns) if P > 6 or any(len(c) > 6 for c in columns) else 0  # rotated labels
+    fig, axes = plt.subplots(1, n_sites, figsize=(1.2 + n_sites * max(2.0, 0.35 * P + 0.8),
+                                                  1.6 + 0.22 * n_layers + 0.07 * longest),
                              squeeze=False, constrained_layout=True)
     top = max(1.0, float(sweep.abs().max()))
     for i, ax in enumerate(axes[0]):
         im = ax.imshow(sweep[i].numpy(), cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto", interpolation="nearest")
         ax.set_title(sites[i] if i < len(sites) else f"site {i}", fontsize=10)
-        ax.set_xticks(range(P), columns, rotation=90 if P > 6 else 0, fontsize=8)
+        ax.set_xticks(range(P), columns, rotation=90 if longest else 0, fontsize=8)
         ax.set_yticks(range(n_layers), layers, fontsize=7)
         ax.set_xlabel("patched positions")
         if i == 0:

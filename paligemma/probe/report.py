@@ -128,7 +128,7 @@ table { border-collapse: collapse; margin: 6px 0 12px; } td, th { padding: 1px 8
 th { color: #555; font-weight: normal; } h2 { font-size: 15px; margin: 12px 0 4px; }
 #lens td { white-space: pre; font-family: monospace; font-size: 12px; }
 svg text.lab { font-size: 11px; fill: #444; white-space: pre; }
-.key { display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 10px; }
+.nowrap { white-space: nowrap; } .key { display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 10px; }
 </style></head><body>
 <header><h1>$TITLE</h1><p id="caption"></p></header>
 <div id="view"><img src="data:image/png;base64,$IMAGE" alt="input image"><canvas id="heat"></canvas></div>
@@ -179,7 +179,7 @@ function draw() {
     `<tr><td>${l}</td>` + row.map(([p, q]) => `<td>${esc(p)} ${q.toFixed(2)}</td>`).join("") + "</tr>").join("");
 }
 const COLOURS = ["#e8a317", "#8e44ad", "#3b6fb6", "#2e9e6b"];  // image, <bos>, prompt, caption
-const CW = 30, CH = 12, LEFT = 24;  // one stacked bar per token (column) and layer (row)
+const CW = 30, CH = L <= 8 ? 20 : 12, LEFT = 24;  // one stacked bar per token (column) and layer (row)
 function labels() {  // room for the token labels, written at 60 degrees under a row of bars
   return 16 + 5.5 * Math.min(16, Math.max(1, ...D.pieces.map(p => p.length)));
 }
@@ -206,7 +206,8 @@ function shares() {  // each bar: the token's attention at that layer split by k
   svg.innerHTML = s;
   svg.onclick = e => { const t = e.target.closest("[data-token]"); if (t) { token = +t.dataset.token; draw(); } };
   $("sharekey").innerHTML = "rows: layers 0 (top) to " + (L - 1) + "; columns: the caption's tokens" +
-    D.share_groups.map((g, i) => `<span class="key" style="background:${COLOURS[i]}"></span>${esc(g)}`).join("");
+    D.share_groups.map((g, i) => `<span class="nowrap"><span class="key" style="background:${COLOURS[i]}"></span>` +
+    `${esc(g)}</span>`).join("");
 }
 function esc(s) { return s.replace(/[&<>]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;"})[c]); }
 function reliance() {  // one bar per token, labelled under the axis
