@@ -4,9 +4,9 @@
         tokens = model.generate(**inputs)          # the caption may not look at the image from layer 10 on
 
 The blocked edges are removed from the boolean mask the forward builds (True = may attend), so they get
-the same treatment as padding: the masked score before the softmax (the most negative float, whose
-exp is exactly 0 next to any real key), in the fused SDPA kernel and in the spelled-out one alike;
-the model's math is not touched. Nothing blocked leaves every bit of the output as it was.
+the same treatment as padding before the softmax: -inf in the fused SDPA kernel, the most negative
+float in the spelled-out one (attention.py; its exp is exactly 0 next to any allowed key). The
+model's math is not touched, and a block that removes no edge leaves every bit of the output as it was.
 
 How: while active, `model.attention_inputs` (the one place the forward builds its masks, model.py) is
 wrapped to compute the blocked edges of each call from the same per-slot facts, real and in the prefix,
