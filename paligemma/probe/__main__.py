@@ -23,7 +23,7 @@ from PIL import Image
 from ..atomic import atomic_file
 from ..caption import one_line
 from ..cli import POSITIVE, add_debug, add_image_command_args, load_for_inference, run
-from . import generate
+from .recording import generate
 from .report import index, render, summarize, thumbnail
 
 RECORD = ["language_model.model.layers.*.self_attn.hook_pattern", "language_model.model.layers.*.hook_resid_post"]

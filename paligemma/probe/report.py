@@ -19,7 +19,9 @@ import json
 import numpy as np
 import torch
 
-from . import DECODER, generate, image_ablation, image_grid, knockout, logit_lens
+from .hooking import DECODER
+from .knockout import knockout
+from .recording import generate, image_ablation, image_grid, logit_lens
 
 VIEW = dict(left=16, top=72, size=448)  # where the image sits on the page, in CSS pixels (the browser test reads it)
 SHARES = ["image", "<bos>", "prompt", "caption"]  # the key groups of Recording.attention_shares, as the page names them
