@@ -8,8 +8,10 @@ Family quirks, each switched by a config field:
   `query_pre_attn_scalar`, tanh soft-capping of attention scores and of the final logits, and
   sliding-window attention on every other layer.
 The output head is tied to `embed_tokens` (the hub files carry no `lm_head`).
-Hook points (hookpoint.py) on each layer: `self_attn.hook_{q,k,v,pattern,z}`, `hook_resid_mid`,
-`hook_mlp_out`, `hook_resid_post`.
+Hook points (hookpoint.py) on each layer: `self_attn.hook_{q,k,v,pattern,z}`, `hook_attn_out`,
+`hook_resid_mid`, `hook_mlp_out`, `hook_resid_post`. `hook_attn_out` and `hook_mlp_out` are exactly what
+the attention and the MLP add to the residual stream (after Gemma 2's post-norms), so
+resid_mid = resid_pre + attn_out and resid_post = resid_mid + mlp_out.
 
 Axes: B batch, T tokens in this call, S keys (T, or the KV cache's slots), D hidden size,
 H query heads, K key/value heads, hd head dimension, V vocabulary.
@@ -100,16 +102,17 @@ class GemmaDecoderLayer(nn.Module):
         if self.sandwich:
             self.pre_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
             self.post_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        # (B, T, D) each: after the attention residual, what the MLP adds, the layer's output
-        self.hook_resid_mid, self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
+        # (B, T, D) each: what the attention adds, after the attention residual, what the MLP adds, the output
+        self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint()
+        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
     def forward(self, x, cos, sin, mask, cache=None, slots=None):
         h = self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, mask=mask, cache=cache, slots=slots)
         if not self.sandwich:  # Gemma 1: post_attention_layernorm is the pre-MLP norm
-            x = self.hook_resid_mid(x + h)
+            x = self.hook_resid_mid(x + self.hook_attn_out(h))
             m = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x)))
         else:
-            x = self.hook_resid_mid(x + self.post_attention_layernorm(h))
+            x = self.hook_resid_mid(x + self.hook_attn_out(self.post_attention_layernorm(h)))
             m = self.hook_mlp_out(self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
         return self.hook_resid_post(x + m)
 

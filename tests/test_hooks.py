@@ -85,7 +85,7 @@ def test_hook_shapes(pair):
               VISION.format(0) + "hook_resid_post": (B, N_IMG, v.hidden_size)}
     for name, shape in [("self_attn.hook_q", (B, H, T, hd)), ("self_attn.hook_k", (B, K, T, hd)),
                         ("self_attn.hook_v", (B, K, T, hd)), ("self_attn.hook_pattern", (B, H, T, T)),
-                        ("self_attn.hook_z", (B, T, H, hd)), ("hook_resid_mid", (B, T, D)),
+                        ("self_attn.hook_z", (B, T, H, hd)), ("hook_attn_out", (B, T, D)), ("hook_resid_mid", (B, T, D)),
                         ("hook_mlp_out", (B, T, D)), ("hook_resid_post", (B, T, D))]:
         shapes[LAYER.format(1) + name] = shape
     assert {n: tuple(cache[n].shape) for n in shapes} == shapes
@@ -285,3 +285,28 @@ def test_unknown_name_is_an_error(pg1_dir):
     model = PaliGemma.from_pretrained(pg1_dir)
     with pytest.raises(KeyError, match="hook_patern"):
         probe.run_with_cache(model, ["*.hook_patern"], **padded("left"))
+
+
+def test_attn_out_is_what_the_attention_adds(pair):
+    """hook_attn_out == transformers' attention block output as it enters the residual (PG1: self_attn's
+    output; PG2: after post_attention_layernorm), and resid_mid = resid_pre + attn_out exactly."""
+    ours, hf = pair
+    inputs = padded("left")
+    real = inputs["attention_mask"].bool()
+    _, cache = probe.run_with_cache(ours, ["hook_embed", "*.hook_attn_out", "*.hook_resid_mid", "*.hook_resid_post"],
+                                    **inputs)
+    seen, handles = {}, []
+    for l, layer in enumerate(hf.model.language_model.layers):
+        module = layer.post_attention_layernorm if ours.config.text.sandwich_norms else layer.self_attn
+        handles.append(module.register_forward_hook(
+            lambda m, args, out, l=l: seen.__setitem__(l, (out[0] if isinstance(out, tuple) else out).detach())))
+    try:
+        hf_forward(hf, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    for l in range(ours.config.text.num_hidden_layers):
+        got = cache[LAYER.format(l) + "hook_attn_out"]
+        assert_close(got[real], seen[l][real], rtol=1e-5, atol=1e-5)
+        before = cache["hook_embed"] if l == 0 else cache[LAYER.format(l - 1) + "hook_resid_post"]
+        assert torch.equal(cache[LAYER.format(l) + "hook_resid_mid"], before + got)

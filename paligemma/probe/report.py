@@ -3,9 +3,13 @@
 The page opens from disk (no server, no network): the image as the model saw it (resized to a square),
 the caption as clickable tokens; for the selected token its attention over the image patches as a
 heatmap overlay (any decoder layer or all of them, any head or their average), its top-5 next tokens
-(what the model chose from), the logit lens at that position (each layer's top tokens), and the
-caption's image reliance (each token's log-probability with its image and with the image features
-zeroed). The view is in the address: report.html#token=3&layer=5&head=avg. Heatmaps travel as one uint8 per patch, each grid scaled to its own maximum (kept beside it).
+(what the model chose from), where every token looks per layer (its head-averaged attention split into
+image / <bos> / prompt / the caption so far: one stacked bar per token and layer), the logit lens at
+that position (each layer's top tokens), the caption's image reliance (each token's log-probability
+with its image and with the image features zeroed, labelled by token), and the caption written with
+the caption -> image attention knocked out (from layer 0, and from the middle layer on). The view is
+in the address: report.html#token=3&layer=5&head=avg. Heatmaps travel as one uint8 per patch, each
+grid scaled to its own maximum (kept beside it).
 """
 import base64
 import html
@@ -15,9 +19,12 @@ import json
 import numpy as np
 import torch
 
-from . import DECODER, image_grid, image_reliance, logit_lens
+from .hooking import DECODER
+from .knockout import knockout
+from .recording import generate, image_ablation, image_grid, logit_lens
 
 VIEW = dict(left=16, top=72, size=448)  # where the image sits on the page, in CSS pixels (the browser test reads it)
+SHARES = ["image", "<bos>", "prompt", "caption"]  # the key groups of Recording.attention_shares, as the page names them
 
 
 def piece(tokenizer, i: int) -> str:
@@ -47,17 +54,25 @@ def summarize(model, processor, rec, inputs: dict) -> tuple[dict, np.ndarray]:
         lens.append([[[piece(tok, int(t)), round(float(p), 4)] for t, p in zip(top[l, 0, 0], probs[l, 0, 0])]
                      for l in range(L)])
     next_p, next_ids = rec.logits[0].softmax(-1).topk(5)  # (n, 5): what each token was chosen from
-    rel = image_reliance(model, inputs["input_ids"][:1], inputs["pixel_values"][:1], rec.tokens[:1],
+    rel = image_ablation(model, inputs["input_ids"][:1], inputs["pixel_values"][:1], rec.tokens[:1],
                          inputs["attention_mask"][:1], inputs["token_type_ids"][:1])
     real = rel["real"][0]
+    shares = rec.attention_shares(model)[0]  # (n, L, 4)
+    knocked = []
+    for first in sorted({0, L // 2}):  # the caption when it may not look at the image from layer `first` on
+        with knockout(model, {"suffix": ["image"]}, layers=range(first, L)):
+            again = generate(model, **{k: v[:1] for k, v in inputs.items()}, max_new_tokens=n, names=["hook_embed"])
+        knocked.append(dict(first_layer=first, text=processor.decode(again.tokens[0].tolist())))
     summary = dict(
         tokens=ids, pieces=[piece(tok, i) for i in ids], text=processor.decode(ids),
-        image_attention=rec.image_share(model)[0].tolist(),  # (n, L): head-averaged share on image keys
+        attention_shares=shares.tolist(), share_groups=SHARES,  # (n, L, 4) head-averaged, summing to 1
+        image_attention=shares[..., 0].tolist(),  # (n, L): the share on the image keys
         top5=[[[piece(tok, int(t)), round(float(p), 4)] for t, p in zip(next_ids[i], next_p[i])] for i in range(n)],
         logit_lens=lens,  # (n, L, 5) [piece, probability] at the position that chose each token
         reliance=dict(with_image=rel["with_image"][0].tolist(), without_image=rel["without_image"][0].tolist(),
                       real=real.tolist(), total_with_image=float(rel["with_image"][0][real].sum()),
                       total_without_image=float(rel["without_image"][0][real].sum())),
+        knockout=knocked,
         layers=L, heads=model.config.text.num_attention_heads,
         grid=model.config.vision.image_size // model.config.vision.patch_size)
     return summary, torch.stack(heat).float().numpy()
@@ -80,11 +95,22 @@ def render(summary: dict, heat: np.ndarray, image, title: str, model_size: int) 
             .replace("$DATA", payload))
 
 
-def index(entries: list[tuple[str, str, str]]) -> str:
-    """entries (folder, image name, caption) -> index.html text."""
-    rows = "\n".join(f'<li><a href="{html.escape(folder)}/report.html">{html.escape(name)}</a>: {html.escape(text)}</li>'
-                     for folder, name, text in entries)
-    return f"<!doctype html><meta charset=utf-8><title>probe</title><h1>Where it looks</h1><ul>\n{rows}\n</ul>\n"
+def index(entries: list[tuple[str, str, str, str]]) -> str:
+    """entries (folder, image name, caption, thumbnail PNG as base64) -> index.html text."""
+    rows = "\n".join(f'<tr><td><a href="{html.escape(folder)}/report.html"><img src="data:image/png;base64,{thumb}" '
+                     f'width="{THUMB}" height="{THUMB}" alt=""></a></td><td><a href="{html.escape(folder)}/report.html">'
+                     f'{html.escape(name)}</a><br>{html.escape(text)}</td></tr>' for folder, name, text, thumb in entries)
+    return ("<!doctype html><meta charset=utf-8><title>probe</title><style>body { font: 14px/1.4 sans-serif; margin: 16px }"
+            " td { padding: 4px 12px 4px 0; vertical-align: top }</style>"
+            f"<h1>Where it looks</h1><table>\n{rows}\n</table>\n")
+
+
+def thumbnail(image) -> str:
+    """A PIL image -> the index's thumbnail, PNG as base64."""
+    return _png(image, THUMB)
+
+
+THUMB = 96  # index.html thumbnails, CSS pixels
 
 
 PAGE = """<!doctype html>
@@ -103,6 +129,8 @@ header h1 { font-size: 18px; margin: 10px 0 2px; } header p { margin: 0; color: 
 table { border-collapse: collapse; margin: 6px 0 12px; } td, th { padding: 1px 8px; text-align: left; }
 th { color: #555; font-weight: normal; } h2 { font-size: 15px; margin: 12px 0 4px; }
 #lens td { white-space: pre; font-family: monospace; font-size: 12px; }
+svg text.lab { font-size: 11px; fill: #444; white-space: pre; }
+.nowrap { white-space: nowrap; } .key { display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 10px; }
 </style></head><body>
 <header><h1>$TITLE</h1><p id="caption"></p></header>
 <div id="view"><img src="data:image/png;base64,$IMAGE" alt="input image"><canvas id="heat"></canvas></div>
@@ -110,7 +138,9 @@ th { color: #555; font-weight: normal; } h2 { font-size: 15px; margin: 12px 0 4p
 <div id="tokens"></div>
 <p>layer <select id="layer"></select> head <select id="head"></select><br><span id="share"></span></p>
 <h2>Top-5 next tokens</h2><table id="top5"></table>
-<h2>Image reliance</h2><p id="reltext"></p><svg id="rel" height="120"></svg>
+<h2>Where each token looks, per layer (head-averaged attention)</h2><p id="sharekey"></p><svg id="shares"></svg>
+<h2>Image reliance</h2><p id="reltext"></p><svg id="rel"></svg>
+<h2>Knockout</h2><p id="knock"></p>
 <h2>Logit lens (each layer's residual through the final norm and the tied head)</h2><table id="lens"></table>
 </div>
 <script>
@@ -140,23 +170,60 @@ function draw() {
   $("share").textContent = `attention on the image ${(100 * sum).toFixed(1)}%; colours span patches ` +
     `from ${(100 * low).toFixed(2)}% (clear) to ${(100 * top).toFixed(2)}% (yellow)`;
   document.querySelectorAll(".tok").forEach((b, i) => b.classList.toggle("on", i === token));
+  $("selcol").setAttribute("x", LEFT + token * CW);
+  const layer = $("layer").value;
+  $("selrow").setAttribute("visibility", layer === "all" ? "hidden" : "visible");
+  if (layer !== "all") $("selrow").setAttribute("y", +layer * CH + 0.5);
   history.replaceState(null, "", `#token=${token}&layer=${$("layer").value}&head=${$("head").value}`);  // a link to this view
   $("top5").innerHTML = "<tr><th>token</th><th>probability</th></tr>" + D.top5[token].map(([p, q]) =>
     `<tr><td>${esc(p)}</td><td>${q.toFixed(3)}</td></tr>`).join("");
   $("lens").innerHTML = "<tr><th>layer</th><th colspan=5>top-5</th></tr>" + D.logit_lens[token].map((row, l) =>
     `<tr><td>${l}</td>` + row.map(([p, q]) => `<td>${esc(p)} ${q.toFixed(2)}</td>`).join("") + "</tr>").join("");
 }
+const COLOURS = ["#e8a317", "#8e44ad", "#3b6fb6", "#2e9e6b"];  // image, <bos>, prompt, caption
+const CW = 30, CH = L <= 8 ? 20 : 12, LEFT = 24;  // one stacked bar per token (column) and layer (row)
+function labels() {  // room for the token labels, written at 60 degrees under a row of bars
+  return 16 + 5.5 * Math.min(16, Math.max(1, ...D.pieces.map(p => p.length)));
+}
+function shares() {  // each bar: the token's attention at that layer split by key group; widths add up to CW - 2
+  const n = D.tokens.length, svg = $("shares");
+  svg.setAttribute("width", LEFT + n * CW + 10);
+  svg.setAttribute("height", L * CH + labels());
+  let s = `<rect id="selcol" y="0" width="${CW}" height="${L * CH + 2}" fill="none" stroke="#222"/>` +
+          `<rect id="selrow" x="${LEFT - 2}" width="${n * CW + 4}" height="${CH}" fill="none" stroke="#222" visibility="hidden"/>`;
+  for (let l = 0; l < L; l++) s += `<text class="lab" x="${LEFT - 4}" y="${l * CH + CH - 1}" text-anchor="end">${l}</text>`;
+  for (let t = 0; t < n; t++) {
+    for (let l = 0; l < L; l++) {
+      let x = LEFT + t * CW + 1;
+      D.attention_shares[t][l].forEach((v, g) => {
+        const w = v * (CW - 2);
+        s += `<rect class="share" data-token="${t}" data-layer="${l}" data-group="${g}" data-share="${v}" x="${x}" ` +
+             `y="${l * CH + 1}" width="${w}" height="${CH - 1}" fill="${COLOURS[g]}"><title>${esc(D.pieces[t])}, ` +
+             `layer ${l}: ${esc(D.share_groups[g])} ${(100 * v).toFixed(1)}%</title></rect>`;
+        x += w;
+      });
+    }
+    s += `<text class="lab" transform="translate(${LEFT + t * CW + CW / 2 - 3},${L * CH + 8}) rotate(60)">${esc(D.pieces[t])}</text>`;
+  }
+  svg.innerHTML = s;
+  svg.onclick = e => { const t = e.target.closest("[data-token]"); if (t) { token = +t.dataset.token; draw(); } };
+  $("sharekey").innerHTML = "rows: layers 0 (top) to " + (L - 1) + "; columns: the caption's tokens" +
+    D.share_groups.map((g, i) => `<span class="nowrap"><span class="key" style="background:${COLOURS[i]}"></span>` +
+    `${esc(g)}</span>`).join("");
+}
 function esc(s) { return s.replace(/[&<>]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;"})[c]); }
-function reliance() {
+function reliance() {  // one bar per token, labelled under the axis
   const R = D.reliance, n = D.tokens.length, w = 28, svg = $("rel");
   svg.setAttribute("width", n * w + 10);
+  svg.setAttribute("height", 114 + labels());
   let s = "", big = 1e-9;
   for (let i = 0; i < n; i++) big = Math.max(big, Math.abs(R.with_image[i] - R.without_image[i]));
   for (let i = 0; i < n; i++) {  // bar up: the image makes the token likelier; down: less likely
     if (!R.real[i]) continue;
     const d = R.with_image[i] - R.without_image[i], h = 50 * Math.abs(d) / big;
     s += `<rect x="${i * w + 5}" y="${d > 0 ? 60 - h : 60}" width="${w - 6}" height="${h}" fill="${d > 0 ? "#3b6fb6" : "#999"}">` +
-         `<title>${esc(D.pieces[i])}: log p ${R.with_image[i].toFixed(2)} with image, ${R.without_image[i].toFixed(2)} without</title></rect>`;
+         `<title>${esc(D.pieces[i])}: log p ${R.with_image[i].toFixed(2)} with image, ${R.without_image[i].toFixed(2)} without</title></rect>` +
+         `<text class="lab" transform="translate(${i * w + 12},118) rotate(60)">${esc(D.pieces[i])}</text>`;
   }
   svg.innerHTML = s + `<line x1="0" x2="${n * w + 10}" y1="60" y2="60" stroke="#444"/>`;
   $("reltext").textContent = `caption log-likelihood ${R.total_with_image.toFixed(2)} with its image, ` +
@@ -172,6 +239,8 @@ token = Math.min(+(view.get("token") || 0), D.tokens.length - 1);
 if (view.has("layer")) $("layer").value = view.get("layer");
 if (view.has("head")) $("head").value = view.get("head");
 $("layer").onchange = $("head").onchange = draw;
-reliance(); draw();
+$("knock").innerHTML = D.knockout.map(k => `caption &rarr; image attention blocked from layer ${k.first_layer} on: ` +
+  `<q>${esc(k.text)}</q>`).join("<br>");
+shares(); reliance(); draw();
 </script></body></html>
 """

@@ -1,0 +1,135 @@
+"""Attention knockout: forbid attention edges between token groups in chosen decoder layers.
+
+    with probe.knockout(model, block={"suffix": ["image"]}, layers=range(10, 18)):
+        tokens = model.generate(**inputs)          # the caption may not look at the image from layer 10 on
+
+The blocked edges are removed from the boolean mask the forward builds (True = may attend), so they get
+the same treatment as padding before the softmax: -inf in the fused SDPA kernel, the most negative
+float in the spelled-out one (attention.py; its exp is exactly 0 next to any allowed key). The
+model's math is not touched, and a block that removes no edge leaves every bit of the output as it was.
+
+How: while active, `model.attention_inputs` (the one place the forward builds its masks, model.py) is
+wrapped to compute the blocked edges of each call from the same per-slot facts, real and in the prefix,
+that the masks come from (groups.py), and a forward pre-hook on each chosen layer's `self_attn` ANDs
+them into that layer's mask. Sliding windows (PaliGemma 2) stay as they are: a blocked edge is only
+ever removed. While decoding, every new token is in the `suffix` group.
+
+A group is a name in GROUPS or explicit slot positions (a sequence of ints: positions of the padded
+input, generated token i at T + i); padding is in no group. `block` maps query groups to the key
+groups they may not attend to: {"suffix": ["image", "bos"]}, {(20, 21): "image"}, or a list of
+(queries, keys) pairs. A query left with nothing to attend to in a chosen layer is an error that names
+it (a softmax over nothing would be NaN).
+"""
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from .groups import GROUPS, PAD, slot_groups
+
+
+def _positions(x) -> bool:
+    """x is a list of slot positions (ints), not a group name or a list of groups."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 1 and not x.is_floating_point()
+    return isinstance(x, (Sequence, range)) and not isinstance(x, str) and all(isinstance(i, int) for i in x)
+
+
+def _spec(x, what: str):
+    """A group name -> its index in GROUPS; positions -> a (n,) long tensor."""
+    if isinstance(x, str) and x in GROUPS:
+        return GROUPS.index(x)
+    if _positions(x) and len(x):
+        return torch.as_tensor(list(x), dtype=torch.long)
+    raise ValueError(f"knockout: {what} {x!r} is neither a group name {GROUPS} nor a non-empty list of positions")
+
+
+def _rules(block) -> list[tuple]:
+    """block -> [(query spec, key spec)], one pair per blocked (query group, key group)."""
+    rules = []
+    for queries, keys in (block.items() if isinstance(block, dict) else block):
+        keys = [keys] if isinstance(keys, str) or _positions(keys) else keys  # one group, or a list of them
+        rules += [(_spec(queries, "query group"), _spec(k, "key group")) for k in keys]
+    if not rules:
+        raise ValueError("knockout: `block` names no edges; e.g. block={'suffix': ['image']}")
+    return rules
+
+
+def _members(spec, labels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(B, n) labels of the slots `slots` (n,) -> (B, n) bool: slot belongs to the group `spec`."""
+    if isinstance(spec, int):
+        return labels == spec
+    return torch.isin(slots, spec.to(slots.device))[None] & (labels != PAD)
+
+
+def blocked_edges(rules, valid, prefix, start: int, T: int, n_image: int) -> torch.Tensor:
+    """(B, T, S) bool: query slot start + t may not attend to key slot s. valid, prefix (B, S) as the masks."""
+    labels = slot_groups(valid, prefix, n_image)  # (B, S)
+    S = labels.shape[1]
+    keys = torch.arange(S, device=labels.device)
+    blocked = torch.zeros(labels.shape[0], T, S, dtype=torch.bool, device=labels.device)
+    for q, k in rules:
+        blocked |= (_members(q, labels[:, start:start + T], keys[start:start + T])[:, :, None]
+                    & _members(k, labels, keys)[:, None, :])
+    return blocked
+
+
+@contextlib.contextmanager
+def knockout(model, block, layers=None):
+    """While active, the edges in `block` (see the module docstring) are masked before the softmax in the
+    decoder layers `layers` (default all), in every forward and every generation step. Restores on exit,
+    also on an exception."""
+    rules = _rules(block)
+    n_layers = model.config.text.num_hidden_layers
+    layers = sorted(set(range(n_layers) if layers is None else (int(l) for l in layers)))
+    outside = [l for l in layers if not 0 <= l < n_layers]
+    if outside or not layers:
+        raise ValueError(f"knockout: layers {outside or list(layers)} are not decoder layers: the decoder has "
+                         f"{n_layers} layers (0-{n_layers - 1})")
+    decoder = model.language_model.model.layers
+    kinds = {"sliding" if decoder[l].sliding else "full" for l in layers}
+    n_image = model.config.num_image_tokens
+    built = model.attention_inputs
+    state = {}
+
+    def attention_inputs(input_ids=None, attention_mask=None, token_type_ids=None, cache=None):
+        positions, masks = built(input_ids, attention_mask, token_type_ids, cache)
+        B, T, S = masks["full"].shape[0], masks["full"].shape[2], masks["full"].shape[3]
+        real = torch.ones(B, T, dtype=torch.bool, device=positions.device) if attention_mask is None \
+            else attention_mask.bool()
+        prefix = real if token_type_ids is None else real & (token_type_ids == 0)
+        start, valid, is_prefix = 0, real, prefix
+        if cache is not None:  # the slots filled so far, then these T tokens: as the forward's masks
+            start, valid, is_prefix = cache.length, cache.valid.clone(), cache.prefix.clone()
+            valid[:, start:start + T], is_prefix[:, start:start + T] = real, prefix
+        allowed = ~blocked_edges(rules, valid, is_prefix, start, T, n_image)[:, None]  # (B, 1, T, S)
+        for kind in kinds:
+            empty = (~(masks[kind] & allowed).any(-1))[:, 0] & real  # (B, T) real queries left with no key
+            if empty.any():
+                b, t = (int(i) for i in empty.nonzero()[0])
+                group = slot_groups(valid, is_prefix, n_image)[b, start + t]
+                named = [l for l in layers if ("sliding" if decoder[l].sliding else "full") == kind]
+                raise ValueError(f"knockout {block!r} leaves query slot {start + t} (row {b}, group "
+                                 f"{GROUPS[int(group)]!r}) nothing to attend to in layers {named}: every key its "
+                                 f"mask allows is blocked")
+        state["allowed"] = allowed
+        return positions, masks
+
+    def mask_edges(module, args, kwargs):
+        kwargs["mask"] = kwargs["mask"] & state["allowed"]
+        return args, kwargs
+
+    had = "attention_inputs" in model.__dict__  # an outer knockout's wrapper: keep it, restore it
+    handles = []
+    try:
+        model.attention_inputs = attention_inputs
+        for l in layers:
+            handles.append(decoder[l].self_attn.register_forward_pre_hook(mask_edges, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        if had:
+            model.attention_inputs = built
+        else:
+            del model.attention_inputs
