@@ -24,8 +24,9 @@ LAYERS = [
     ["paligemma.model", "paligemma.processor"],
     ["paligemma"],
     # around the model: commands and instruments
-    ["paligemma.cli", "paligemma.caption", "paligemma.verify", "paligemma.probe", "paligemma.probe.report",
-     "paligemma.probe.__main__"],
+    ["paligemma.cli", "paligemma.caption", "paligemma.verify", "paligemma.probe", "paligemma.probe.hooking",
+     "paligemma.probe.groups", "paligemma.probe.recording", "paligemma.probe.knockout", "paligemma.probe.patching",
+     "paligemma.probe.report", "paligemma.probe.__main__"],
     # the fine-tuning application
     ["paligemma.captioning", "paligemma.captioning.wordnet", "paligemma.captioning.metrics",
      "paligemma.captioning.data", "paligemma.captioning.distributed", "paligemma.captioning.curves",
