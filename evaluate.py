@@ -27,7 +27,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder or hub repo id")
     p.add_argument("--adapter", help="LoRA adapter folder to apply")
-    p.add_argument("--compare", help="second row: an adapter folder, another model, 'base', or 'int8' / 'nf4' "
+    p.add_argument("--compare", help="second row: an adapter folder, another model, 'base', or 'int8' / 'int4' / 'nf4' "
                    "(the first row's model quantized)")
     p.add_argument("--predictions", help="score this JSONL/CSV of image + prediction instead of running a model")
     p.add_argument("--data", required=True, help="captions CSV/JSONL or folder")
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--quantize", choices=["int8", "nf4"], help="quantize --model's linear weights (quantize.py)")
+    p.add_argument("--quantize", choices=["int8", "int4", "nf4"], help="quantize --model's linear weights (quantize.py)")
     add_debug(p)
     args = p.parse_args(argv)
     if not (args.model or args.predictions):
@@ -109,14 +109,14 @@ def score(examples, preds, args) -> tuple[dict, list[dict]]:
 
 
 def rows_to_run(args) -> dict:
-    """label -> (model, adapter, quantize). --compare: adapter folders apply to --model; int8 / nf4
+    """label -> (model, adapter, quantize). --compare: adapter folders apply to --model; int8 / int4 / nf4
     quantize it; anything else is a model."""
     first = (args.model, args.adapter, args.quantize)
     if not args.compare:
         return {"model": first}
     if args.compare == "base":
         second = (args.model, None, args.quantize)
-    elif args.compare in ("int8", "nf4"):
+    elif args.compare in ("int8", "int4", "nf4"):
         second = (args.model, args.adapter, args.compare)
     elif (Path(args.compare) / "adapter_config.json").exists():
         second = (args.model, args.compare, args.quantize)

@@ -1,7 +1,7 @@
 """This project vs transformers (+ PEFT) on the same random weights and inputs: load, prefill, decode, LoRA step.
 
     python benchmarks/bench.py --ckpt DIR [--train-ckpt DIR] [--device cpu|cuda] [--reps 3] [--out FILE.md]
-    python benchmarks/bench.py --ckpt DIR --quantize int8 nf4 ...   # ours bf16 vs ours quantized instead
+    python benchmarks/bench.py --ckpt DIR --quantize int8 int4 nf4 ...   # ours bf16 vs ours quantized instead
 
 Every line runs in a fresh process per implementation (so peak memory is that line's), after one
 warm-up, `--reps` times; the median is reported with the ratio ours / transformers. Memory is the
@@ -94,7 +94,7 @@ def inputs(config: dict, batch: int, suffix: int = 0, device="cpu", seed=0) -> d
 # --- the two implementations behind one small interface ---------------------------------------------
 
 def load(impl: str, ckpt: str, device: str, pack: bool = True):
-    """impl: "hf", "ours", or "ours:int8" / "ours:nf4" (quantized while loading, int8 head copy).
+    """impl: "hf", "ours", or "ours:int8" / "ours:int4" / "ours:nf4" (quantized while loading, int8 head copy).
     Ours with `pack`: the README's inference path, `from_pretrained(..., inference=True)`, whose layers
     pack themselves on CPU after packing.AFTER calls (the first-caption line measures that); with
     `pack="now"`, everything packed at once: the steady state of a long run, for the speed lines.
@@ -353,7 +353,7 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     p.add_argument("--hbm", type=float, help="GPU memory bandwidth limit in GB/s (instead of a measured copy)")
     p.add_argument("--out", help="also write the table to this Markdown file")
-    p.add_argument("--quantize", nargs="+", choices=["int8", "nf4"],
+    p.add_argument("--quantize", nargs="+", choices=["int8", "int4", "nf4"],
                    help="instead of the transformers table: ours bf16 vs ours quantized (NF4 on CPU: 1 rep, 4 steps)")
     p.add_argument("--one", nargs=2, metavar=("IMPL", "TASK"), help=argparse.SUPPRESS)
     p.add_argument("--new", type=int, default=NEW, help=argparse.SUPPRESS)

@@ -1,6 +1,7 @@
 """A random PaliGemma checkpoint in the hub's layout (config.json + float32 safetensors shards + index).
 
     python benchmarks/checkpoint.py OUT [--shape 3b|small] [--text-layers N] [--vision-layers N]
+    python benchmarks/checkpoint.py OUT --gemma-from CKPT   # CKPT's decoder as a transformers GemmaForCausalLM
 
 The config is the real hub config of google/paligemma-3b-pt-224 (tests/data), so transformers and
 this project read the same file. Tensors are written shard by shard: peak memory is one shard.
@@ -73,14 +74,53 @@ def write(out: str | Path, config: dict, seed: int = 0) -> Path:
     return out
 
 
+def write_gemma(ckpt: str | Path, out: str | Path) -> Path:
+    """The decoder of one of these checkpoints as a transformers `GemmaForCausalLM` checkpoint (bf16, the
+    dtype both sides compute in; keys without `language_model.`; a small SentencePiece tokenizer, which
+    llama.cpp's converter pads to the vocabulary with unused pieces): what benchmarks/llamacpp.py
+    converts to GGUF, so that llama.cpp decodes the very weights ours does."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from paligemma.tokenizer import train_tokenizer
+    ckpt, out = Path(ckpt), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((ckpt / "config.json").read_text())
+    text = dict(config["text_config"], architectures=["GemmaForCausalLM"], model_type="gemma", torch_dtype="bfloat16",
+                bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(sorted(ckpt.glob("*.safetensors"))):
+        tensors = {}
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                if key.startswith("language_model."):
+                    tensors[key.removeprefix("language_model.")] = f.get_tensor(key).to(torch.bfloat16)
+        if tensors:
+            name = f"model-{i + 1:05d}.safetensors"
+            save_file(tensors, out / name, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(tensors, name)
+            total += sum(t.numel() * 2 for t in tensors.values())
+        del tensors
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / "config.json").write_text(json.dumps(text, indent=2))
+    words = "a an the of with and near river road field building plane airport lake beach ships".split()
+    model = train_tokenizer([" ".join(words[i:] + words[:i]) for i in range(len(words))], out / "tokenizer", vocab_size=300)
+    assert model == out / "tokenizer.model"
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
     p.add_argument("--shape", choices=["3b", "small"], default="3b")
     p.add_argument("--text-layers", type=int)
     p.add_argument("--vision-layers", type=int)
+    p.add_argument("--gemma-from", help="instead: write this checkpoint's decoder as a transformers GemmaForCausalLM")
     args = p.parse_args()
-    write(args.out, hub_config(args.shape, args.text_layers, args.vision_layers))
+    if args.gemma_from:
+        write_gemma(args.gemma_from, args.out)
+    else:
+        write(args.out, hub_config(args.shape, args.text_layers, args.vision_layers))
     print(args.out)
 
 

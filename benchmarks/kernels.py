@@ -1,84 +1,164 @@
-"""CPU kernels for quantized linear layers, one 3B-width layer at a time: what each reads and how fast.
+"""CPU kernels for (quantized) linear layers at PaliGemma-3B decoder shapes: time and read bandwidth.
 
-    python benchmarks/kernels.py [--threads 2]
+    python benchmarks/kernels.py [--threads 1 2] [--rows 1 8 268] [--copies 2] [--compile] [--out FILE.md]
 
-Per kernel: median time of one call (x of M rows against a 16384 x 2048 weight, gate_proj's shape),
-and for batch 1 the bytes the weight occupies / time = the read bandwidth it reaches. Prefill rows:
-M = 268 (256 image tokens + 12 text), the int8 x int8 path quantizing the activations per row first.
+One "pass" runs every linear layer of a decoder layer (q, k, v, o, gate, up, down) once, for
+`--copies` copies of that layer with different weights, so that each weight comes from memory and
+not from the 32 MB cache (2 copies: 440 MB of bf16, 220 MB of int8, ~120 MB of int4). Per kernel and
+row count: median time of a pass over `--reps` interleaved rounds (every kernel once per round, so
+that a neighbour's load hits all of them alike), the weight bytes read per second, the ratio to bf16
+F.linear, and the relative error of the output against the float32 product with the unquantized
+weights. Rows: 1 (batch-1 decode), 8 (batch-8 decode), 268 (a prefill: 256 image tokens + 12).
 """
 import argparse
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paligemma import quantize as Q  # noqa: E402
+from paligemma.int4 import quantize_weight  # noqa: E402
 from paligemma.packing import PackedLinear  # noqa: E402
 
-
-def timed(fn, reps=20) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+D, FF, HEADS, KV, HEAD_DIM = 2048, 16384, 8, 1, 256  # Gemma-2B's decoder, PaliGemma-3B's
+SHAPES = [(HEADS * HEAD_DIM, D), (KV * HEAD_DIM, D), (KV * HEAD_DIM, D), (D, HEADS * HEAD_DIM), (FF, D), (FF, D), (D, FF)]
+warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")  # torch.ao's deprecation notice
 
 
-def int8_x_int8(x, layer):
-    """Dynamic per-row int8 activations times int8 weights (VNNI), int32 accumulation, both scales after."""
+def nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def int8_rows(w):
+    s = (w.float().abs().amax(1) / 127).clamp(min=1e-12)
+    return (w.float() / s[:, None]).round().clamp(-127, 127).to(torch.int8), s
+
+
+class Kernel:
+    """prepare(w bf16 (N, K)) -> state; run(state, x (M, K) bf16) -> (M, N); bytes(state): what a call reads."""
+    rows = (1, 8, 268)  # row counts it runs at
+
+    def __init__(self, name, prepare, run, bytes_, rows=None):
+        self.name, self.prepare, self.run, self.bytes = name, prepare, run, bytes_
+        self.rows = rows or Kernel.rows
+
+
+def fbgemm(reduce_range: bool):
+    """torch.ao's dynamic int8 linear (fbgemm, the x86 engine): activations quantized per tensor to uint8
+    on every call, int8 x uint8 -> int32 (VPDPBUSD), float32 in and out."""
+    def prepare(w):
+        q, s = int8_rows(w)
+        qw = torch._make_per_channel_quantized_tensor(q, s.double(), torch.zeros(len(s), dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qw, None), nbytes(q, s)
+    return Kernel(f"int8 fbgemm dynamic (activations per tensor{', 7-bit' if reduce_range else ''})", prepare,
+                  lambda st, x: torch.ops.quantized.linear_dynamic(x.float(), st[0], reduce_range).to(x.dtype),
+                  lambda st: st[1])
+
+
+def onednn_prepare(w):
+    q, s = int8_rows(w)
+    return torch.ops.onednn.qlinear_prepack(q, None), s.float(), torch.zeros(len(s), dtype=torch.long), nbytes(q, s)
+
+
+def onednn_run(st, x):
+    """oneDNN's int8 linear (inductor's x86 quantization backend), activations quantized here per tensor."""
     xf = x.float()
-    sx = (xf.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)  # (M, 1)
-    xq = (xf / sx).round().clamp(-127, 127).to(torch.int8)
-    acc = torch._int_mm(xq, layer.wt)  # (M, N) int32
-    return (acc.float() * sx * layer.scales.float()).to(x.dtype)
+    scale = float(xf.abs().amax().clamp(min=1e-12)) / 127
+    xq = (xf / scale).round_().clamp_(-127, 127).add_(128).to(torch.uint8)
+    return torch.ops.onednn.qlinear_pointwise(xq, scale, 128, st[0], st[1], st[2], None, 1.0, 0, x.dtype, "none", [], "")
+
+
+def int4_prepare(group):
+    def prepare(w):
+        parts = quantize_weight(w, group)
+        return parts["qweight"], parts["scales_and_zeros"]
+    return prepare
+
+
+def int_mm(st, x):
+    """int8 x int8 -> int32 (torch._int_mm, M > 16), activations per row."""
+    xf = x.float()
+    sx = (xf.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)
+    acc = torch._int_mm((xf / sx).round().clamp(-127, 127).to(torch.int8), st[0].t())
+    return (acc.float() * sx * st[1]).to(x.dtype)
+
+
+def compiled_int8(x, q, s):
+    """What inductor makes of a dequantize-and-reduce written in torch: a fused loop over int8 weights."""
+    return ((x.float()[:, None, :] * q.float()[None]).sum(-1) * s.float()).to(x.dtype)
+
+
+def kernels(compile_: bool) -> list[Kernel]:
+    ks = [Kernel("bf16 F.linear", lambda w: w, lambda w, x: F.linear(x, w), nbytes),
+          Kernel("bf16 torch.mv", lambda w: w, lambda w, x: torch.mv(w, x[0])[None], nbytes, rows=(1,)),
+          Kernel("bf16 oneDNN-packed (packing.py)", lambda w: PackedLinear(w).eval(), lambda p, x: p(x),
+                 lambda p: 2 * p.in_features * p.out_features),
+          Kernel("int8 torch._weight_int8pack_mm (today's)", lambda w: (lambda q, s: (q, s.to(w.dtype)))(*int8_rows(w)),
+                 lambda st, x: torch._weight_int8pack_mm(x, st[0], st[1]), lambda st: nbytes(*st)),
+          fbgemm(False), fbgemm(True),
+          Kernel("int8 oneDNN qlinear (activations per tensor)", onednn_prepare, onednn_run, lambda st: st[3]),
+          Kernel("int8 x int8 torch._int_mm (activations per row)", lambda w: int8_rows(w), int_mm,
+                 lambda st: nbytes(*st), rows=(268,))]
+    for g in (32, 64, 128):
+        ks.append(Kernel(f"int4 torch._weight_int4pack_mm_for_cpu, groups of {g}", int4_prepare(g),
+                         lambda st, x, g=g: torch._weight_int4pack_mm_for_cpu(x, st[0], g, st[1]), lambda st: nbytes(*st)))
+    if compile_:
+        fn = torch.compile(compiled_int8, dynamic=False)
+        ks.append(Kernel("int8 torch.compile'd dequantize-and-reduce", lambda w: (lambda q, s: (q, s.to(w.dtype)))(*int8_rows(w)),
+                         lambda st, x: fn(x, st[0], st[1]), lambda st: nbytes(*st), rows=(1, 8)))
+    return ks
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, nargs="+", default=[2])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 268])
+    p.add_argument("--copies", type=int, default=2, help="copies of a decoder layer's weights, rotated")
+    p.add_argument("--reps", type=int, default=5, help="interleaved rounds (3 at 268 rows)")
+    p.add_argument("--compile", action="store_true", help="also a torch.compile'd int8 kernel (needs a C++ compiler)")
+    p.add_argument("--only", nargs="+", help="kernels whose name contains one of these words")
     p.add_argument("--out", help="also write the table to this Markdown file")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    N, K = 16384, 2048
-    dense = torch.nn.Linear(K, N, bias=False).to(torch.bfloat16).requires_grad_(False)
-    packed = PackedLinear(dense.weight).eval()
-    i8 = Q.quantized_linear(dense, "int8")
-    i8.wt = i8.qweight.t()  # _int_mm takes (K, N): a transposed view of the row-major (N, K) weight
-    nf4 = Q.quantized_linear(dense, "nf4")
-    bytes_ = {"bf16": 2 * N * K, "int8": N * K + 2 * N, "nf4": N * K // 2 + 4 * N * K // 64}
-    rows = []
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=g).mul_(0.02).bfloat16() for _ in range(args.copies) for shape in SHAPES]
+    ks = [k for k in kernels(args.compile) if not args.only or any(w in k.name for w in args.only)]
+    states = {k.name: [k.prepare(w) for w in weights] for k in ks}
+    text = [f"torch {torch.__version__}, {args.copies} copies of a 3B decoder layer's 7 linear weights "
+            f"({nbytes(*weights) / 1e6:.0f} MB in bf16), median of {args.reps} interleaved rounds\n"]
     with torch.no_grad():
-        for M in (1, 8, 268):
-            x = torch.randn(M, K, dtype=torch.bfloat16)
-            lines = [("bf16 F.linear", "bf16", lambda: F.linear(x, dense.weight)),
-                     ("bf16 oneDNN-packed (packing.py)", "bf16", lambda: packed(x)),
-                     ("int8 torch._weight_int8pack_mm", "int8",
-                      lambda: torch._weight_int8pack_mm(x, i8.qweight, i8.scales)),
-                     ("int8 dequantize + F.linear", "int8", lambda: F.linear(x, i8.dequantize())),
-                     ("nf4 dequantize + F.linear", "nf4", lambda: nf4(x))]
-            if M > 16:  # torch._int_mm needs M > 16
-                lines.append(("int8 x int8 (dynamic activations, torch._int_mm)", "int8", lambda: int8_x_int8(x, i8)))
-            base = None
-            for name, fmt, fn in lines:
-                t = timed(fn, reps=20 if M < 100 else 5)
-                base = base or t
-                gbs = bytes_[fmt] / t / 1e9
-                rows.append(f"| {M} | {name} | {t * 1e3:.2f} ms | {base / t:.2f}x | {gbs:.1f} GB/s |")
-        x = torch.randn(268, K, dtype=torch.bfloat16)
-        err = (int8_x_int8(x, i8).float() - i8(x).float()).norm() / i8(x).float().norm()
-    table = ["| rows M | kernel | time | vs bf16 F.linear | weight bytes / time |", "|---:|---|---:|---:|---:|"] + rows
-    text = (f"torch {torch.__version__}, {args.threads} threads, weight {N} x {K}\n\n" + "\n".join(table)
-            + f"\n\nint8 x int8 vs int8-weight-only output, relative error at M = 268: {err:.4f}\n")
-    print(text)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for M in args.rows:
+                xs = [torch.randn(M, w.shape[1], generator=g).bfloat16() for w in weights]
+                refs = [F.linear(x.float(), w.float()) for x, w in zip(xs, weights)]
+                active = [k for k in ks if M in k.rows]
+                times = {k.name: [] for k in active}
+                for k in active:  # warm-up (and torch.compile's compilation)
+                    for st, x in zip(states[k.name], xs):
+                        k.run(st, x)
+                for _ in range(args.reps if M < 100 else max(1, min(args.reps, 3))):
+                    for k in active:
+                        t0 = time.perf_counter()
+                        for st, x in zip(states[k.name], xs):
+                            k.run(st, x)
+                        times[k.name].append(time.perf_counter() - t0)
+                base = statistics.median(times["bf16 F.linear"]) if "bf16 F.linear" in times else None
+                text += [f"\n{threads} thread(s), {M} row(s)\n", "| kernel | ms / pass | vs bf16 F.linear | weight GB/s | rel. error |",
+                         "|---|---:|---:|---:|---:|"]
+                for k in active:
+                    t = statistics.median(times[k.name])
+                    read = sum(k.bytes(st) for st in states[k.name])
+                    ys = [k.run(st, x).float() for st, x in zip(states[k.name], xs)]
+                    err = max(float((y - r).norm() / r.norm()) for y, r in zip(ys, refs))
+                    text.append(f"| {k.name} | {t * 1e3:.1f} | {base / t:.2f}x | {read / t / 1e9:.1f} | {err:.4f} |"
+                                if base else f"| {k.name} | {t * 1e3:.1f} | | {read / t / 1e9:.1f} | {err:.4f} |")
+                print("\n".join(text[-len(active) - 3:]), flush=True)
     if args.out:
-        Path(args.out).write_text(text)
+        Path(args.out).write_text("\n".join(text) + "\n")
 
 
 if __name__ == "__main__":

