@@ -17,7 +17,7 @@ LAYERS = [
     ["paligemma.attention", "paligemma.cache"],
     ["paligemma.siglip", "paligemma.gemma"],
     # mechanisms that work on a built model (duck-typed: they never import model.py)
-    ["paligemma.packing", "paligemma.quantize", "paligemma.generation"],
+    ["paligemma.dequantize", "paligemma.int4", "paligemma.packing", "paligemma.quantize", "paligemma.generation"],
     # checkpoints in and out (converting while loading: packing, quantize)
     ["paligemma.weights"],
     # the model and its inputs
