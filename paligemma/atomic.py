@@ -11,12 +11,52 @@ either the old whole folder or the new whole one where `recover()` finds it:
 recover() finishes a swap that a kill interrupted (the newest complete folder wins) and deletes the
 leftovers. atomic_dir() runs it before each swap; readers of a folder that a killed process may have
 been writing (train.py --resume) run it before they look.
+
+A full disk is named, whoever noticed it: Python's OSError(ENOSPC), safetensors' "os error 28" and
+torch.save's "[enforce fail at inline_container.cc] unexpected pos" (its writer's short write) all
+become one OSError "no space left on device: <the final path>"; the old file or folder stays whole.
 """
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+# free bytes below which a failed write is put down to a full disk (torch.save's error says only that
+# its write came short); what the failed write had filled is still on the disk when this is measured
+NEARLY_FULL = 64 << 20
+
+
+def out_of_space(error: BaseException, path: str | Path, where: str | Path | None = None) -> OSError | None:
+    """The one-line OSError to raise instead of `error` when it is a failed write: a full disk (of
+    `where`, default `path`'s folder) named as such, torch.save's short write otherwise; None when
+    `error` is no write error."""
+    text = str(error)
+    full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or "os error 28" in text
+    short_write = isinstance(error, RuntimeError) and "inline_container" in text
+    if short_write:
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(where or Path(path).parent).free < NEARLY_FULL
+    detail = "" if isinstance(error, OSError) else f" ({text.splitlines()[0] if text else type(error).__name__})"
+    if full:
+        return OSError(errno.ENOSPC, f"no space left on device: {path} (the previous version, if any, is kept)"
+                                     + detail)
+    if short_write:
+        return OSError(errno.EIO, f"could not write {path} (the previous version, if any, is kept){detail}")
+    return None
+
+
+@contextlib.contextmanager
+def named_full_disk(path: str | Path, where: str | Path | None = None):
+    """Re-raise a full-disk error of the block as out_of_space's one-line OSError naming `path`."""
+    try:
+        yield
+    except Exception as e:  # OSError, torch.save's RuntimeError, safetensors' SafetensorError is a plain Exception
+        better = out_of_space(e, path, where)
+        if better is None:
+            raise
+        raise better from e
 
 
 @contextlib.contextmanager
@@ -26,7 +66,7 @@ def atomic_file(path: str | Path, mode: str = "w"):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as f:
+        with named_full_disk(path), os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -81,14 +121,15 @@ def atomic_dir(path: str | Path):
     recover(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        yield tmp
+        with named_full_disk(path, where=path.parent):
+            yield tmp
+            for f in tmp.rglob("*"):  # the files' bytes on disk before any name points at them
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for f in tmp.rglob("*"):  # the files' bytes on disk before any name points at them
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
     new, old = _side(path, "new"), _side(path, "old")
     os.replace(tmp, new)
     _fsync_dir(path.parent)
