@@ -36,6 +36,12 @@ def inject(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout: fl
     """Wrap every linear layer (nn.Linear, or a quantized one: QLoRA) whose name matches `targets` (a preset name, regex or suffix list) and not
     `exclude`; freeze everything else. Returns the wrapped names."""
     targets = PRESETS.get(targets, targets) if isinstance(targets, str) else targets
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"LoRA targets {targets!r}: not a valid regular expression ({e}); or a preset: "
+                             f"{', '.join(PRESETS)}") from None
     if lora_layers(model):
         raise RuntimeError(f"model already has LoRA layers ({len(lora_layers(model))}): inject once, or load")
     chosen = [(n, m) for n, m in model.named_modules()

@@ -138,3 +138,79 @@ def atomic_dir(path: str | Path):
     os.replace(new, path)
     _fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+class FolderLocked(OSError):
+    """Another live process holds the folder's lock."""
+
+
+_HELD: dict[Path, int] = {}  # folder -> the open lock file's descriptor, for this process's lifetime
+
+
+def lock_folder(folder: str | Path, command: str = "a run") -> str | None:
+    """One process writes `folder` at a time: an exclusive flock on `folder/.lock`, which holds the
+    owner's pid, host and start time for the message a second process gets. The kernel drops the lock
+    when its process dies (a kill, a crash), so a stale lock file is simply taken over; the note
+    returned then names the dead owner (None otherwise). Held until this process exits; taking it
+    again in the same process (a resumed run in one session) is a no-op. Where the filesystem has no
+    flock (some network mounts), a lock whose pid is no longer running on this host is stale."""
+    import fcntl
+    import json
+    import socket
+    import sys
+    import time
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key, path = folder.resolve(), folder / ".lock"
+    if key in _HELD:
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    before = os.read(fd, 4096).decode("utf-8", "replace")
+    try:
+        owner = json.loads(before) if before.strip() else {}
+    except json.JSONDecodeError:
+        owner = {}
+    host = socket.gethostname()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = False
+    except BlockingIOError:
+        held = True
+    except OSError:  # no flock here: judge by the pid
+        held = owner.get("host") == host and _alive(owner.get("pid"))
+    if held:
+        os.close(fd)
+        raise FolderLocked(errno.EBUSY, f"{folder} is in use by {owner.get('command', 'another process')} (pid "
+                                        f"{owner.get('pid', '?')} on {owner.get('host', '?')}, since "
+                                        f"{owner.get('started', '?')}): one run per folder at a time; wait for it, "
+                                        f"stop it, or choose another folder (lock file: {path})")
+    me = {"pid": os.getpid(), "host": host, "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "argv": sys.argv}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    os.fsync(fd)
+    _HELD[key] = fd
+    if owner.get("pid") and owner.get("pid") != os.getpid():
+        return (f"{folder}: took over the lock of pid {owner['pid']} on {owner.get('host', '?')} (since "
+                f"{owner.get('started', '?')}), which is no longer running")
+    return None
+
+
+def unlock_folder(folder: str | Path):
+    """Release lock_folder's lock (the file stays: deleting it would race with a process opening it)."""
+    fd = _HELD.pop(Path(folder).resolve(), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

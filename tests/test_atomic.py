@@ -154,3 +154,57 @@ def test_real_full_disk(tmp_path):
             atomic_file(root / "small.json") as f:
         f.write("x" * (4 << 20))
     assert sorted(p.name for p in root.iterdir()) == ["small.json"] and (root / "small.json").read_text() == "old"
+
+
+# --- issue #27: one process per folder (lock_folder) ---
+
+HOLD = """
+import sys, time
+from paligemma.atomic import lock_folder
+lock_folder(sys.argv[1], "train.py")
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_process_is_refused_naming_the_first_and_a_killed_ones_lock_is_taken_over(tmp_path):
+    import signal
+    import socket
+    from paligemma.atomic import FolderLocked, lock_folder, unlock_folder
+    folder = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderLocked, match=rf"{folder} is in use by train.py \(pid {child.pid} on "
+                                               rf"{socket.gethostname()}, since .*\): one run per folder"):
+            lock_folder(folder, "evaluate.py")
+    finally:
+        child.send_signal(signal.SIGKILL)  # as a killed run: no cleanup, the lock file keeps its pid
+        child.wait()
+        child.stdout.close()
+    note = lock_folder(folder, "train.py")
+    assert note and f"took over the lock of pid {child.pid}" in note and "no longer running" in note
+    assert lock_folder(folder) is None  # the same process again: a no-op
+    unlock_folder(folder)
+    assert lock_folder(folder) is None  # released cleanly: nothing to take over
+    unlock_folder(folder)
+
+
+def test_without_flock_a_dead_pid_is_stale_and_a_live_one_is_not(tmp_path, monkeypatch):
+    import fcntl
+    import json
+    import socket
+    from paligemma.atomic import FolderLocked, lock_folder, unlock_folder
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")  # some network filesystems
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    assert "no longer running" in lock_folder(folder)
+    unlock_folder(folder)
+    (folder / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "command": "x"}))
+    with pytest.raises(FolderLocked, match=rf"in use by x \(pid {os.getppid()}"):
+        lock_folder(folder)

@@ -201,6 +201,13 @@ def parse_row(path, line, row, folder, check_images) -> Example:
     return Example(image=image, captions=[c.strip() for c in caps], split=split_of(row) or "")
 
 
+def fingerprint(examples: list[Example]) -> list[list[str]]:
+    """[image name, hash of its captions] per example, in order: what a resumed run compares to know it
+    continues on the same rows in the same order (a checkpoint's data position is an index into them)."""
+    import hashlib
+    return [[e.image.name, hashlib.sha256("\n".join(e.captions).encode()).hexdigest()[:12]] for e in examples]
+
+
 def sample_caption(example: Example, rng: random.Random, first_only: bool = False) -> str:
     """One reference caption per visit: random among the five (the study used only caption_1)."""
     return example.captions[0] if first_only else rng.choice(example.captions)
