@@ -156,7 +156,10 @@ def load(model: nn.Module, directory) -> list[str]:
         raise AdapterError(f"{config_path}: r is {config['r']!r}, expected a positive integer")
     if isinstance(config["lora_alpha"], bool) or not isinstance(config["lora_alpha"], (int, float)):
         raise AdapterError(f"{config_path}: lora_alpha is {config['lora_alpha']!r}, expected a number")
-    state = load_file(weights_path)
+    try:
+        state = load_file(weights_path)
+    except Exception as e:  # safetensors' SafetensorError: a truncated or foreign file
+        raise AdapterError(f"{weights_path}: not a readable safetensors file ({e})") from None
     modules = dict(model.named_modules())
     whole = _resolve_modules_to_save(config.get("modules_to_save") or [], modules, config_path)
     own = {k: v for name in whole for k, v in modules[name].state_dict(prefix=name + ".").items()}

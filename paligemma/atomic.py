@@ -101,7 +101,7 @@ def recover(path: str | Path) -> Path:
     return path
 
 
-def _fsync_dir(path: Path):
+def fsync_dir(path: Path):
     with contextlib.suppress(OSError):  # not every platform can open a folder
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -132,11 +132,11 @@ def atomic_dir(path: str | Path):
         raise
     new, old = _side(path, "new"), _side(path, "old")
     os.replace(tmp, new)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if path.exists():
         os.replace(path, old)
     os.replace(new, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -149,11 +149,12 @@ _HELD: dict[Path, int] = {}  # folder -> the open lock file's descriptor, for th
 
 def lock_folder(folder: str | Path, command: str = "a run") -> str | None:
     """One process writes `folder` at a time: an exclusive flock on `folder/.lock`, which holds the
-    owner's pid, host and start time for the message a second process gets. The kernel drops the lock
-    when its process dies (a kill, a crash), so a stale lock file is simply taken over; the note
-    returned then names the dead owner (None otherwise). Held until this process exits; taking it
-    again in the same process (a resumed run in one session) is a no-op. Where the filesystem has no
-    flock (some network mounts), a lock whose pid is no longer running on this host is stale."""
+    owner's pid, host and start time for the message a second process gets (FolderLocked). The kernel
+    drops the lock when its process dies (a kill, a crash), so a stale lock file is simply taken over;
+    the note returned then names the dead owner (None otherwise). Held until unlock_folder or the end
+    of the process; taking it again in the same process (a resumed run in one session) is a no-op.
+    Where the filesystem has no flock (some network mounts), a lock whose pid is no longer running on
+    this host is stale."""
     import fcntl
     import json
     import socket
@@ -161,29 +162,33 @@ def lock_folder(folder: str | Path, command: str = "a run") -> str | None:
     import time
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    key, path = folder.resolve(), folder / ".lock"
+    key, path, host = folder.resolve(), folder / ".lock", socket.gethostname()
     if key in _HELD:
         return None
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    before = os.read(fd, 4096).decode("utf-8", "replace")
-    try:
-        owner = json.loads(before) if before.strip() else {}
-    except json.JSONDecodeError:
-        owner = {}
-    host = socket.gethostname()
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held = False
-    except BlockingIOError:
-        held = True
-    except OSError:  # no flock here: judge by the pid
-        held = owner.get("host") == host and _alive(owner.get("pid"))
-    if held:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        before = os.read(fd, 4096).decode("utf-8", "replace")
+        try:
+            owner = json.loads(before) if before.strip() else {}
+        except json.JSONDecodeError:
+            owner = {}
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
+        except BlockingIOError:
+            held = True
+        except OSError:  # no flock here: judge by the pid
+            held = owner.get("host") == host and _alive(owner.get("pid"))
+        if held:
+            os.close(fd)
+            raise FolderLocked(errno.EBUSY, f"{folder} is in use by {owner.get('command', 'another process')} (pid "
+                                            f"{owner.get('pid', '?')} on {owner.get('host', '?')}, since "
+                                            f"{owner.get('started', '?')}): one run per folder at a time; wait for "
+                                            f"it, stop it, or choose another folder (lock file: {path})")
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # ours; otherwise its owner unlinked it between our open and our flock: again
         os.close(fd)
-        raise FolderLocked(errno.EBUSY, f"{folder} is in use by {owner.get('command', 'another process')} (pid "
-                                        f"{owner.get('pid', '?')} on {owner.get('host', '?')}, since "
-                                        f"{owner.get('started', '?')}): one run per folder at a time; wait for it, "
-                                        f"stop it, or choose another folder (lock file: {path})")
     me = {"pid": os.getpid(), "host": host, "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
           "argv": sys.argv}
     os.ftruncate(fd, 0)
@@ -197,10 +202,13 @@ def lock_folder(folder: str | Path, command: str = "a run") -> str | None:
 
 
 def unlock_folder(folder: str | Path):
-    """Release lock_folder's lock (the file stays: deleting it would race with a process opening it)."""
-    fd = _HELD.pop(Path(folder).resolve(), None)
+    """Release lock_folder's lock and remove its file (still holding it: a process that opened the file
+    meanwhile sees it unlinked and opens a new one)."""
+    folder = Path(folder)
+    fd = _HELD.pop(folder.resolve(), None)
     if fd is not None:
-        os.ftruncate(fd, 0)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / ".lock")
         os.close(fd)
 
 

@@ -186,7 +186,8 @@ def test_a_second_process_is_refused_naming_the_first_and_a_killed_ones_lock_is_
     assert note and f"took over the lock of pid {child.pid}" in note and "no longer running" in note
     assert lock_folder(folder) is None  # the same process again: a no-op
     unlock_folder(folder)
-    assert lock_folder(folder) is None  # released cleanly: nothing to take over
+    assert not (folder / ".lock").exists()  # released cleanly: no file left
+    assert lock_folder(folder) is None  # nothing to take over
     unlock_folder(folder)
 
 
