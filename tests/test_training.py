@@ -342,3 +342,24 @@ def test_resume_on_changed_rows_is_refused_and_meteor_left_out_is_said(tiny_run,
     with pytest.raises(ResumeError, match=rf"--resume on other data than the checkpoint's: train split \(\d+ -> \d+ rows\): "
                                           rf"1 rows removed \(e.g. \['{dropped['image']}'\]\)"):
         train.main(args + ["--resume", "--steps", "4"])
+
+
+def test_skip_bad_skips_every_kind_of_bad_image_in_training(tiny_run, tmp_path, capsys):
+    """A decompression bomb, a broken PNG chunk and a truncated JPEG among the training images: with
+    --skip-bad they are skipped and counted (they ended train.py before, PIL's errors being no OSError)."""
+    import csv
+    import shutil
+    import train
+    from tests.helpers import bad_images
+    model, data = tiny_run
+    own = tmp_path / "data"
+    shutil.copytree(Path(data).parent, own)
+    with open(own / "captions.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
+    for row, bad in zip(rows[:3], bad_images(tmp_path / "bad").values()):
+        shutil.copyfile(bad, own / "images" / row["image"])
+    train.main(train_args(model, str(own / "captions.csv"), tmp_path / "run", "--steps", "1", "--lora", "decoder",
+                          "--lora-r", "2", "--eval-every", "100", "--val-captions", "0", "--skip-bad"))
+    printed = capsys.readouterr().out
+    assert "skipped 3 bad examples" in printed and f"{len(rows) - 3} train" in printed
+    assert "decompression bomb" in printed and "SyntaxError" in printed
