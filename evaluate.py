@@ -4,11 +4,18 @@
     python evaluate.py --model M --compare ADAPTER_OR_MODEL ...   # two rows side by side: --adapter (or base) vs this
     python evaluate.py --predictions preds.jsonl --data ... --out DIR   # score captions made elsewhere
 
-Writes OUT/predictions.jsonl, OUT/predictions.csv and OUT/metrics.json, each atomically; an existing
-non-empty OUT needs --overwrite. Metrics follow the COCO caption toolkit's conventions (see README).
+    python evaluate.py ... --resume                    # continue an evaluation that stopped (same arguments)
+
+Writes OUT/predictions.jsonl, OUT/predictions.csv and OUT/metrics.json. Before the first caption it
+checks what can fail later: the data, every model and adapter (without loading two models), the
+metrics' requirements (METEOR without WordNet is left out, and says so), that OUT is writable and
+has room. Captions are appended to OUT/.partial as each batch is made, so a failure loses nothing
+and --resume continues; the finished set replaces an old one (--overwrite) only once it is whole
+(paligemma/captioning/results.py). Metrics follow the COCO caption toolkit's conventions (see README).
 """
 import argparse
 import csv
+import gc
 import io
 import json
 import sys
@@ -16,10 +23,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from paligemma.atomic import atomic_file
+from paligemma.atomic import atomic_file, lock_folder, unlock_folder
 from paligemma.caption import caption, one_line
 from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, load_for_inference, number, run
-from paligemma.captioning.data import DataError, load_examples, read_jsonl, read_text
+from paligemma.captioning import results as store
+from paligemma.captioning import wordnet
+from paligemma.captioning.data import DataError, fingerprint, load_examples, read_jsonl, read_text
 from paligemma.captioning.metrics import health, score_all
 
 
@@ -35,7 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--skip-bad", action="store_true", help="skip (and count, in metrics.json) rows whose image "
                    "is missing or unreadable instead of stopping")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder's files")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder's results (the old "
+                   "ones stay until the new set is complete)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished evaluation in --out (same "
+                   "arguments): only the missing captions are made")
     p.add_argument("--prompt", default="caption en", help="task prefix")
     p.add_argument("--references", choices=["all", "first"], default="all",
                    help="score against all references, or only caption_1 (the study's protocol)")
@@ -57,15 +69,27 @@ def parse_args(argv=None):
         p.error("give --model (to caption the split) or --predictions (to score existing captions)")
     if args.predictions and (args.model or args.adapter or args.compare):
         p.error("--predictions scores a file: it does not take --model, --adapter or --compare")
+    if args.resume and (args.overwrite or args.predictions):
+        p.error("--resume continues captioning into --out: it does not take --overwrite or --predictions")
     return args
 
 
-def predict(model, processor, examples, args) -> list[str]:
-    captions = caption(model, processor, [e.image for e in examples], args.prompt, args.batch_size, seed=args.seed,
-                       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
-                       temperature=args.temperature, top_k=args.top_k or None,
+def predict(model, processor, examples, args, name: str, done: int, out: Path) -> list[dict]:
+    """Rows of `examples[done:]`, each batch appended to OUT/.partial as soon as it is captioned. A batch
+    starting at image i samples with seed + i wherever the run (re)started (`done` is a whole number of
+    batches), so a resumed run makes the captions an uninterrupted one would."""
+    rest = examples[done:]
+    captions = caption(model, processor, [e.image for e in rest], args.prompt, args.batch_size,
+                       seed=args.seed + done, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                       do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k or None,
                        top_p=args.top_p if args.top_p < 1 else None)
-    return list(tqdm(captions, total=len(examples), desc="captioning", mininterval=5))
+    rows, batch = [], []
+    for e, text in zip(rest, tqdm(captions, total=len(rest), desc=f"captioning ({name})", mininterval=5)):
+        batch.append(dict(model=name, image=str(e.image), prompt=args.prompt, prediction=text, references=e.captions))
+        if len(batch) == args.batch_size or len(rows) + len(batch) == len(rest):
+            store.append(out, batch)
+            rows, batch = rows + batch, []
+    return rows
 
 
 def read_predictions(path, examples) -> list[str]:
@@ -98,10 +122,10 @@ def read_predictions(path, examples) -> list[str]:
     return [preds[e.image.name] for e in examples]
 
 
-def score(examples, preds, args) -> tuple[dict, list[dict]]:
+def score(examples, preds, args, with_meteor: bool) -> tuple[dict, list[dict]]:
     refs = {str(e.image): (e.captions[:1] if args.references == "first" else e.captions) for e in examples}
     by_image = {str(e.image): p for e, p in zip(examples, preds)}
-    result = score_all(by_image, refs)
+    result = score_all(by_image, refs, with_meteor=with_meteor)
     result["health"] = health(by_image, refs)
     rows = [dict(image=str(e.image), prompt=args.prompt, prediction=p, references=e.captions)
             for e, p in zip(examples, preds)]
@@ -125,15 +149,38 @@ def rows_to_run(args) -> dict:
     return {"A": first, "B": second}
 
 
-def table(results: dict) -> str:
-    names = [k for k in next(iter(results.values())) if k != "health"]
+def check_loadable(model: str, adapter: str | None):
+    """What load_for_inference will read, checked without loading any weight: the checkpoint found
+    (a hub id is fetched), config.json and tokenizer.model (and their agreement), every safetensors
+    header (whole, not truncated), and the adapter applied to the model built on `meta` (its config,
+    keys and shapes). Errors name the file."""
+    import torch
+    import lora
+    from paligemma import PaliGemma, PaliGemmaConfig
+    from paligemma.processor import Processor
+    from paligemma.weights import read_header, resolve, weight_files
+    folder = resolve(model)
+    Processor.from_pretrained(folder)
+    for path in weight_files(folder):
+        read_header(path)
+    if adapter:
+        with torch.device("meta"):
+            net = PaliGemma(PaliGemmaConfig.from_json(folder / "config.json"))
+        lora.load(net, adapter)
+
+
+def table(results: dict, left_out: dict | None = None) -> str:
+    """Markdown table of the scores; `left_out`: metric -> why it is not there (shown in its column)."""
+    names = [k for k in next(iter(results.values())) if k != "health"] + list(left_out or {})
     lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for label, r in results.items():
-        lines.append(f"| {label} | " + " | ".join(f"{r[n]:.4f}" for n in names) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{r[n]:.4f}" if n in r else f"left out ({left_out[n]})"
+                                                  for n in names) + " |")
     return "\n".join(lines)
 
 
 def write_outputs(out: Path, results: dict, rows: dict, protocol: dict):
+    """The finished set, into `out` (OUT/.partial, before results.seal swaps it in)."""
     with atomic_file(out / "metrics.json") as f:
         json.dump({"protocol": protocol, **results}, f, indent=2)
     with atomic_file(out / "predictions.jsonl") as f:
@@ -149,35 +196,84 @@ def write_outputs(out: Path, results: dict, rows: dict, protocol: dict):
                 w.writerow([name, r["image"], r["prompt"], r["prediction"]] + r["references"])
 
 
+def plan_of(args, examples, runs: dict) -> dict:
+    """What the captions depend on: an unfinished run resumes only with the same plan."""
+    return dict(data=str(Path(args.data).resolve()), split=args.split, images=fingerprint(examples),
+                prompt=args.prompt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                num_beams=args.num_beams, do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, dtype=args.dtype,
+                models={label: list(r) for label, r in runs.items()})
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to replace its files")
+    store.check_output(out, args.resume, args.overwrite)
     split = None if args.split == "all" else args.split
     examples, skipped = load_examples(args.data, split, skip_bad=args.skip_bad)
     if skipped:
         print(skipped.report(), file=sys.stderr)
     if args.max_samples:
         examples = examples[:args.max_samples]
+    runs = {} if args.predictions else rows_to_run(args)
+    for model_name, adapter, _ in dict.fromkeys(runs.values()):  # before the first caption: every row loads
+        check_loadable(model_name, adapter)
+    given = read_predictions(args.predictions, examples) if args.predictions else None
+    meteor = wordnet.available()
+    left_out = {} if meteor else {"METEOR": "no WordNet"}
+    if not meteor:
+        print(f"METEOR left out: {wordnet.INSTALL}", file=sys.stderr)
+    refs_bytes = sum(len(c) + 4 for e in examples for c in e.captions)
+    store.free_space_check(out, 3 * max(1, len(runs)) * (refs_bytes + len(examples) * (300 + 8 * args.max_new_tokens))
+                           + (1 << 20))
+    created = not out.exists()
+    try:
+        took_over = lock_folder(out, "evaluate.py")
+    except OSError:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    if took_over:
+        print(took_over, file=sys.stderr)
+    try:
+        return evaluate(args, out, examples, skipped, runs, given, meteor, left_out)
+    except BaseException:
+        if runs and (out / store.PARTIAL / "captions.jsonl").exists():
+            print(f"evaluate.py: the captions made so far are kept in {out / store.PARTIAL}: run the same command "
+                  "with --resume to continue", file=sys.stderr)
+        raise
+    finally:
+        unlock_folder(out)
+
+
+def evaluate(args, out, examples, skipped, runs, given, meteor, left_out):
+    done = store.start(out, plan_of(args, examples, runs), args.resume)
     results, rows = {}, {}
-    if args.predictions:
+    if given is not None:
         name = f"predictions: {args.predictions}"
-        results[name], rows[name] = score(examples, read_predictions(args.predictions, examples), args)
-    else:
-        for label, (model_name, adapter, quantize) in rows_to_run(args).items():
+        results[name], rows[name] = score(examples, given, args, meteor)
+    for label, (model_name, adapter, quantize) in runs.items():
+        name = f"{label}: {model_name}" + (f" + {adapter}" if adapter else "") + (f" ({quantize})" if quantize else "")
+        made = done.get(name, [])
+        if len(made) < len(examples):
+            if made:
+                print(f"{name}: {len(made)} of {len(examples)} captions already made, continuing")
             model, processor = load_for_inference(model_name, adapter, args.dtype, args.device, quantize)
-            name = f"{label}: {model_name}" + (f" + {adapter}" if adapter else "") + (f" ({quantize})" if quantize else "")
-            results[name], rows[name] = score(examples, predict(model, processor, examples, args), args)
-            del model
+            made = made + predict(model, processor, examples, args, name, len(made), out)
+            del model, processor  # never two models in memory
+            gc.collect()
+        if [r["image"] for r in made] != [str(e.image) for e in examples]:
+            raise store.ResultsError(f"{out / store.PARTIAL}: the captions of {name} do not follow the split's "
+                                     "images: rerun with --overwrite")
+        results[name], rows[name] = score(examples, [r["prediction"] for r in made], args, meteor)
     protocol = dict(data=str(args.data), split=args.split, images=len(examples), references=args.references,
                     prompt=args.prompt, num_beams=args.num_beams, do_sample=args.do_sample,
                     max_new_tokens=args.max_new_tokens, skipped=skipped.reasons,
                     tokenisation="lower-case, punctuation dropped (approximates pycocoevalcap's PTB tokenizer)",
-                    meteor="nltk meteor_score (WordNet 3.0), not the Java Meteor 1.5")
-    out.mkdir(parents=True, exist_ok=True)
-    write_outputs(out, results, rows, protocol)
-    print(table(results))
+                    meteor="nltk meteor_score (WordNet 3.0), not the Java Meteor 1.5" if meteor
+                    else f"left out: no WordNet ({wordnet.INSTALL})")
+    store.seal(out, lambda folder: write_outputs(folder, results, rows, protocol))
+    print(table(results, left_out))
     for name, r in results.items():
         print(f"output health ({name}): " + ", ".join(f"{k} {v:.3f}" for k, v in r["health"].items()))
     names = list(rows)

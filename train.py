@@ -23,9 +23,10 @@ from tqdm import tqdm
 import lora
 from paligemma import PaliGemma
 from paligemma.captioning import distributed, wordnet
-from paligemma.captioning.data import load_examples
-from paligemma.captioning.training import (Batches, append_jsonl, blind, check_run_folder, collate, export,
-                                           first_loss_check, load_train_state, lr_at, make_trainable,
+from paligemma.atomic import lock_folder, unlock_folder
+from paligemma.captioning.data import fingerprint, load_examples
+from paligemma.captioning.training import (Batches, append_jsonl, blind, check_run_folder, check_same_data, collate,
+                                           export, first_loss_check, load_train_state, lr_at, make_trainable,
                                            save_train_state, trim_log, wandb_run)
 from paligemma.captioning.validation import Best, Validation, caption_and_score, save_best
 from paligemma.cli import NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, run
@@ -101,7 +102,9 @@ def setup(args, rank: int, world: int) -> tuple[Path, bool, bool]:
     """Checks the run folder, builds the demo's data and model when asked; returns (out, full, from_scratch)."""
     out = Path(args.out)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        took_over = lock_folder(out, "train.py")  # one run per folder: a second one is refused by name
+        if took_over:
+            print(took_over)
         check_run_folder(out, args.resume)
     from_scratch = args.model is None
     if from_scratch:
@@ -149,6 +152,7 @@ def main(argv=None):
     model = PaliGemma.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model)
     train, val, test, skipped = load_splits(args, say)
+    rows = {"train": fingerprint(train), "val": fingerprint(val), "test": fingerprint(test)}  # for --resume
     make_trainable(model, full, args)
     say(lora.summary(model))
     model.set_gradient_checkpointing(args.checkpointing)
@@ -163,17 +167,20 @@ def main(argv=None):
     if args.resume:
         step, extra = load_train_state(out / "checkpoint", model, optimizer, batches, rng,
                                        wrapped if args.fsdp else None, args=vars(args))
+        check_same_data(extra.get("data"), rows, out / "checkpoint")
         best.load(extra.get("best", best.state()), out / "best" / "best.json")
         say(f"resumed at step {step}" + (f" (best so far: step {best.step}, val CIDEr-D {best.score:.3f})" if best.step else ""))
     if rank == 0:
         trim_log(log, step)  # a new run starts a new log; a resumed one drops what came after its checkpoint
     validation = Validation(processor, val, args.prompt, args.batch_size, args.val_captions, args.max_length)
     amp = dict(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp == "bf16")
-    meteor = wordnet.available()  # the demo runs without WordNet too: METEOR is then left out
+    meteor = wordnet.available()  # the demo runs without WordNet too: METEOR is then left out, and says so
+    if not meteor:
+        say(f"METEOR left out of the test scores: {wordnet.INSTALL}")
 
     def score_test(m):
         return caption_and_score(m, processor, test[:args.eval_samples], args.prompt, with_meteor=meteor)
-    wb = wandb_run(args.wandb, vars(args), rank)
+    wb = wandb_run(args.wandb, vars(args), rank, out)
 
     if step == 0 and generates:
         with distributed.root_gathered(wrapped):
@@ -235,7 +242,7 @@ def main(argv=None):
             states = distributed.full_state(wrapped, optimizer) if args.fsdp else None
             if rank == 0:
                 save_train_state(out / "checkpoint", model, optimizer, step + 1, batches, rng, full, vars(args), states,
-                                 extra={"best": best.state()})
+                                 extra={"best": best.state(), "data": rows})
             distributed.barrier()
         if stop:
             say(f"early stop at step {step + 1}: {best.stale} evaluations without a better val CIDEr-D "
@@ -252,6 +259,8 @@ def main(argv=None):
         report(after, done, best, full, score_test, test, args, out, log, skipped, losses)
     if wb:
         wb.finish()
+    if rank == 0:
+        unlock_folder(out)
     distributed.cleanup()
     return model
 
@@ -274,6 +283,8 @@ def report(after, last: int, best, full: bool, score_test, test, args, out, log,
     print("\n| metric | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
     for k in scores:
         print(f"| {k} | " + " | ".join(f"{c.get(k, float('nan')):.4f}" for c in columns.values()) + " |")
+    if "METEOR" not in scores:
+        print("| METEOR | " + " | ".join("left out (no WordNet)" for _ in columns) + " |")
     if best.step:
         print(f"best: step {best.step} (val CIDEr-D {best.score:.4f}) in {out / 'best'}")
     print("output health: " + ", ".join(f"{k} {v:.3f}" for k, v in out_health.items()))

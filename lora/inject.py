@@ -63,26 +63,69 @@ def inject(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout: fl
 
 
 def train_modules(model: nn.Module, names: list[str]):
-    """Make whole modules trainable besides LoRA (e.g. `multi_modal_projector`)."""
+    """Make whole modules trainable besides LoRA (e.g. `multi_modal_projector`); lora.save writes them
+    as PEFT's `modules_to_save`. A module holding LoRA layers is refused: PEFT can save it whole or
+    adapted, not both."""
     for name in names:
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"no module named {name!r} to train") from None
+        inner = [f"{name}.{n}".rstrip(".") for n, m in module.named_modules() if isinstance(m, LoRALinear)]
+        if inner:
+            raise ValueError(f"cannot train {name!r} whole: it holds LoRA layers {inner[:3]}; train it whole or "
+                             "through LoRA (leave it out of the LoRA targets), not both")
         for p in module.parameters():
             p.requires_grad_(True)
+
+
+def trained_modules(model: nn.Module) -> list[str]:
+    """The modules that train besides LoRA, each named once at its outermost level (what PEFT calls
+    `modules_to_save`): every module with a trainable parameter outside the LoRA matrices, widened to
+    the largest ancestor that trains whole and holds no LoRA layer. A trainable weight inside a LoRA
+    layer (its frozen base) is refused: an adapter file cannot carry it."""
+    layers = lora_layers(model)
+    modules = dict(model.named_modules())
+    inside_lora = [n for n, p in model.named_parameters() if p.requires_grad
+                   and any(n.startswith(f"{l}.base.") for l in layers)]
+    if inside_lora:
+        raise ValueError(f"{inside_lora[:3]} train but belong to the frozen base of a LoRA layer: a PEFT adapter "
+                         "cannot carry them (freeze them, or fine-tune fully)")
+    owners = {n.rpartition(".")[0] for n, p in model.named_parameters()
+              if p.requires_grad and ".lora_A." not in n and ".lora_B." not in n}
+
+    def whole(name: str) -> bool:
+        m = modules[name]
+        return all(p.requires_grad for p in m.parameters()) and not any(isinstance(x, LoRALinear) for x in m.modules())
+    out = set()
+    for name in owners:
+        while "." in name and whole(name.rpartition(".")[0]):
+            name = name.rpartition(".")[0]
+        out.add(name)
+    return sorted(out)
+
+
+def _check_mergeable(layers: dict, verb: str):
+    """All layers or none: a refusal names the first layer before any weight changes."""
+    for name, layer in layers.items():
+        why = layer.merge_refused(verb)
+        if why:
+            raise RuntimeError(f"lora.{verb}: {name}: {why}")
 
 
 def merge(model: nn.Module):
     layers = lora_layers(model)
     if not layers:
         raise RuntimeError("no LoRA layers to merge")
+    _check_mergeable(layers, "merge")
     for layer in layers.values():
         layer.merge()
 
 
 def unmerge(model: nn.Module):
-    for layer in lora_layers(model).values():
+    layers = lora_layers(model)
+    _check_mergeable({n: l for n, l in layers.items() if l.merged}, "unmerge")
+    for layer in layers.values():
         layer.unmerge()
 
 

@@ -10,6 +10,8 @@ with `in_features`, `out_features`, a compute `dtype` and a `dequantize(dtype)` 
 dense weight (the int8 and
 NF4 layers of paligemma/quantize.py, recognised by that shape so that this package imports nothing
 of the model's). Such a base is never merged into: `export_merged` dequantizes, then adds B A.
+Nor is any other base that is not a plain nn.Linear (a layer packed for inference hands out a dense
+*copy* of its weight: adding B A to it would change nothing but mark the layer merged).
 """
 import math
 
@@ -59,11 +61,21 @@ class LoRALinear(nn.Module):
         """(out, in) weight update, computed in float32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def merge_refused(self, verb: str = "merge") -> str | None:
+        """Why B A cannot be folded into (or out of) this base in place, or None when it can."""
+        what = f"cannot {verb} {'into' if verb == 'merge' else 'from'} a"
+        if is_quantized(self.base):
+            return (f"{what} quantized base ({type(self.base).__name__}): B A would be rounded away; "
+                    "lora.export_merged dequantizes and merges into a dense copy")
+        if type(self.base) is not nn.Linear:  # e.g. paligemma's PackedLinear, whose `weight` is a copy
+            return (f"{what} {type(self.base).__name__} base: only a plain nn.Linear, whose weight is the one its "
+                    "forward reads (merge before packing, or load the model again without packing)")
+        return None
+
     @torch.no_grad()
     def merge(self):
-        if is_quantized(self.base):
-            raise RuntimeError(f"cannot merge into a quantized base ({type(self.base).__name__}): B A would be rounded "
-                               "away; lora.export_merged dequantizes and merges into a dense copy")
+        if self.merge_refused():
+            raise RuntimeError(self.merge_refused())
         if self.merged:
             raise RuntimeError("LoRA weights are already merged into the base layer")
         w = self.base.weight
@@ -74,6 +86,8 @@ class LoRALinear(nn.Module):
     def unmerge(self):
         if not self.merged:
             raise RuntimeError("LoRA weights are not merged")
+        if self.merge_refused():
+            raise RuntimeError(self.merge_refused("unmerge"))
         w = self.base.weight
         w.copy_((w.float() - self.delta()).to(w.dtype))
         self.merged = False

@@ -15,10 +15,37 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .config import IGNORE
 from .tokenizer import Tokenizer
+
+
+class ImageError(ValueError):
+    """An image file that cannot be decoded; `reason` says why without the path."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Decode every byte of an image file (a truncated JPEG fails only here, not at open). Every way
+    decoding can fail is the file's fault, and PIL's errors share no base class: UnidentifiedImageError
+    and truncation are OSErrors, a decompression bomb (over Image.MAX_IMAGE_PIXELS) is a plain
+    Exception, a broken PNG chunk a SyntaxError. So all of them become one ImageError (a ValueError) naming the file;
+    a missing file stays a FileNotFoundError."""
+    try:
+        with Image.open(path) as f:
+            f.load()
+            return f.copy() if f.mode != "P" else f.convert("RGBA")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image file not found") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(path, f"refused as a possible decompression bomb ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
+                               "if the image is genuine") from None
+    except Exception as e:  # see the docstring
+        raise ImageError(path, f"not a readable image ({type(e).__name__}: {e})") from None
 
 
 class Processor:
@@ -47,15 +74,7 @@ class Processor:
     def load_image(self, image, name: str = "image") -> Image.Image:
         """A PIL image or a path -> RGB PIL image. Grey, RGBA, palette and 16-bit images are converted."""
         if isinstance(image, (str, Path)):
-            name = str(image)
-            try:
-                with Image.open(image) as f:
-                    f.load()
-                    image = f.copy() if f.mode != "P" else f.convert("RGBA")
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{name}: image file not found") from None
-            except (UnidentifiedImageError, OSError) as e:
-                raise ValueError(f"{name}: not a readable image ({e})") from None
+            name, image = str(image), read_image(image)
         if not isinstance(image, Image.Image):
             raise TypeError(f"{name}: expected a PIL image or a path, got {type(image).__name__}")
         if image.mode in ("I;16", "I;16L", "I;16B", "I", "F"):  # 16-bit or float grey: scale to 8 bits

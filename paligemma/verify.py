@@ -121,13 +121,15 @@ def compare(model: str, image=None, prompt: str = "caption en", dtype: str = "fl
 
 
 def main(argv=None):
+    from .cli import POSITIVE, add_debug
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="checkpoint folder or hub repo id (hub layout, with tokenizer.model)")
     p.add_argument("--image", help="image file (default: a fixed synthetic picture)")
     p.add_argument("--prompt", default="caption en", help="task prefix (default: caption en)")
     p.add_argument("--dtype", choices=sorted(TOLERANCE), default="float32", help="both models' dtype")
     p.add_argument("--adapter", help="LoRA adapter folder (PEFT format), applied on both sides")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens compared")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=8, help="greedy tokens compared")
+    add_debug(p)
     args = p.parse_args(argv)
     rows = compare(args.model, args.image, args.prompt, args.dtype, args.adapter, args.max_new_tokens)
     tol = TOLERANCE[args.dtype]
@@ -150,4 +152,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+    run(main, "paligemma.verify")

@@ -111,3 +111,37 @@ def crash_after(train_module, step: int):
         yield
     finally:
         train_module.save_train_state = save
+
+
+def bad_images(folder: Path) -> dict[str, Path]:
+    """Image files that fail to decode in each of PIL's ways (issue #27), beside nothing else:
+    'truncated' (a JPEG cut in half: OSError at load), 'broken chunk' (a PNG whose second IDAT chunk
+    has a garbled type: SyntaxError at load), 'bomb' (a PNG header claiming 20000 x 20000 pixels, over
+    twice PIL's MAX_IMAGE_PIXELS: DecompressionBombError, no OSError, at open)."""
+    import io
+    import struct
+    import zlib
+    import numpy as np
+    from PIL import Image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    folder.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    png = buf.getvalue()
+    i = png.find(b"IDAT")
+    n = int.from_bytes(png[i - 4:i], "big")
+    body = png[i + 4:i + 4 + n]
+    two = chunk(b"IDAT", body[:n // 2]) + chunk(b"IDAT", body[n // 2:])
+    two = two[:two.rfind(b"IDAT")] + b"I\x00AT" + two[two.rfind(b"IDAT") + 4:]
+    (folder / "broken_chunk.png").write_bytes(png[:i - 4] + two + png[i + 8 + n:])
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                      + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    return {"truncated": folder / "truncated.jpg", "broken chunk": folder / "broken_chunk.png",
+            "bomb": folder / "bomb.png"}

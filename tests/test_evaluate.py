@@ -233,3 +233,210 @@ def test_bad_numbers_are_refused_at_parse_time(flag, value, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.parse_args(["--model", "m", "--data", "d", "--out", "o", flag, value])
     assert e.value.code == 2 and f"argument {flag}: expected " in capsys.readouterr().err
+
+
+# --- issue #27: check before the first caption, keep every caption made, resume, never a mixed set ---
+
+@pytest.fixture
+def generations(monkeypatch):
+    """Counts PaliGemma.generate calls (batches captioned); fail_at: the call number that raises."""
+    from paligemma import PaliGemma
+    real, state = PaliGemma.generate, {"calls": 0, "fail_at": None}
+
+    def counted(self, *a, **k):
+        state["calls"] += 1
+        if state["calls"] == state["fail_at"]:
+            raise RuntimeError("simulated failure while captioning")
+        return real(self, *a, **k)
+    monkeypatch.setattr(PaliGemma, "generate", counted)
+    return state
+
+
+def finished(out):
+    return {n: (out / n).read_bytes() for n in ("predictions.jsonl", "predictions.csv", "metrics.json")}
+
+
+def adapter_of(model, folder):
+    import lora
+    from paligemma import PaliGemma
+    m = PaliGemma.from_pretrained(model)
+    lora.inject(m, "decoder", r=4, alpha=64)
+    torch.manual_seed(0)
+    for layer in lora.lora_layers(m).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    lora.save(m, folder)
+    return folder
+
+
+def test_every_model_of_compare_is_checked_before_the_first_caption(tiny_run, tmp_path, generations):
+    model, data = tiny_run
+    with pytest.raises(ValueError, match=f"{tmp_path / 'nowhere'}: not a checkpoint folder"):
+        run(model, data, tmp_path / "e", "--compare", str(tmp_path / "nowhere"))
+    broken = adapter_of(model, tmp_path / "adapter")
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(Exception, match="adapter_model.safetensors"):
+        run(model, data, tmp_path / "e", "--compare", str(broken))
+    truncated = tmp_path / "model"
+    shutil.copytree(model, truncated)
+    (truncated / "model.safetensors").write_bytes((Path(model) / "model.safetensors").read_bytes()[:50000])
+    with pytest.raises(ValueError, match=r"model/model.safetensors: .*truncated"):
+        run(model, data, tmp_path / "e", "--compare", str(truncated))
+    assert generations["calls"] == 0 and not (tmp_path / "e").exists()
+
+
+def test_a_later_model_failing_keeps_the_first_models_captions_and_resume_makes_only_the_rest(
+        tiny_run, tmp_path, generations, monkeypatch, capsys):
+    model, data = tiny_run
+    adapter = adapter_of(model, tmp_path / "adapter")
+    args = ("--compare", str(adapter), "--max-samples", "6")
+    run(model, data, tmp_path / "clean", *args)
+    clean_calls, generations["calls"] = generations["calls"], 0
+    real = evaluate.load_for_inference
+
+    def b_fails(model_name, adapter, *a):
+        if adapter:
+            raise OSError("simulated: the second model's disk went away")
+        return real(model_name, adapter, *a)
+    monkeypatch.setattr(evaluate, "load_for_inference", b_fails)
+    with pytest.raises(OSError, match="simulated"):
+        run(model, data, tmp_path / "e", *args)
+    assert "captions made so far are kept in" in capsys.readouterr().err
+    kept = [json.loads(l) for l in open(tmp_path / "e" / ".partial" / "captions.jsonl")]
+    assert len(kept) == 6 and {r["model"] for r in kept} == {f"A: {model}"}
+    monkeypatch.setattr(evaluate, "load_for_inference", real)
+    generations["calls"] = 0
+    with pytest.raises(evaluate.store.ResultsError, match="pass --resume to continue it"):
+        run(model, data, tmp_path / "e", *args)
+    run(model, data, tmp_path / "e", *args, "--resume")
+    assert generations["calls"] == clean_calls // 2  # only model B's batches
+    assert finished(tmp_path / "e") == finished(tmp_path / "clean")
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["metrics.json", "predictions.csv", "predictions.jsonl"]
+
+
+def test_scoring_failure_loses_no_caption(tiny_run, tmp_path, monkeypatch):
+    model, data = tiny_run
+    run(model, data, tmp_path / "clean", "--max-samples", "5")
+    monkeypatch.setattr(evaluate, "score_all", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        run(model, data, tmp_path / "e", "--max-samples", "5")
+    monkeypatch.undo()
+    from paligemma import PaliGemma
+    monkeypatch.setattr(PaliGemma, "generate", lambda *a, **k: 1 / 0)  # resuming must caption nothing
+    run(model, data, tmp_path / "e", "--max-samples", "5", "--resume")
+    assert finished(tmp_path / "e") == finished(tmp_path / "clean")
+
+
+def test_a_kill_mid_run_and_a_half_written_line_are_recovered(tiny_run, tmp_path, generations, capsys):
+    """Batch 3 (of 3 + 3 + 2 images... at batch size 3) fails; a half line as a kill leaves it is added;
+    --resume drops it, keeps the two whole batches, and makes what an uninterrupted run makes, also
+    when sampling (each batch keeps its seed)."""
+    model, data = tiny_run
+    sampling = ("--do-sample", "--temperature", "1.5", "--seed", "3")
+    run(model, data, tmp_path / "clean", *sampling)
+    generations.update(calls=0, fail_at=3)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        run(model, data, tmp_path / "e", *sampling)
+    log = tmp_path / "e" / ".partial" / "captions.jsonl"
+    assert len(log.read_text().splitlines()) == 6
+    with open(log, "a") as f:
+        f.write('{"model": "A", "image": "x.png", "predi')
+    generations.update(calls=0, fail_at=None)
+    run(model, data, tmp_path / "e", *sampling, "--resume")
+    assert "dropped a half-written last line" in capsys.readouterr().out
+    assert generations["calls"] == 1
+    assert finished(tmp_path / "e") == finished(tmp_path / "clean")
+
+
+def test_resume_is_refused_by_name_when_it_would_mix_two_evaluations(tiny_run, tmp_path, generations):
+    model, data = tiny_run
+    with pytest.raises(evaluate.store.ResultsError, match="holds no unfinished evaluation .*nothing to resume"):
+        run(model, data, tmp_path / "e", "--resume")
+    generations["fail_at"] = 2
+    with pytest.raises(RuntimeError):
+        run(model, data, tmp_path / "e")
+    with pytest.raises(evaluate.store.ResultsError, match=r"something else: max_new_tokens: 9 \(unfinished run: 8\)"):
+        run(model, data, tmp_path / "e", "--resume", "--max-new-tokens", "9")
+    generations["fail_at"] = None
+    run(model, data, tmp_path / "e", "--resume")
+    with pytest.raises(evaluate.store.ResultsError, match=r"its results are finished \(metrics.json\)"):
+        run(model, data, tmp_path / "e", "--resume")
+
+
+def test_overwrite_onto_a_full_disk_keeps_the_old_set_whole(tiny_run, tmp_path, monkeypatch):
+    """The issue's mixed set: a new metrics.json beside the old predictions. The new set is written
+    beside the old one and swapped in only when whole; a full disk while writing it leaves the old
+    set byte for byte, and the new captions for --resume."""
+    import errno
+    import os
+    model, data = tiny_run
+    run(model, data, tmp_path / "e", "--max-samples", "2")
+    old = finished(tmp_path / "e")
+    real = evaluate.write_outputs
+
+    def full(folder, *a):
+        real(folder, *a)  # metrics.json, predictions.jsonl written; the CSV hits the full disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(evaluate, "write_outputs", full)
+    with pytest.raises(OSError, match="No space left"):
+        run(model, data, tmp_path / "e", "--max-samples", "4", "--overwrite")
+    assert finished(tmp_path / "e") == old
+    monkeypatch.undo()  # ... and with the failure inside atomic_file itself, named with the path
+    from paligemma import atomic
+    real_fsync = atomic.os.fsync
+
+    def fsync(fd):
+        if ".metrics.json." in os.readlink(f"/proc/self/fd/{fd}"):  # metrics.json's temp file: the disk fills
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    with pytest.raises(OSError, match=rf"no space left on device: {tmp_path / 'e' / '.partial' / 'metrics.json'}"):
+        run(model, data, tmp_path / "e", "--max-samples", "4", "--overwrite")
+    monkeypatch.undo()
+    assert finished(tmp_path / "e") == old
+    run(model, data, tmp_path / "e", "--max-samples", "4", "--resume")
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["protocol"]["images"] == 4
+
+
+def test_unwritable_or_too_small_output_is_found_before_the_first_caption(tiny_run, tmp_path, generations,
+                                                                         monkeypatch):
+    from paligemma.captioning import results
+    model, data = tiny_run
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match="file"):
+        run(model, data, tmp_path / "file" / "e")
+    real = results.shutil.disk_usage
+    monkeypatch.setattr(results.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(OSError, match=r"e: about \d+\.\d MB needed .* 0.0 MB free: no space left on device"):
+        run(model, data, tmp_path / "e")
+    assert generations["calls"] == 0 and not (tmp_path / "e").exists()
+
+
+def test_without_wordnet_meteor_is_left_out_and_said(tiny_run, tmp_path, monkeypatch, capsys):
+    from paligemma.captioning import wordnet
+    model, data = tiny_run
+    monkeypatch.setattr(wordnet, "available", lambda: False)
+    result = next(iter(run(model, data, tmp_path / "e", "--max-samples", "3").values()))
+    assert "METEOR" not in result and {"BLEU-4", "ROUGE-L", "CIDEr-D"} <= set(result)
+    printed = capsys.readouterr()
+    assert "left out (no WordNet)" in printed.out and "METEOR left out: METEOR needs WordNet" in printed.err
+    protocol = json.loads((tmp_path / "e" / "metrics.json").read_text())["protocol"]
+    assert protocol["meteor"].startswith("left out: no WordNet")
+
+
+def test_skip_bad_skips_every_kind_of_bad_image(tiny_run, tmp_path):
+    from tests.helpers import bad_images
+    _, data = tiny_run
+    examples, _ = load_examples(data, "val")
+    broken = tmp_path / "broken"
+    shutil.copytree(examples[0].image.parent.parent, broken)
+    folder = broken / examples[0].image.parent.name
+    for e, bad in zip(examples[1:4], bad_images(tmp_path / "bad").values()):
+        shutil.copyfile(bad, folder / e.image.name)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"image": e.image.name, "prediction": e.captions[0]}) + "\n"
+                                              for e in examples if e not in examples[1:4]))
+    evaluate.main(["--predictions", str(tmp_path / "p.jsonl"), "--data", str(broken / "captions.csv"), "--split",
+                   "val", "--out", str(tmp_path / "e"), "--skip-bad"])
+    protocol = json.loads((tmp_path / "e" / "metrics.json").read_text())["protocol"]
+    assert protocol["images"] == len(examples) - 3 and len(protocol["skipped"]) == 3
+    assert all("is corrupt" in r for r in protocol["skipped"])

@@ -30,7 +30,8 @@ LAYERS = [
     # the fine-tuning application
     ["paligemma.captioning", "paligemma.captioning.wordnet", "paligemma.captioning.metrics",
      "paligemma.captioning.data", "paligemma.captioning.distributed", "paligemma.captioning.curves",
-     "paligemma.captioning.synthetic", "paligemma.captioning.training", "paligemma.captioning.validation"],
+     "paligemma.captioning.synthetic", "paligemma.captioning.results", "paligemma.captioning.training",
+     "paligemma.captioning.validation"],
 ]
 LORA = ["lora.layer", "lora.inject", "lora.peft_format", "lora"]
 

@@ -238,3 +238,161 @@ def test_dropout_on_the_lora_input_only():
         expected = base(x) + 2.0 * dropped @ layer.lora_A.weight.T @ layer.lora_B.weight.T
     assert_close(y, expected)
     assert not torch.allclose(y, base(x) + 2.0 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+
+
+# --- issue #27: what trains is what is exported; merge refused where it cannot be exact; full disk ---
+
+def train_projector_too(model, seed=0):
+    """--lora decoder --train-modules multi_modal_projector, with trained-looking values on both."""
+    lora.inject(model, "decoder", r=4, alpha=8)
+    lora.train_modules(model, ["multi_modal_projector"])
+    randomize_lora(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.multi_modal_projector.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_modules_to_save_reach_peft(pg2_dir, tmp_path):
+    """The projector trained beside LoRA is in the adapter as PEFT's modules_to_save (its key layout, as
+    PEFT 0.21 itself writes it): PeftModel on transformers computes our logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    ours = PaliGemma.from_pretrained(pg2_dir)
+    train_projector_too(ours)
+    assert lora.trained_modules(ours) == ["multi_modal_projector"]
+    lora.save(ours, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["model.multi_modal_projector"]
+    keys = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert {"base_model.model.model.multi_modal_projector.linear.weight",
+            "base_model.model.model.multi_modal_projector.linear.bias"} <= keys
+    hf = PeftModel.from_pretrained(load_hf(pg2_dir), tmp_path / "adapter").eval()
+    inputs = batch(N_IMG, prompt_lens=(6,), suffix_len=3)
+    with torch.no_grad():
+        assert_close(ours(**inputs), hf(**inputs).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(PaliGemma.from_pretrained(pg2_dir)(**inputs), ours(**inputs), atol=1e-3)
+
+
+def test_peft_modules_to_save_load_in_ours(pg2_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    hf = get_peft_model(load_hf(pg2_dir), LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "fc1"],
+                                                      modules_to_save=["multi_modal_projector"]))
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / "peft")
+    ours = PaliGemma.from_pretrained(pg2_dir)
+    lora.load(ours, tmp_path / "peft")
+    assert lora.trained_modules(ours) == ["multi_modal_projector"]  # trains again, as in PEFT; saves again
+    inputs = batch(N_IMG, prompt_lens=(6,), suffix_len=3)
+    hf.eval()
+    with torch.no_grad():
+        assert_close(ours(**inputs), hf(**inputs).logits, rtol=1e-5, atol=1e-5)
+    lora.save(ours, tmp_path / "again")
+    again = PaliGemma.from_pretrained(pg2_dir)
+    lora.load(again, tmp_path / "again")
+    assert_close(again.multi_modal_projector.linear.weight, ours.multi_modal_projector.linear.weight, rtol=0, atol=0)
+
+
+def test_modules_to_save_older_peft_keys_and_mismatches(pg2_dir, tmp_path):
+    """PEFT before 0.17 kept `.modules_to_save.` in the key; a file lacking a module's weight is named."""
+    from safetensors.torch import load_file, save_file
+    ours = PaliGemma.from_pretrained(pg2_dir)
+    train_projector_too(ours)
+    lora.save(ours, tmp_path / "a")
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(path)
+    old = {k.replace("multi_modal_projector.", "multi_modal_projector.modules_to_save."): v for k, v in state.items()}
+    save_file(old, path)
+    other = PaliGemma.from_pretrained(pg2_dir)
+    lora.load(other, tmp_path / "a")
+    assert torch.equal(other.multi_modal_projector.linear.weight, ours.multi_modal_projector.linear.weight)
+    save_file({k: v for k, v in state.items() if not k.endswith("projector.linear.bias")}, path)
+    with pytest.raises(lora.AdapterError, match=r"modules_to_save \['multi_modal_projector'\] do not fit: "
+                                                r"missing \['multi_modal_projector.linear.bias'\]"):
+        lora.load(PaliGemma.from_pretrained(pg2_dir), tmp_path / "a")
+
+
+def test_training_a_module_both_whole_and_by_lora_is_refused(model):
+    lora.inject(model, "projector", r=2)
+    with pytest.raises(ValueError, match=r"cannot train 'multi_modal_projector' whole: it holds LoRA layers "
+                                         r"\['multi_modal_projector.linear'\]"):
+        lora.train_modules(model, ["multi_modal_projector"])
+
+
+def packed_three_ways(pg2_dir):
+    """LoRA layers whose base is packed: by pack() at once; lazily (load_for_inference's `after`) and
+    packed by enough multi-row forwards; lazily and not yet packed."""
+    from paligemma.packing import AFTER, PackedLinear, pack
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("packing needs oneDNN (mkldnn)")
+    models = {}
+    for way in ("pack()", "lazily, packed", "lazily, not yet packed"):
+        m = PaliGemma.from_pretrained(pg2_dir)
+        lora.inject(m, "all", r=4, alpha=8)
+        randomize_lora(m)
+        pack(m.requires_grad_(False), after=0 if way == "pack()" else AFTER)
+        if way == "lazily, packed":
+            for i in range(AFTER):
+                logits(m, seed=i)
+        bases = [l.base for l in lora.lora_layers(m).values()]
+        assert all(isinstance(b, PackedLinear) for b in bases)
+        assert all((b.packed is None) == (way == "lazily, not yet packed") for b in bases)
+        models[way] = m
+    return models
+
+
+def test_merge_on_packed_layers_is_refused_by_name(pg2_dir):
+    """The issue's silent error: merging into a packed base wrote into a dense copy and marked the layer
+    merged (logits 2.4 off). Every way a layer can be packed is refused, naming the layer, before any
+    layer changes; merging first and packing after is exact."""
+    from paligemma.packing import pack
+    for way, m in packed_three_ways(pg2_dir).items():
+        before = logits(m)
+        with pytest.raises(RuntimeError, match=r"lora.merge: \S+: cannot merge into a PackedLinear base"):
+            lora.merge(m)
+        assert not any(l.merged for l in lora.lora_layers(m).values()), way
+        assert_close(logits(m), before, rtol=0, atol=0)
+    plain = PaliGemma.from_pretrained(pg2_dir)
+    lora.inject(plain, "all", r=4, alpha=8)
+    randomize_lora(plain)
+    unmerged = logits(plain)
+    lora.merge(plain)
+    pack(plain.requires_grad_(False))
+    assert_close(logits(plain), unmerged, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="lora.unmerge: .*cannot unmerge from a PackedLinear base"):
+        lora.unmerge(plain)
+
+
+def test_lora_cannot_wrap_a_model_loaded_for_inference(pg2_dir):
+    """from_pretrained(inference=True) packs (or will pack) every linear layer: LoRA refuses them by type."""
+    m = PaliGemma.from_pretrained(pg2_dir, inference=True)
+    with pytest.raises(ValueError, match=r"linear layers only .*PackedLinear"):
+        lora.inject(m, "decoder")
+
+
+def test_full_disk_keeps_the_previous_adapter(model, tmp_path, monkeypatch):
+    import errno
+    import lora.peft_format as peft_format
+    lora.inject(model, "decoder", r=4)
+    lora.save(model, tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    randomize_lora(model)
+
+    def full(path, data=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full)  # the config, written after the weights' temp file
+    with pytest.raises(OSError, match=rf"no space left on device: {tmp_path / 'a' / 'adapter_config.json'}"):
+        lora.save(model, tmp_path / "a")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before  # both old files, no temp
+    monkeypatch.undo()
+
+    def full_safetensors(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(peft_format, "save_file", full_safetensors)
+    with pytest.raises(OSError, match="no space left on device: .*adapter_model.safetensors"):
+        lora.save(model, tmp_path / "a")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before

@@ -102,3 +102,18 @@ def test_tokenizer_config_disagreement_is_an_error(pg1_tok_dir):
     from paligemma.tokenizer import Tokenizer
     with pytest.raises(ValueError, match="<image> has id 299 but the model config says image_token_index=5"):
         Processor(Tokenizer(pg1_tok_dir / "tokenizer.model"), 16, 16, image_token_index=5)
+
+
+# --- issue #27: every kind of decoding error is a ValueError naming the file ---
+
+@pytest.mark.parametrize("kind, why", [("truncated", "OSError"), ("broken chunk", "SyntaxError: broken PNG file"),
+                                       ("bomb", "decompression bomb")])
+def test_every_decoding_error_names_the_file(procs, tmp_path, kind, why):
+    from paligemma.processor import read_image
+    from tests.helpers import bad_images
+    ours, _ = procs
+    path = bad_images(tmp_path)[kind]
+    with pytest.raises(ValueError, match=rf"^{path}: .*{why}"):
+        read_image(path)
+    with pytest.raises(ValueError, match=rf"^{path}: .*{why}"):
+        ours([path], ["caption en"])

@@ -253,3 +253,113 @@ def test_bad_input_is_one_line_without_traceback(tiny_run, tmp_path):
     assert p.stderr.startswith("train.py: no/such-model: not a local folder; as a hub id: ") and len(p.stderr.splitlines()) == 1
     p = command("train.py", "--model", "no/such-model", "--data", data, "--out", str(tmp_path / "x"), "--debug")
     assert p.returncode == 1 and "Traceback" in p.stderr
+
+
+# --- issue #27: what trains is exported; one run per folder; resume on the same rows; METEOR said ---
+
+def test_projector_trained_beside_lora_is_in_adapter_and_best(tiny_run, tmp_path):
+    """--lora decoder --train-modules multi_modal_projector (a README recipe): OUT/adapter and OUT/best
+    carry the projector as PEFT's modules_to_save; PEFT on transformers computes what the run's model
+    computes, and OUT/best as PEFT loads it is OUT/best as we load it."""
+    import json
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    import lora
+    import train
+    from paligemma import PaliGemma
+    from paligemma.captioning.data import load_examples
+    from paligemma.processor import Processor
+    from tests.helpers import load_hf
+    model, data = tiny_run
+    out = tmp_path / "run"
+    trained = train.main(train_args(model, data, out, "--steps", "4", "--eval-every", "2", "--save-every", "4",
+                                    "--lora", "decoder", "--lora-r", "4", "--train-modules", "multi_modal_projector"))
+    base = load_file(Path(model) / "model.safetensors")
+    images = [e.image for e in load_examples(data, "test")[0][:2]]
+    inputs = Processor.from_pretrained(model)(images, "caption en", ["a field", "two planes near a road"])
+    del inputs["labels"]
+    real = inputs["attention_mask"].bool()  # left padding: what either side computes there is no output
+    for folder in (out / "adapter", out / "best"):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["modules_to_save"] == ["model.multi_modal_projector"], folder
+        weight = load_file(folder / "adapter_model.safetensors")["base_model.model.model.multi_modal_projector.linear.weight"]
+        assert not torch.allclose(weight, base["multi_modal_projector.linear.weight"].float()), folder  # trained
+        hf = PeftModel.from_pretrained(load_hf(model), folder).eval()
+        ours = PaliGemma.from_pretrained(model)
+        lora.load(ours, folder)
+        with torch.no_grad():
+            theirs = hf(**inputs).logits[real]
+            torch.testing.assert_close(ours.eval()(**inputs)[real], theirs, rtol=1e-5, atol=1e-5)
+            if folder.name == "adapter":
+                torch.testing.assert_close(trained.eval()(**inputs)[real], theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tiny_run, tmp_path):
+    import signal
+    import train
+    from paligemma.atomic import FolderLocked
+    from tests.test_atomic import HOLD
+    model, data = tiny_run
+    child = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderLocked, match=rf"{tmp_path} is in use by train.py \(pid {child.pid} on "):
+            train.main(train_args(model, data, tmp_path, "--steps", "2"))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+    assert not (tmp_path / "metrics.jsonl").exists()  # the refused run wrote nothing
+
+
+def test_resume_on_changed_rows_is_refused_and_meteor_left_out_is_said(tiny_run, tmp_path, monkeypatch, capsys):
+    import csv
+    import train
+    from paligemma.captioning import wordnet
+    from paligemma.captioning.training import ResumeError
+    model, data = tiny_run
+    own = tmp_path / "data"
+    own.mkdir()
+    (own / "images").symlink_to(Path(data).parent / "images")
+    with open(data, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def write(rows):
+        with open(own / "captions.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    write(rows)
+    monkeypatch.setattr(wordnet, "available", lambda: False)
+    args = train_args(model, str(own / "captions.csv"), tmp_path / "run", "--steps", "3", "--finetune", "lora",
+                      "--lora", "decoder", "--lora-r", "2", "--eval-every", "100", "--val-captions", "0")
+    train.main(args)
+    printed = capsys.readouterr().out
+    assert "METEOR left out of the test scores: METEOR needs WordNet" in printed
+    assert "| METEOR | left out (no WordNet) |" in printed
+    dropped = next(r for r in rows if r["split"] == "train")
+    write([r for r in rows if r is not dropped])
+    with pytest.raises(ResumeError, match=rf"--resume on other data than the checkpoint's: train split \(\d+ -> \d+ rows\): "
+                                          rf"1 rows removed \(e.g. \['{dropped['image']}'\]\)"):
+        train.main(args + ["--resume", "--steps", "4"])
+
+
+def test_skip_bad_skips_every_kind_of_bad_image_in_training(tiny_run, tmp_path, capsys):
+    """A decompression bomb, a broken PNG chunk and a truncated JPEG among the training images: with
+    --skip-bad they are skipped and counted (they ended train.py before, PIL's errors being no OSError)."""
+    import csv
+    import shutil
+    import train
+    from tests.helpers import bad_images
+    model, data = tiny_run
+    own = tmp_path / "data"
+    shutil.copytree(Path(data).parent, own)
+    with open(own / "captions.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
+    for row, bad in zip(rows[:3], bad_images(tmp_path / "bad").values()):
+        shutil.copyfile(bad, own / "images" / row["image"])
+    train.main(train_args(model, str(own / "captions.csv"), tmp_path / "run", "--steps", "1", "--lora", "decoder",
+                          "--lora-r", "2", "--eval-every", "100", "--val-captions", "0", "--skip-bad"))
+    printed = capsys.readouterr().out
+    assert "skipped 3 bad examples" in printed and f"{len(rows) - 3} train" in printed
+    assert "decompression bomb" in printed and "SyntaxError" in printed

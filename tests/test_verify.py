@@ -118,3 +118,22 @@ def test_verify_with_adapter(capsys, pg1_tok_dir, tmp_path):
     inputs = batch(16)
     with torch.no_grad():  # the adapter matters: a side without it would not pass
         assert not torch.allclose(model(**inputs), PaliGemma.from_pretrained(pg1_tok_dir)(**inputs), atol=1e-3)
+
+
+# --- issue #27: bad numbers refused at parse time; bad input one line, through cli.run ---
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_max_new_tokens_must_be_positive(capsys, value):
+    with pytest.raises(SystemExit) as e:
+        verify.main(["m", "--max-new-tokens", value])
+    assert e.value.code == 2 and f"argument --max-new-tokens: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
+
+
+def test_missing_model_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    p = subprocess.run([sys.executable, "-m", "paligemma.verify", str(tmp_path / "nowhere")], capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 1 and p.stderr.strip() == (f"paligemma.verify: {tmp_path / 'nowhere'}: not a checkpoint "
+                                                      "folder, and not a hub repo id (owner/name)")

@@ -9,7 +9,10 @@ decoded in full when checked (a truncated JPEG passes PIL's verify() and would f
 Refused whatever `skip_bad` says, because each would change what is measured rather than lose a row:
 a split asked of a file without a `split` column (every row would be in every split: validation and
 test on the training images), the same image on two rows of a split (one row's references would
-hide the other's), and image paths that leave the image folder (`../x.jpg`, `/etc/passwd`).
+hide the other's), two columns (or JSON keys) of one name (one would silently hide the other), and
+image paths that leave the image folder (`../x.jpg`, `/etc/passwd`). Spaces around a column name or
+a split value are stripped (` test` is the test split: a spreadsheet's stray space must not drop a
+row from the split it names).
 """
 import csv
 import io
@@ -67,15 +70,28 @@ def read_text(path: Path) -> str:
 
 
 def read_jsonl(path: Path, text: str) -> list[tuple[int, object]]:
-    """(line number, parsed value) for every non-blank line; a line that is not JSON is named."""
+    """(line number, parsed value) for every non-blank line; a line that is not JSON, or an object with
+    a key twice (json keeps the last one silently), is named."""
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
+            def unique(pairs, i=i):
+                keys = [k for k, _ in pairs]
+                twice = sorted({k for k in keys if keys.count(k) > 1})
+                if twice:
+                    raise DataError(f"{path}:{i}: key {twice[0]!r} appears twice in one object")
+                return dict(pairs)
             try:
-                rows.append((i, json.loads(line)))
+                rows.append((i, json.loads(line, object_pairs_hook=unique)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i}: not JSON: {e}") from None
     return rows
+
+
+def split_of(row: dict) -> str:
+    """A row's split, spaces stripped."""
+    value = row.get("split")
+    return value.strip() if isinstance(value, str) else value
 
 
 def read_rows(path: Path) -> list[tuple[int, dict]]:
@@ -88,6 +104,13 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
                                 f"{type(row).__name__}")
         return rows
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is not None:
+        reader.fieldnames = names = [c.strip() for c in reader.fieldnames]
+        twice = [c for c in dict.fromkeys(names) if c and names.count(c) > 1]
+        if twice:
+            where = [i + 1 for i, c in enumerate(names) if c == twice[0]]
+            raise DataError(f"{path}: column {twice[0]!r} appears {len(where)} times (columns {where}); one would "
+                            "hide the other: give each column its own name")
     if reader.fieldnames is None or "image" not in reader.fieldnames:
         raise DataError(f"{path}: no 'image' column (columns: {reader.fieldnames})")
     if not any(c.startswith("caption") for c in reader.fieldnames):
@@ -113,7 +136,7 @@ def load_examples(data: str | Path, split: str | None = None, image_dir=None, sk
             raise DataError(f"{path}: no 'split' column, so there is no split {split!r}: every row would be in "
                             "every split (validation and test on the training images). Add a split column "
                             "(train / val / test)")
-        rows = [(i, r) for i, r in rows if r.get("split") == split]
+        rows = [(i, r) for i, r in rows if split_of(r) == split]
     if not rows:
         raise DataError(f"{path}: no examples" + (f" in split {split!r}" if split else ""))
     check_unique(path, rows)
@@ -170,13 +193,19 @@ def parse_row(path, line, row, folder, check_images) -> Example:
     if check_images:
         if not image.exists():
             raise DataError(f"{where}: image file {image} not found")
-        from PIL import Image, UnidentifiedImageError
+        from ..processor import ImageError, read_image
         try:
-            with Image.open(image) as im:
-                im.load()  # decode every byte: verify() alone passes truncated JPEGs
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise DataError(f"{where}: image file {image} is corrupt ({e})") from None
-    return Example(image=image, captions=[c.strip() for c in caps], split=row.get("split", ""))
+            read_image(image)  # decode every byte: verify() alone passes truncated JPEGs
+        except (ImageError, OSError) as e:  # bombs, broken chunks, truncation, unreadable files
+            raise DataError(f"{where}: image file {image} is corrupt ({getattr(e, 'reason', e)})") from None
+    return Example(image=image, captions=[c.strip() for c in caps], split=split_of(row) or "")
+
+
+def fingerprint(examples: list[Example]) -> list[list[str]]:
+    """[image name, hash of its captions] per example, in order: what a resumed run compares to know it
+    continues on the same rows in the same order (a checkpoint's data position is an index into them)."""
+    import hashlib
+    return [[e.image.name, hashlib.sha256("\n".join(e.captions).encode()).hexdigest()[:12]] for e in examples]
 
 
 def sample_caption(example: Example, rng: random.Random, first_only: bool = False) -> str:

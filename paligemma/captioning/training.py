@@ -31,6 +31,9 @@ class Batches:
     """
 
     def __init__(self, examples, batch_size: int, seed: int):
+        if batch_size > len(examples):  # every batch would silently be the whole, smaller split
+            raise ValueError(f"--batch-size {batch_size} is larger than the train split ({len(examples)} examples): "
+                             f"use --batch-size {len(examples)} or less (or --grad-accum for a larger step)")
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self.epoch, self.index = 0, 0
 
@@ -112,8 +115,15 @@ def make_trainable(model, full: bool, args):
             p.requires_grad_(True)
         model.float()
         return
-    lora.inject(model, args.lora, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, rslora=args.rslora)
-    lora.train_modules(model, args.train_modules)
+    try:
+        lora.inject(model, args.lora, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                    rslora=args.rslora)
+    except ValueError as e:
+        raise ValueError(f"--lora {args.lora!r}: {e}") from None
+    try:
+        lora.train_modules(model, args.train_modules)
+    except ValueError as e:
+        raise ValueError(f"--train-modules: {e}") from None
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -190,6 +200,30 @@ def read_train_state(directory) -> dict:
     return state
 
 
+def check_same_data(saved: dict | None, current: dict, directory):
+    """--resume on other rows than the checkpoint's would continue a different order without a word
+    (the data position is an index into the rows): name what changed, per split. `saved`/`current`:
+    split -> data.fingerprint. A checkpoint written before fingerprints were saved is not checked."""
+    if not saved:
+        return
+    changes = []
+    for split in sorted(set(saved) | set(current)):
+        a, b = saved.get(split, []), current.get(split, [])
+        if a == b:
+            continue
+        was, now, old = {n for n, _ in a}, {n for n, _ in b}, {(n, h) for n, h in a}
+        added, removed = sorted(now - was), sorted(was - now)
+        edited = sorted(n for n, h in b if n in was and (n, h) not in old)
+        what = [f"{len(added)} rows added (e.g. {added[:3]})" if added else "",
+                f"{len(removed)} rows removed (e.g. {removed[:3]})" if removed else "",
+                f"captions changed on {len(edited)} rows (e.g. {edited[:3]})" if edited else ""]
+        what = [w for w in what if w] or ["the same rows in another order"]
+        changes.append(f"{split} split ({len(a)} -> {len(b)} rows): {', '.join(what)}")
+    if changes:
+        raise ResumeError(f"{directory}: --resume on other data than the checkpoint's: {'; '.join(changes)}. "
+                          "Resume with the data it was trained on, or start a new run in another --out")
+
+
 def check_settings(saved: dict, current: dict, directory):
     """--resume with other settings than the checkpoint's would continue a different run: name them."""
     def same(key):
@@ -253,15 +287,16 @@ def trim_log(log: Path, step: int):
             f.write("".join(l + "\n" for l in keep))
 
 
-def wandb_run(project: str | None, config: dict, rank: int):
-    """A W&B run on rank 0 when --wandb is given; None otherwise."""
+def wandb_run(project: str | None, config: dict, rank: int, folder: Path | None = None):
+    """A W&B run on rank 0 when --wandb is given; None otherwise. Its files go under `folder` (the run
+    folder, OUT/wandb), not into the working directory."""
     if not project or rank:
         return None
     try:
         import wandb
     except ImportError:
         raise SystemExit("--wandb needs the wandb package: pip install wandb") from None
-    return wandb.init(project=project, config=config)
+    return wandb.init(project=project, config=config, dir=None if folder is None else str(folder))
 
 
 def append_jsonl(path, record: dict):

@@ -99,3 +99,39 @@ def test_jsonl_rows_must_be_objects(tmp_path, images):
     path.write_text('{"split": "train", "image": "ok.png", "captions": ["a"]}\n["ok2.png", "b"]\n')
     with pytest.raises(DataError, match=r"captions.jsonl:2: expected a JSON object"):
         load_examples(path, "train")
+
+
+# --- issue #27: decoding errors of every kind skipped and counted; duplicate columns; split spaces ---
+
+def test_every_decoding_error_is_a_data_error_naming_file_and_line(tmp_path, images):
+    from tests.helpers import bad_images
+    bad = bad_images(images)
+    path = write_csv(tmp_path, ["x,train,ok.png,a,b"] + [f"x,train,{p.name},a,b" for p in bad.values()]
+                     + ["x,train,ok2.png,c,d"])
+    for p in bad.values():
+        rows = ["x,train,ok.png,a,b", f"x,train,{p.name},a,b"]
+        with pytest.raises(DataError, match=rf"captions.csv:3: image file .*{p.name} is corrupt"):
+            load_examples(write_csv(tmp_path / p.stem, rows), "train", image_dir=images)
+    examples, skipped = load_examples(path, "train", skip_bad=True)
+    assert [e.image.name for e in examples] == ["ok.png", "ok2.png"]
+    assert [r.split(":")[1] for r in skipped.reasons] == ["3", "4", "5"]
+    assert "decompression bomb" in skipped.reasons[2] and "SyntaxError" in skipped.reasons[1]
+
+
+def test_duplicate_column_names_are_refused(tmp_path, images):
+    path = write_csv(tmp_path, ["x,train,ok.png,a,b"], header="source,split,image,caption_1,caption_1")
+    with pytest.raises(DataError, match=r"captions.csv: column 'caption_1' appears 2 times \(columns \[4, 5\]\)"):
+        load_examples(path, "train")
+    (tmp_path / "c.jsonl").write_text('{"split": "train", "image": "ok.png", "captions": ["a"], "captions": ["b"]}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:1: key 'captions' appears twice"):
+        load_examples(tmp_path / "c.jsonl", "train")
+
+
+def test_spaces_around_split_values_and_column_names_are_stripped(tmp_path, images):
+    """A ' test' row is a test row (decided: strip, not refuse); a ' caption_2' header is a caption column."""
+    path = write_csv(tmp_path, ["x, test,ok.png,a,b", "x,test ,ok2.png,c,d", "x,train,ok.png,e,f"],
+                     header="source, split,image,caption_1, caption_2")
+    test, _ = load_examples(path, "test")
+    assert [(e.image.name, e.captions, e.split) for e in test] == [("ok.png", ["a", "b"], "test"),
+                                                                    ("ok2.png", ["c", "d"], "test")]
+    assert len(load_examples(path, "train")[0]) == 1

@@ -125,7 +125,7 @@ def test_resume_into_a_model_of_other_shapes_names_them(pg1_dir, tmp_path):
     model = lora_model(pg1_dir, r=2)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     with pytest.raises(ResumeError, match=r"wrong shapes \[.*lora_[AB].weight: checkpoint \(\d+, \d+\), model"):
-        load_train_state(tmp_path / "checkpoint", model, opt, Batches([], 1, 0), random.Random())
+        load_train_state(tmp_path / "checkpoint", model, opt, Batches([0], 1, 0), random.Random())
 
 
 def test_run_folder_refusals(pg1_dir, tmp_path):
@@ -135,3 +135,67 @@ def test_run_folder_refusals(pg1_dir, tmp_path):
     with pytest.raises(ResumeError, match=r"already holds a run \(checkpoint at step 1\): pass --resume"):
         check_run_folder(tmp_path, resume=False)
     check_run_folder(tmp_path, resume=True)
+
+
+# --- issue #27: runs that mixed silently are refused by name ---
+
+def test_batch_larger_than_the_split_is_refused():
+    with pytest.raises(ValueError, match=r"--batch-size 16 is larger than the train split \(10 examples\)"):
+        Batches(list(range(10)), 16, 0)
+    assert len(Batches(list(range(10)), 10, 0).next()) == 10
+
+
+def test_resume_on_changed_rows_names_what_changed(tmp_path):
+    from paligemma.captioning.data import fingerprint
+    from paligemma.captioning.training import check_same_data
+    from pathlib import Path
+    rows = [Example(image=Path(f"{i}.png"), captions=[f"caption {i}"]) for i in range(6)]
+    saved = {"train": fingerprint(rows[:4]), "val": fingerprint(rows[4:])}
+    check_same_data(saved, {"train": fingerprint(rows[:4]), "val": fingerprint(rows[4:])}, tmp_path)
+    check_same_data(None, {"train": []}, tmp_path)  # a checkpoint from before fingerprints
+    with pytest.raises(ResumeError, match=r"train split \(4 -> 5 rows\): 1 rows added \(e.g. \['9.png'\]\)"):
+        check_same_data(saved, dict(saved, train=fingerprint(rows[:4] + [Example(Path("9.png"), ["x"])])), tmp_path)
+    with pytest.raises(ResumeError, match=r"val split \(2 -> 1 rows\): 1 rows removed \(e.g. \['5.png'\]\)"):
+        check_same_data(saved, dict(saved, val=fingerprint(rows[4:5])), tmp_path)
+    edited = rows[:3] + [Example(Path("3.png"), ["another caption"])]
+    with pytest.raises(ResumeError, match=r"train split \(4 -> 4 rows\): captions changed on 1 rows \(e.g. \['3.png'\]\)"):
+        check_same_data(saved, dict(saved, train=fingerprint(edited)), tmp_path)
+    with pytest.raises(ResumeError, match="the same rows in another order"):
+        check_same_data(saved, dict(saved, train=fingerprint(rows[:4][::-1])), tmp_path)
+
+
+def test_invalid_lora_regex_names_the_flag(pg1_dir):
+    from paligemma import PaliGemma
+    model = PaliGemma.from_pretrained(pg1_dir)
+    with pytest.raises(ValueError, match=r"^--lora '\(q_proj': LoRA targets '\(q_proj': not a valid regular expression"):
+        make_trainable(model, False, SimpleNamespace(**dict(LORA, lora="(q_proj")))
+
+
+def test_wandb_files_go_under_the_run_folder(tmp_path, monkeypatch):
+    import sys
+    from paligemma.captioning.training import wandb_run
+    calls = []
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=lambda **k: calls.append(k) or "run"))
+    assert wandb_run("proj", {"a": 1}, 0, tmp_path / "out") == "run"
+    assert calls == [{"project": "proj", "config": {"a": 1}, "dir": str(tmp_path / "out")}]
+    assert wandb_run("proj", {}, 1, tmp_path) is None and len(calls) == 1  # rank 0 only
+
+
+def test_full_disk_during_a_checkpoint_save_is_named_and_keeps_the_last(pg1_dir, tmp_path, monkeypatch):
+    """torch.save's own error on a full disk (as measured on a 64 KiB tmpfs) names nothing: the save
+    says 'no space left on device' with the checkpoint's path, and the previous checkpoint stays whole."""
+    from paligemma import atomic
+    from paligemma.captioning import training
+    model, optimizer, batches, rng = saved_run(pg1_dir, tmp_path / "checkpoint")
+    before = (tmp_path / "checkpoint" / "state.pt").read_bytes()
+    real = atomic.shutil.disk_usage
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: real(p)._replace(free=0))
+
+    def full(obj, path):
+        open(path, "wb").write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    monkeypatch.setattr(training.torch, "save", full)
+    with pytest.raises(OSError, match=rf"no space left on device: {tmp_path / 'checkpoint'} \(the previous"):
+        save_train_state(tmp_path / "checkpoint", model, optimizer, 2, batches, rng, False, dict(LORA))
+    assert (tmp_path / "checkpoint" / "state.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
