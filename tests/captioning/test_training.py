@@ -167,7 +167,7 @@ def test_resume_on_changed_rows_names_what_changed(tmp_path):
 def test_invalid_lora_regex_names_the_flag(pg1_dir):
     from paligemma import PaliGemma
     model = PaliGemma.from_pretrained(pg1_dir)
-    with pytest.raises(ValueError, match=r"^--lora '\(q_proj': LoRA targets '\(q_proj': not a valid regular expression"):
+    with pytest.raises(ValueError, match=r"^--lora '\(q_proj': LoRA targets '\(q_proj': not a preset \(decoder, vision, projector, all\) and not a valid regular expression"):
         make_trainable(model, False, SimpleNamespace(**dict(LORA, lora="(q_proj")))
 
 
