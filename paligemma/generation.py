@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from .model import attention_masks
 
+COMPILE_SLOTS = 64  # compile=True sizes the cache in multiples of this (unused slots are masked)
+
 
 @torch.no_grad()
 def generate(model, input_ids, pixel_values, attention_mask=None, token_type_ids=None, max_new_tokens=32,
@@ -32,7 +34,10 @@ def generate(model, input_ids, pixel_values, attention_mask=None, token_type_ids
     if compile and num_beams > 1:
         raise ValueError("compile=True compiles the greedy / sampling step; beam search reorders the cache at "
                          "every step: use num_beams=1, or compile=False")
-    cache = model.new_cache(B, T + max_new_tokens)
+    slots = T + max_new_tokens
+    if compile:  # the step's shapes include the cache's length: round it up so that other prompts reuse the graph
+        slots = -(-slots // COMPILE_SLOTS) * COMPILE_SLOTS
+    cache = model.new_cache(B, slots)
     # the prefill needs only the last position's logits: (T, 257k) more per row would cost ~10% of the
     # prefill's FLOPs and gigabytes of memory at batch 8
     h = model.hidden_states(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
@@ -42,7 +47,7 @@ def generate(model, input_ids, pixel_values, attention_mask=None, token_type_ids
         if do_sample:
             raise ValueError("beam search with sampling is not supported: choose num_beams=1 or do_sample=False")
         return _beam_search(model, cache, logits, B, num_beams, max_new_tokens, length_penalty, eos_id, pad_id)
-    step = compiled_step(compile, logits.device) if compile else decode_step
+    step = compiled_step(model, compile, logits.device) if compile else decode_step
     gen = torch.Generator(device=logits.device).manual_seed(seed) if seed is not None else None
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=logits.device)
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
@@ -73,8 +78,12 @@ def decode_step(model, cache, token: torch.Tensor, slot: torch.Tensor) -> torch.
     return model.language_model.logits(h[:, -1])
 
 
-def compiled_step(mode: bool | str, device: torch.device):
+def compiled_step(model, mode: bool | str, device: torch.device):
     """decode_step under torch.compile, whole (fullgraph: a graph break would be an error, not a slow path)."""
+    from .packing import PackedHead, PackedLinear
+    if any(isinstance(m, (PackedLinear, PackedHead)) for m in model.modules()):
+        raise ValueError("compile=True needs plain linear layers; these are packed for CPU inference (inference=True "
+                         "or packing.pack), which inductor cannot compile: load without inference=True")
     if mode is True:
         mode = "reduce-overhead" if device.type == "cuda" else "default"
     return _compiled(mode)

@@ -41,12 +41,15 @@ def test_the_counter_sees_recompiles(pg1_dir, counters, monkeypatch):
     def host_count_step(model, cache, token, slot):
         return generation.decode_step(model, cache, token, torch.arange(cache.length - 1, cache.length))
     step = torch.compile(host_count_step, backend="eager")
-    monkeypatch.setattr(generation, "compiled_step", lambda mode, device: step)
+    monkeypatch.setattr(generation, "compiled_step", lambda model, mode, device: step)
     model.generate(**batch(16, prompt_lens=(3,)), max_new_tokens=5, eos_id=-1, compile=True)
     assert counters["stats"]["unique_graphs"] == 4
 
 
-def test_compile_with_beams_is_refused(pg1_dir):
+def test_compile_refuses_beams_and_packed_layers(pg1_dir):
     model = PaliGemma.from_pretrained(pg1_dir).eval()
     with pytest.raises(ValueError, match="compile=True compiles the greedy"):
         model.generate(**batch(16), max_new_tokens=3, num_beams=2, compile=True)
+    packed = PaliGemma.from_pretrained(pg1_dir, inference=True)  # inductor cannot lower oneDNN's packed weights
+    with pytest.raises(ValueError, match="compile=True needs plain linear layers"):
+        packed.generate(**batch(16), max_new_tokens=3, compile=True)
