@@ -3,6 +3,7 @@ packed (CPU's inference path), transformers; against the memory-bandwidth bound 
 
     python benchmarks/compile_decode.py --ckpt DIR --device cuda --bandwidth 4800 --out FILE.json   # H200
     python benchmarks/compile_decode.py --ckpt /tmp/bench/3b --device cpu                          # here
+    ... --quantize int8 nf4                                                                         # + ours quantized
 
 Decode speed = NEW steps / (time of generate(NEW + 1) - time of generate(1)): the prefill and the
 first token cancel. The first compiled call compiles (its time is reported apart); the compiled step
@@ -46,6 +47,7 @@ def main():
     p.add_argument("--new", type=int, default=NEW, help="decode steps measured")
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers lines")
+    p.add_argument("--quantize", nargs="*", choices=["int8", "nf4"], default=[], help="also ours int8 / NF4, eager")
     p.add_argument("--out", help="write the results as JSON here (and the Markdown next to it)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,6 +67,8 @@ def main():
     def line(name, value):
         results["lines"][name] = value
         print(json.dumps({name: value}), flush=True)
+        if args.out:  # as it goes: a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=2))
 
     for b in args.batch:
         model.generate(**data[b], max_new_tokens=2, eos_id=-1)  # warm-up
@@ -81,12 +85,19 @@ def main():
             model.generate(**data[b], max_new_tokens=2, eos_id=-1)
             line(f"ours packed eager, batch {b}", tokens_per_s(model, data[b], args.device, args.reps, args.new))
     del model
+    for mode in args.quantize:  # weight-only int8 / NF4 (quantize.py), eager
+        q = PaliGemma.from_pretrained(args.ckpt, dtype=torch.bfloat16, device=args.device, quantize=mode).eval()
+        for b in args.batch:
+            q.generate(**data[b], max_new_tokens=2, eos_id=-1)
+            line(f"ours {mode} eager, batch {b}", tokens_per_s(q, data[b], args.device, args.reps, args.new))
+        del q
     if not args.no_hf:
         for b in args.batch:
             r = run_line("hf", "decode", args.ckpt, args.device, args.reps, b, new=args.new)
             line(f"transformers eager, batch {b}", r["tokens_per_s"])
     rows = ["| decode | " + " | ".join(f"batch {b}" for b in args.batch) + " |", "|---|" + "---:|" * len(args.batch)]
-    for impl in ("ours eager", "ours compiled", "ours packed eager", "transformers eager"):
+    for impl in ("ours eager", "ours compiled", "ours packed eager", "ours int8 eager", "ours nf4 eager",
+                 "transformers eager"):
         cells = [results["lines"].get(f"{impl}, batch {b}") for b in args.batch]
         if any(c is not None for c in cells):
             rows.append(f"| {impl} | " + " | ".join(f"{c:.2f} tok/s" if c else "-" for c in cells) + " |")
