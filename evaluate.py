@@ -63,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--quantize", choices=["int8", "int4", "nf4"], help="quantize --model's linear weights (quantize.py)")
+    p.add_argument("--compile", action="store_true", help="decode steps under torch.compile (CUDA graphs on CUDA)")
     add_debug(p)
     args = p.parse_args(argv)
     if not (args.model or args.predictions):
@@ -82,7 +83,7 @@ def predict(model, processor, examples, args, name: str, done: int, out: Path) -
     captions = caption(model, processor, [e.image for e in rest], args.prompt, args.batch_size,
                        seed=args.seed + done, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                        do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k or None,
-                       top_p=args.top_p if args.top_p < 1 else None)
+                       top_p=args.top_p if args.top_p < 1 else None, compile=args.compile)
     rows, batch = [], []
     for e, text in zip(rest, tqdm(captions, total=len(rest), desc=f"captioning ({name})", mininterval=5)):
         batch.append(dict(model=name, image=str(e.image), prompt=args.prompt, prediction=text, references=e.captions))

@@ -25,6 +25,7 @@ from paligemma import PaliGemma
 from paligemma.captioning import distributed, wordnet
 from paligemma.atomic import lock_folder, unlock_folder
 from paligemma.captioning.data import fingerprint, load_examples
+from paligemma.captioning.precision import MODES, Precision
 from paligemma.captioning.training import (Batches, append_jsonl, blind, check_run_folder, check_same_data, collate,
                                            export, first_loss_check, load_train_state, lr_at, make_trainable,
                                            save_train_state, trim_log, wandb_run)
@@ -59,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="storage dtype of frozen weights")
     p.add_argument("--quantize", choices=["int8", "nf4"], help="QLoRA: LoRA over a frozen int8 or 4-bit NF4 base "
                    "(the adapter still loads on the unquantized model)")
-    p.add_argument("--amp", choices=["bf16", "none"], default="bf16", help="autocast compute dtype (none: float32)")
+    p.add_argument("--amp", choices=MODES, default="auto", help="autocast compute dtype: bf16, fp16 (with loss "
+                   "scaling, for GPUs without bf16), none (float32); auto: bf16 where the device has it, else fp16")
     p.add_argument("--eval-every", type=POSITIVE, default=100, help="validation: loss, image reliance, and "
                    "--val-captions captions scored (CIDEr-D picks OUT/best)")
     p.add_argument("--val-captions", type=NON_NEGATIVE, default=32, help="validation images captioned at each "
@@ -162,6 +164,8 @@ def main(argv=None):
     generates = rank == 0 or args.fsdp  # a sharded model generates only with every rank taking part
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.98),
                                   fused=args.device.startswith("cuda"))
+    precision = Precision(args.amp, args.device)  # autocast, loss scaling, the optimizer step
+    say(precision.note)
     batches, best, step = Batches(train, args.batch_size, args.seed), Best(args.early_stop), 0
     log = out / "metrics.jsonl"
     if args.resume:
@@ -169,11 +173,12 @@ def main(argv=None):
                                        wrapped if args.fsdp else None, args=vars(args))
         check_same_data(extra.get("data"), rows, out / "checkpoint")
         best.load(extra.get("best", best.state()), out / "best" / "best.json")
+        precision.load_state_dict(extra.get("precision"))
         say(f"resumed at step {step}" + (f" (best so far: step {best.step}, val CIDEr-D {best.score:.3f})" if best.step else ""))
     if rank == 0:
         trim_log(log, step)  # a new run starts a new log; a resumed one drops what came after its checkpoint
     validation = Validation(processor, val, args.prompt, args.batch_size, args.val_captions, args.max_length)
-    amp = dict(device_type=args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    amp = precision.autocast_kwargs
     meteor = wordnet.available()  # the demo runs without WordNet too: METEOR is then left out, and says so
     if not meteor:
         say(f"METEOR left out of the test scores: {wordnet.INSTALL}")
@@ -203,24 +208,25 @@ def main(argv=None):
         for micro, batch in enumerate(micro_batches):
             batch = {k: v.to(args.device) for k, v in batch.items()}
             sync = micro == args.grad_accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync or args.fsdp else wrapped.no_sync()), torch.autocast(**amp):
+            with (contextlib.nullcontext() if sync or args.fsdp else wrapped.no_sync()), precision.autocast():
                 loss = wrapped(**batch) * world / n_labels  # x world: DDP averages gradients over ranks
-            loss.backward()
+            precision.backward(loss)
             loss_sum += loss.item() / world
             tokens += int(batch["attention_mask"].sum()) * world
         loss_sum = distributed.global_sum(loss_sum, args.device)
         if step == 0:
             say(first_loss_check(loss_sum, model.config.text.vocab_size, pretrained=not from_scratch))
         losses.append(loss_sum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-        if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-            raise FloatingPointError(f"step {step}: non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} "
-                                     f"(loss {loss_sum}, grad norm {grad_norm.item()}); last good checkpoint: {out / 'checkpoint'}")
-        optimizer.step()
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"step {step}: non-finite loss ({loss_sum}); last good checkpoint: {out / 'checkpoint'}")
+        grad_norm, stepped = precision.step(optimizer, params, args.clip)
+        if not stepped and precision.mode != "fp16":  # fp16: the scaler skipped the step and lowered its scale
+            raise FloatingPointError(f"step {step}: non-finite gradient norm ({grad_norm.item()}); last good "
+                                     f"checkpoint: {out / 'checkpoint'}")
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        record = {"step": step + 1, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()}
+        record = {"step": step + 1, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item(),
+                  **precision.metrics()}
         evaluates, stop = (step + 1) % args.eval_every == 0 or step + 1 == args.steps, False
         if generates and evaluates:
             with distributed.root_gathered(wrapped):
@@ -242,7 +248,7 @@ def main(argv=None):
             states = distributed.full_state(wrapped, optimizer) if args.fsdp else None
             if rank == 0:
                 save_train_state(out / "checkpoint", model, optimizer, step + 1, batches, rng, full, vars(args), states,
-                                 extra={"best": best.state(), "data": rows})
+                                 extra={"best": best.state(), "data": rows, "precision": precision.state_dict()})
             distributed.barrier()
         if stop:
             say(f"early stop at step {step + 1}: {best.stale} evaluations without a better val CIDEr-D "

@@ -100,14 +100,16 @@ MUTANTS = [
            ("tests/test_numerics.py",)),
     # --- caller positions and the cache ---
     Mutant("seen_only_with_own_positions", "paligemma/model.py",
-           "clamp(min=1)\n        if cache is not None:\n            cache.seen +=",
-           "clamp(min=1)\n            if cache is not None:\n                cache.seen +=",  # counted for own positions only
+           "            slots, positions = cache.append(attention_mask, prefix_flags(attention_mask, token_type_ids))\n",
+           "            seen = cache.seen.clone()\n"
+           "            slots, positions = cache.append(attention_mask, prefix_flags(attention_mask, token_type_ids))\n"
+           "            if position_ids is not None:\n                cache.seen.copy_(seen)\n",  # counted for own positions only
            ("tests/test_numerics.py", "-k", "caller_positions")),
-    Mutant("seen_counts_padding", "paligemma/model.py", "cache.seen += attention_mask.long().sum(-1)",
-           "cache.seen += attention_mask.shape[1]", ("tests/test_numerics.py", "tests/test_generation.py")),
-    Mutant("positions_zero_based", "paligemma/model.py", "attention_mask.long().cumsum(-1)).clamp(min=1)",
+    Mutant("seen_counts_padding", "paligemma/cache.py", "self.seen += attention_mask.long().sum(-1)",
+           "self.seen += attention_mask.shape[1]", ("tests/test_numerics.py", "tests/test_generation.py")),
+    Mutant("positions_zero_based", "paligemma/cache.py", "attention_mask.long().cumsum(-1)).clamp(min=1)",
            "attention_mask.long().cumsum(-1) - 1).clamp(min=0)", ("tests/test_numerics.py", "tests/test_model.py")),
-    Mutant("pad_positions_zero", "paligemma/model.py", "attention_mask.long().cumsum(-1)).clamp(min=1)",
+    Mutant("pad_positions_zero", "paligemma/cache.py", "attention_mask.long().cumsum(-1)).clamp(min=1)",
            "attention_mask.long().cumsum(-1))", ("tests/test_numerics.py", "tests/test_model.py"),
            equivalent="padding slots are masked out as keys and their own outputs are discarded"),
     # --- a sample across the model files ---
@@ -123,8 +125,8 @@ MUTANTS = [
            ("tests/test_model.py",)),
     Mutant("siglip_no_position", "paligemma/siglip.py", "return x + self.position_embedding.weight", "return x",
            ("tests/test_model.py",)),
-    Mutant("cache_valid_all", "paligemma/cache.py", "self.valid[:, slots] = attention_mask.bool()",
-           "self.valid[:, slots] = True", ("tests/test_generation.py", "tests/test_numerics.py")),
+    Mutant("cache_valid_all", "paligemma/cache.py", "self.valid.index_copy(1, slots, attention_mask.bool())",
+           "self.valid.index_copy(1, slots, torch.ones_like(attention_mask, dtype=torch.bool))", ("tests/test_generation.py", "tests/test_numerics.py")),
     Mutant("greedy_no_pad_after_eos", "paligemma/generation.py", "token = token.masked_fill(done, pad_id)",
            "token = token", ("tests/test_generation.py",)),
     Mutant("top_p_keeps_boundary", "paligemma/generation.py", "drop = cum <= 1 - top_p", "drop = cum < 1 - top_p",

@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-beams", type=POSITIVE, default=1, help="beam width (1 = greedy)")
     p.add_argument("--batch-size", type=POSITIVE, default=8, help="images per forward pass")
     p.add_argument("--quantize", choices=["int8", "int4", "nf4"], help="int8, int4 or NF4 linear weights (quantize.py)")
+    p.add_argument("--compile", action="store_true", help="decode steps under torch.compile (CUDA graphs on CUDA)")
     add_debug(p)
     args = p.parse_args(argv)
     model, processor = load_for_inference(args.model, args.adapter, args.dtype, args.device, args.quantize)
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
                 bad.append(path)
                 print(f"paligemma.caption: {e}", file=sys.stderr)
         texts = caption(model, processor, images, args.prompt, args.batch_size,
-                        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+                        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, compile=args.compile)
         for path, text in zip(paths, texts):
             print(f"{path}\t{one_line(text)}", flush=True)
         bar.update(len(args.images[i:i + args.batch_size]))

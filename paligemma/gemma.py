@@ -8,6 +8,16 @@ Family quirks, each switched by a config field:
   `query_pre_attn_scalar`, tanh soft-capping of attention scores and of the final logits, and
   sliding-window attention on every other layer.
 The output head is tied to `embed_tokens` (the hub files carry no `lm_head`).
+
+float16 (cards without bf16: `--amp fp16`, or float16 weights): Gemma's residual stream can outgrow
+float16's largest value, 65504, in a few "massive" dimensions (vLLM met it with Gemma 3, PR #17364;
+not measured here on PaliGemma's weights, which cannot be downloaded). So with float16 weights the
+residual adds are carried in float32 and each norm, which computes in float32 anyway, hands float16
+back to the next layer; the final soft-cap runs in float32. Under float16 autocast with float32 or bf16
+weights the residual is float32 already (type promotion of x + h). What stays float16: each linear
+layer's output (an attention or MLP branch over 65504 by itself still becomes inf, as Gemma 4's
+down_proj does in unsloth-zoo PR #600; GradScaler then skips the step) and the embedding scale (a
+table entry would need |e| > 1447). float32 and bf16 compute exactly as before.
 Hook points (hookpoint.py) on each layer: `self_attn.hook_{q,k,v,pattern,z}`, `hook_attn_out`,
 `hook_resid_mid`, `hook_mlp_out`, `hook_resid_post`. `hook_attn_out` and `hook_mlp_out` are exactly what
 the attention and the MLP add to the residual stream (after Gemma 2's post-norms), so
@@ -18,11 +28,11 @@ H query heads, K key/value heads, hd head dimension, V vocabulary.
 """
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from .attention import attention
 from .cache import KVCache
+from .checkpointing import checkpoint
 from .config import TextConfig
 from .hookpoint import HookPoint
 
@@ -34,9 +44,10 @@ class GemmaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))  # stored as w, applied as (1 + w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # bf16 squares lose too much precision
+        xf = x.float()  # bf16 squares lose too much precision (float16 ones overflow)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        # float16 weights: the float32 residual GemmaModel carries for them returns to float16 here
+        return (xf * (1.0 + self.weight.float())).to(torch.float16 if self.weight.dtype == torch.float16 else x.dtype)
 
 
 def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -136,10 +147,12 @@ class GemmaModel(nn.Module):
         """x (B, T, D) embeddings; positions (B, T); masks {"full": m, "sliding": m} -> (B, T, D) normed."""
         c = self.config
         cos, sin = rope(positions, c.head_dim, c.rope_theta, x.dtype)
+        if x.dtype == torch.float16:
+            x = x.float()  # the residual stream outgrows float16 (max 65504): carried in float32 (module docstring)
         for layer in self.layers:
             mask = masks["sliding" if layer.sliding else "full"]
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos=cos, sin=sin, mask=mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos=cos, sin=sin, mask=mask, cache=cache, slots=slots)
             else:
                 x = layer(x, cos=cos, sin=sin, mask=mask, cache=cache, slots=slots)
         return self.norm(x)
@@ -162,7 +175,11 @@ class TiedHead(nn.Module):
         return self.cap(F.linear(h, weight))
 
     def cap(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
+        if self.softcap is None:
+            return logits
+        if logits.dtype == torch.float16:  # tanh(l / c) * c would round twice more, by up to 2^-11 x c
+            logits = logits.float()
+        return torch.tanh(logits / self.softcap) * self.softcap
 
 
 class GemmaForCausalLM(nn.Module):

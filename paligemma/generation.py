@@ -2,32 +2,53 @@
 
 One prefill over image + prompt fills the cache; then one token per step. Rows stop at <eos>
 independently; the result holds only the new tokens, `pad_id` after each row's <eos>.
+
+Every one-token step is `decode_step`, eager or compiled (`compile=True`): its shapes never change
+(the mask spans all of the cache's slots), the slot it writes arrives as a tensor, and nothing in it
+reads a value back to the host, so torch.compile traces it once for the whole decode and
+mode="reduce-overhead" replays it as one CUDA graph (gpt-fast's recipe). The loop around it (the
+cache's host count, the stop test) stays in Python.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from .cache import attention_masks
+
+COMPILE_SLOTS = 64  # compile=True sizes the cache in multiples of this (unused slots are masked)
 
 
 @torch.no_grad()
 def generate(model, input_ids, pixel_values, attention_mask=None, token_type_ids=None, max_new_tokens=32,
              do_sample=False, temperature=1.0, top_k=None, top_p=None, num_beams=1, length_penalty=1.0,
-             seed=None, eos_id=None, pad_id=None) -> torch.Tensor:
-    """(B, T) prompt -> (B, <= max_new_tokens) new tokens."""
+             seed=None, eos_id=None, pad_id=None, compile: bool | str = False) -> torch.Tensor:
+    """(B, T) prompt -> (B, <= max_new_tokens) new tokens. compile: run each one-token step under
+    torch.compile (True: mode "reduce-overhead" on CUDA, inductor's default elsewhere; or a mode name);
+    the first call compiles (seconds to minutes), later calls with the same shapes reuse it."""
     eos_id = model.config.eos_token_id if eos_id is None else eos_id
     pad_id = model.config.pad_token_id if pad_id is None else pad_id
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    cache = model.new_cache(B, T + max_new_tokens)
+    if compile and num_beams > 1:
+        raise ValueError("compile=True compiles the greedy / sampling step; beam search reorders the cache at "
+                         "every step: use num_beams=1, or compile=False")
+    slots = T + max_new_tokens
+    if compile:  # the step's shapes include the cache's length: round it up so that other prompts reuse the graph
+        slots = -(-slots // COMPILE_SLOTS) * COMPILE_SLOTS
+    cache = model.new_cache(B, slots)
     # the prefill needs only the last position's logits: (T, 257k) more per row would cost ~10% of the
     # prefill's FLOPs and gigabytes of memory at batch 8
-    h = model.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids, cache=cache)  # (B, T, D)
+    h = model.hidden_states(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                            token_type_ids=token_type_ids, cache=cache)  # (B, T, D)
     logits = model.language_model.logits(h[:, -1])  # (B, V)
     if num_beams > 1:
         if do_sample:
             raise ValueError("beam search with sampling is not supported: choose num_beams=1 or do_sample=False")
         return _beam_search(model, cache, logits, B, num_beams, max_new_tokens, length_penalty, eos_id, pad_id)
+    step = compiled_step(model, compile, logits.device) if compile else decode_step
     gen = torch.Generator(device=logits.device).manual_seed(seed) if seed is not None else None
-    one = torch.ones(B, 1, dtype=torch.long, device=logits.device)  # each new token: real, in the suffix
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=logits.device)
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
     for t in range(max_new_tokens):
@@ -40,8 +61,37 @@ def generate(model, input_ids, pixel_values, attention_mask=None, token_type_ids
         done |= token == eos_id
         if t + 1 == max_new_tokens or bool(done.all()):  # one host sync per step: cheap next to a decoder pass
             return out[:, :t + 1]
-        logits = model(token[:, None], None, one, one, cache=cache)[:, -1]
+        logits = step(model, cache, token, cache.reserve(1))
     return out
+
+
+def decode_step(model, cache, token: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) after one new token per row, token (B,), written at cache slot `slot` ((1,) long,
+    taken with cache.reserve(1)). The same as model(token[:, None], attention_mask=1, token_type_ids=1,
+    cache=cache)[:, -1] (each new token is real and in the suffix), with the slot given as a tensor:
+    the function torch.compile sees reads no host int, so one graph serves every position."""
+    real = torch.ones_like(token)[:, None]  # (B, 1)
+    x = model.hook_embed(model.embed(token[:, None], None))  # (B, 1, D)
+    _, positions = cache.append(real, torch.zeros_like(real, dtype=torch.bool), slot)
+    masks = attention_masks(slot, 1, cache.valid, cache.prefix, model.config.text.sliding_window)
+    h = model.language_model.model(x, positions, masks, cache, slot)  # (B, 1, D)
+    return model.language_model.logits(h[:, -1])
+
+
+def compiled_step(model, mode: bool | str, device: torch.device):
+    """decode_step under torch.compile, whole (fullgraph: a graph break would be an error, not a slow path)."""
+    from .packing import PackedHead, PackedLinear
+    if any(isinstance(m, (PackedLinear, PackedHead)) for m in model.modules()):
+        raise ValueError("compile=True needs plain linear layers; these are packed for CPU inference (inference=True "
+                         "or packing.pack), which inductor cannot compile: load without inference=True")
+    if mode is True:
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return _compiled(mode)
+
+
+@functools.cache
+def _compiled(mode: str):
+    return torch.compile(decode_step, mode=mode, fullgraph=True)
 
 
 def _sample(logits, temperature, top_k, top_p, gen):
@@ -75,7 +125,6 @@ def _beam_search(model, cache, logits, B, n_beams, max_new_tokens, length_penalt
     fin_scores = torch.full((B, n_beams), -1e9, device=dev)  # (B, n_beams) their length-normalised scores
     fin_full = torch.zeros(B, n_beams, dtype=torch.bool, device=dev)  # (B, n_beams) pool slot holds a real hypothesis
     open_rows = torch.ones(B, 1, dtype=torch.bool, device=dev)  # rows whose pool can still improve
-    one = torch.ones(B * n_beams, 1, dtype=torch.long, device=dev)
     top_half = torch.arange(2 * n_beams, device=dev) < n_beams  # only the n_beams best candidates may finish
     rows = torch.arange(B, device=dev)[:, None]
     for t in range(max_new_tokens):
@@ -102,7 +151,7 @@ def _beam_search(model, cache, logits, B, n_beams, max_new_tokens, length_penalt
         if not bool(open_rows.any()) or bool(stops.all()):
             break
         cache.reorder((src + rows * n_beams).view(-1))
-        logits = model(running[..., t].reshape(-1, 1), None, one, one, cache=cache)[:, -1]
+        logits = decode_step(model, cache, running[..., t].reshape(-1), cache.reserve(1))
     best = finished[:, 0]  # (B, L), pool sorted best first
     length = int(((best == eos_id).cumsum(-1) == 0).sum(-1).add(1).clamp(max=t + 1).max())
     return best[:, :length]

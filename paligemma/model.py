@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, attention_masks, position_ids
 from .config import IGNORE, PaliGemmaConfig
 from .gemma import GemmaForCausalLM, GemmaRMSNorm
 from .hookpoint import HookPoint
@@ -144,19 +144,15 @@ class PaliGemma(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        B, T = attention_mask.shape
-        real = attention_mask.bool()
-        prefix = real if token_type_ids is None else (token_type_ids == 0) & real
-        start, seen, valid, is_prefix = 0, 0, real, prefix
-        if cache is not None:  # the slots filled so far, then these T tokens
-            start, seen = cache.length, cache.seen[:, None]
-            if start + T > cache.max_len:
-                raise ValueError(f"KV cache holds {cache.max_len} tokens; {start} used, {T} more requested")
-            valid, is_prefix = cache.valid.clone(), cache.prefix.clone()
-            valid[:, start:start + T], is_prefix[:, start:start + T] = real, prefix
-        # 1-based count of real tokens so far: padding does not shift positions
-        position_ids = (seen + attention_mask.long().cumsum(-1)).clamp(min=1)
-        return position_ids, attention_masks(start, T, valid, is_prefix, self.config.text.sliding_window)
+        T = attention_mask.shape[1]
+        real, prefix = attention_mask.bool(), prefix_flags(attention_mask, token_type_ids)
+        if cache is None:
+            slots = torch.arange(T, device=real.device)
+            positions, valid, is_prefix = position_ids(attention_mask), real, prefix
+        else:  # the slots filled so far, then these T tokens
+            slots = cache.next_slots(T)
+            positions, valid, is_prefix = cache.preview(attention_mask, prefix, slots)
+        return positions, attention_masks(slots, T, valid, is_prefix, self.config.text.sliding_window)
 
     def hidden_states(self, input_ids=None, pixel_values=None, attention_mask=None, token_type_ids=None,
                       position_ids=None, cache: KVCache | None = None, inputs_embeds=None) -> torch.Tensor:
@@ -176,12 +172,12 @@ class PaliGemma(nn.Module):
         x = self.hook_embed(x)  # (B, T, D)
         if attention_mask is None:
             attention_mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
-        positions, masks = self.attention_inputs(None, attention_mask, token_type_ids, cache)
-        slots = None
-        if cache is not None:
-            real = attention_mask.bool()
-            slots = cache.append_mask(attention_mask, real if token_type_ids is None else (token_type_ids == 0) & real)
-            cache.seen += attention_mask.long().sum(-1)
+        if cache is None:
+            positions, masks = self.attention_inputs(None, attention_mask, token_type_ids)
+            slots = None
+        else:  # the cache records the T tokens, then the masks span all of its slots
+            slots, positions = cache.append(attention_mask, prefix_flags(attention_mask, token_type_ids))
+            masks = attention_masks(slots, x.shape[1], cache.valid, cache.prefix, self.config.text.sliding_window)
         return self.language_model.model(x, positions if position_ids is None else position_ids, masks, cache, slots)
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, token_type_ids=None,
@@ -216,22 +212,7 @@ class PaliGemma(nn.Module):
                        self.dtype, self.device)
 
 
-def attention_masks(start: int, T: int, valid: torch.Tensor, prefix: torch.Tensor, window: int | None) -> dict:
-    """Boolean masks (B, 1, T, S), True = may attend, for queries at slots start..start+T-1.
-
-    valid (B, S): slot holds a real token; prefix (B, S): slot is in the bidirectional prefix.
-    A query may see key j when j is a real token and either j <= i (within `window` on sliding
-    layers) or both lie in the prefix. Every query also sees itself, so that padding rows are never
-    empty (an empty softmax row gives NaN, and NaN * 0 still poisons the real rows).
-    """
-    S = valid.shape[1]
-    q = torch.arange(start, start + T, device=valid.device)[:, None]  # (T, 1)
-    k = torch.arange(S, device=valid.device)[None, :]  # (1, S)
-    both_prefix = prefix[:, start:start + T, None] & prefix[:, None, :]  # (B, T, S)
-
-    def mask(causal):
-        return (((causal[None] | both_prefix) & valid[:, None, :]) | (k == q)[None])[:, None]
-
-    masks = {"full": mask(k <= q)}
-    masks["sliding"] = mask((k <= q) & (k > q - window)) if window is not None else masks["full"]
-    return masks
+def prefix_flags(attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) bool: real tokens of the bidirectional prefix (token type 0; all of them without types)."""
+    real = attention_mask.bool()
+    return real if token_type_ids is None else (token_type_ids == 0) & real

@@ -9,11 +9,11 @@ H heads, hd = D / H head dimension. Hook points (hookpoint.py) on each layer: `s
 `hook_resid_post`.
 """
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .checkpointing import checkpoint
 from .config import VisionConfig
 from .hookpoint import HookPoint
 
@@ -106,8 +106,3 @@ class SiglipVisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision_model(pixel_values)
-
-
-def checkpoint(fn, *args):
-    # non-reentrant: works with frozen inputs and lets every LoRA weight inside `fn` get its gradient
-    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)

@@ -14,7 +14,7 @@ LAYERS = [
     ["paligemma.config", "paligemma.atomic", "paligemma.hookpoint", "paligemma.safetensors_io",
      "paligemma.tokenizer"],
     # the model's parts
-    ["paligemma.attention", "paligemma.cache"],
+    ["paligemma.attention", "paligemma.cache", "paligemma.checkpointing"],
     ["paligemma.siglip", "paligemma.gemma"],
     # mechanisms that work on a built model (duck-typed: they never import model.py)
     ["paligemma.dequantize", "paligemma.int4", "paligemma.packing", "paligemma.quantize", "paligemma.generation"],
@@ -30,7 +30,8 @@ LAYERS = [
     # the fine-tuning application
     ["paligemma.captioning", "paligemma.captioning.wordnet", "paligemma.captioning.metrics",
      "paligemma.captioning.data", "paligemma.captioning.distributed", "paligemma.captioning.curves",
-     "paligemma.captioning.synthetic", "paligemma.captioning.results", "paligemma.captioning.training",
+     "paligemma.captioning.synthetic", "paligemma.captioning.results", "paligemma.captioning.precision",
+     "paligemma.captioning.training",
      "paligemma.captioning.validation"],
 ]
 LORA = ["lora.layer", "lora.inject", "lora.peft_format", "lora"]

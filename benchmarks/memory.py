@@ -1,0 +1,275 @@
+"""Peak memory of a training step for each recipe of the README's table, measured, not estimated.
+
+    python benchmarks/memory.py --method fake --out FILE.json                      # every row: 3B, all layers
+    python benchmarks/memory.py --method fake real --text-layers 2 --vision-layers 2 --rows lora-all  # cross-check
+    python benchmarks/memory.py --method real --device cuda --out FILE.json       # on a GPU (gpu.sh)
+
+The step is train.py's: frozen weights in bf16 (`--dtype bfloat16`), what trains in float32 with
+AdamW (its two moments), bf16 autocast, micro-batch 8 at 224 px (256 image tokens + 30 text tokens,
+26 of them labels), two optimizer steps (the second holds the optimizer state; the peak is the
+larger). The model is built on the meta device with train.py's own functions (make_trainable, the
+quantizers, LoRA injection), then given storage:
+
+- fake: every tensor a FakeTensor (shape, dtype and device, no storage, no arithmetic) and the step
+  traced under torch.distributed._tools.mem_tracker.MemTracker, which adds up the bytes of the live
+  tensors as they come and go: parameters, buffers, gradients, optimizer states, activations saved
+  for backward, temporaries. Seconds per row, no memory, at full size. On the CPU-only torch the
+  trace runs on device "cpu": fake CUDA tensors get through the forward (with a patched autocast)
+  but autograd's engine needs CUDA's device guard for their backward, which this build lacks. Under
+  fake tensors no value exists, so two data-dependent lines of `PaliGemma.loss` are replaced by their
+  shape equivalents (`fake_loss`: the image features concatenated before the text instead of
+  scattered into `<image>` slots, and the label positions sliced instead of boolean-indexed; same
+  tensors, same sizes; tests/test_memory.py checks it gives model.loss's value).
+- real: the same step on real tensors. CPU: the process's peak resident memory (the kernel's
+  high-water mark VmHWM, reset before the step) minus its resident memory before the model was
+  built; CUDA: torch.cuda.max_memory_allocated (tensors only: the CUDA context, about 0.5 GB, and the
+  allocator's cached free blocks are not in it, see max_memory_reserved).
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from checkpoint import hub_config  # noqa: E402
+
+RECIPES = {  # the README's recipes table, in its order
+    "lora-decoder": dict(lora="decoder"),
+    "lora-all": dict(lora="all"),
+    "lora-decoder+projector": dict(lora="decoder", train_modules=["multi_modal_projector"]),
+    "full": dict(full=True),
+    "qlora-nf4-decoder": dict(lora="decoder", quantize="nf4"),
+    "qlora-int8-decoder": dict(lora="decoder", quantize="int8"),
+    "qlora-nf4-all": dict(lora="all", quantize="nf4"),
+}
+BATCH, PROMPT, CAPTION = 8, 4, 26  # <bos> "caption en" "\n" + a caption of 25 tokens and <eos>
+
+
+def build(config: dict, recipe: dict, checkpointing: bool):
+    """The model train.py trains for `recipe`, on the meta device (no storage yet)."""
+    from paligemma import PaliGemma, PaliGemmaConfig
+    from paligemma.captioning.training import make_trainable
+    from paligemma.quantize import quantize
+    with torch.device("meta"):
+        model = PaliGemma(PaliGemmaConfig.from_dict(config))
+    model.to(torch.bfloat16).requires_grad_(False)  # from_pretrained(..., dtype=bfloat16)
+    if recipe.get("quantize"):
+        quantize(model, recipe["quantize"])
+    args = SimpleNamespace(lora=recipe.get("lora", "all"), lora_r=8, lora_alpha=16, lora_dropout=0.0, rslora=False,
+                           train_modules=recipe.get("train_modules", []))
+    make_trainable(model, recipe.get("full", False), args)
+    model.set_gradient_checkpointing(checkpointing)
+    return model.train()
+
+
+def materialise(model: nn.Module, device: str, fill: bool):
+    """Storage for every meta tensor: torch.empty (a FakeTensor under FakeTensorMode), then, for a real
+    step, small random values (float) or zeros (codes, indices: valid everywhere). LoRA's B starts at 0."""
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for k, t in store.items():
+                if t is None:
+                    continue
+                new = torch.empty(t.shape, dtype=t.dtype, device=device)
+                if fill:
+                    new.normal_(0, 0.02) if new.is_floating_point() else new.zero_()
+                store[k] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    if fill:
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B.weight"):
+                p.data.zero_()
+    return model
+
+
+def batch(config: dict, device: str) -> dict:
+    """(B, T) ids in PaliGemma's layout: 256 <image>, <bos> + prompt, caption (+ <eos>) as labels."""
+    size = config["vision_config"].get("image_size", 224)
+    n_img = (size // config["vision_config"]["patch_size"]) ** 2
+    text = torch.full((BATCH, PROMPT + CAPTION), 5, device=device)
+    ids = torch.cat([torch.full((BATCH, n_img), config["image_token_index"], device=device), text], 1)
+    types = torch.zeros_like(ids)
+    types[:, -CAPTION:] = 1
+    labels = torch.where(types.bool(), ids, torch.full_like(ids, -100))
+    return dict(input_ids=ids, pixel_values=torch.zeros(BATCH, 3, size, size, device=device),
+                attention_mask=torch.ones_like(ids), token_type_ids=types, labels=labels)
+
+
+def fake_loss(model, input_ids, pixel_values, attention_mask, token_type_ids, labels) -> torch.Tensor:
+    """model.loss for the batch above without reading a value: its <image> tokens come first and its
+    labels are the last CAPTION positions, so the merge is a concatenation and the label selection a
+    slice (the same tensors and sizes as masked_scatter and boolean indexing)."""
+    n_img = model.config.num_image_tokens
+    text = model.language_model.model.embed(input_ids[:, n_img:])  # (B, T - N, D)
+    x = torch.cat([model.image_features(pixel_values).to(text.dtype), text], 1)
+    h = model.hidden_states(inputs_embeds=x, attention_mask=attention_mask, token_type_ids=token_type_ids)
+    D = h.shape[-1]
+    logits = model.language_model.logits(h[:, -CAPTION - 1:-1].reshape(-1, D)).float()  # (B * CAPTION, V)
+    return F.cross_entropy(logits, labels[:, -CAPTION:].reshape(-1))
+
+
+@contextlib.contextmanager
+def unheard():
+    """MemTracker listens to every module through global hooks, which would make every HookPoint
+    `listened` and the attention spell out its probabilities for them: a training step never does."""
+    from paligemma.hookpoint import HookPoint
+    listened = HookPoint.listened
+    HookPoint.listened = property(lambda self: False)
+    try:
+        yield
+    finally:
+        HookPoint.listened = listened
+
+
+def steps(model, data: dict, device: str, fake: bool, n: int = 2, optimizer=None):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optimizer or torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), fused=device.startswith("cuda"))
+    loss_fn = (lambda **b: fake_loss(model, **b)) if fake else model.loss
+    for _ in range(n):
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+            loss = loss_fn(**data)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return optimizer, sum(p.numel() for p in params)
+
+
+class _NoHook:
+    def remove(self):
+        pass
+
+
+def measure_fake(config: dict, recipe: dict, checkpointing: bool) -> dict:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    model = build(config, recipe, checkpointing)
+    with FakeTensorMode():
+        materialise(model, "cpu", fill=False)
+        data = batch(config, "cpu")
+        tracker = MemTracker()
+        for p in model.parameters():  # MemTracker hooks every parameter's gradient; frozen ones cannot take a hook
+            if not p.requires_grad:
+                tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+        optimizer, trainable = steps(model, data, "cpu", fake=True, n=1)  # creates the optimizer state
+        tracker.track_external(model, optimizer)
+        with tracker, unheard():  # the second step, whose peak holds the optimizer state too
+            steps(model, data, "cpu", fake=True, n=1, optimizer=optimizer)
+        peak = tracker.get_tracker_snapshot("peak")
+    per_kind = {k: v for k, v in next(iter(peak.values())).items()}
+    return dict(peak_bytes=per_kind.pop("Total"), by_kind=per_kind, trainable=trainable)
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def high_water_mark() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
+
+
+def measure_real(config: dict, recipe: dict, checkpointing: bool, device: str) -> dict:
+    cuda = device.startswith("cuda")
+    base = torch.cuda.memory_allocated() if cuda else rss()
+    model = materialise(build(config, recipe, checkpointing), device, fill=True)
+    data = batch(config, device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    t0 = time.perf_counter()
+    _, trainable = steps(model, data, device, fake=False)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / 2
+    out = dict(trainable=trainable, seconds_per_step=seconds)
+    if cuda:
+        out.update(peak_bytes=torch.cuda.max_memory_allocated() - base,
+                   reserved_bytes=torch.cuda.max_memory_reserved())
+    else:
+        out.update(peak_bytes=high_water_mark() - base)
+    return out
+
+
+def one(args) -> dict:
+    config = hub_config("small" if args.small else "3b", args.text_layers, args.vision_layers)
+    recipe, checkpointing = RECIPES[args.one[0]], args.one[1] == "ckpt"
+    torch.set_num_threads(args.threads)
+    if args.one[2] == "fake":
+        return measure_fake(config, recipe, checkpointing)
+    return measure_real(config, recipe, checkpointing, args.device)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", nargs="+", choices=["fake", "real"], default=["fake"])
+    p.add_argument("--device", default="cpu", help="for --method real")
+    p.add_argument("--rows", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    p.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
+    p.add_argument("--text-layers", type=int, help="default: the hub config's (all)")
+    p.add_argument("--vision-layers", type=int)
+    p.add_argument("--small", action="store_true", help="the small shape of checkpoint.py (for a quick run)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", help="write the results (JSON) here, row by row as they are measured")
+    p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one(args)))
+        return
+    import subprocess
+    results = dict(device=args.device, torch=torch.__version__, text_layers=args.text_layers,
+                   vision_layers=args.vision_layers, small=args.small, batch=BATCH, rows=[])
+    for row in args.rows:
+        for ckpt in args.checkpointing:
+            for method in args.method:
+                cmd = [sys.executable, __file__, "--one", row, "ckpt" if ckpt == "on" else "plain", method,
+                       "--device", args.device, "--threads", str(args.threads)]
+                cmd += ["--text-layers", str(args.text_layers)] if args.text_layers else []
+                cmd += ["--vision-layers", str(args.vision_layers)] if args.vision_layers else []
+                cmd += ["--small"] if args.small else []
+                t0 = time.time()
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)  # a fresh process per line
+                if proc.returncode:
+                    r = dict(error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+                else:
+                    r = json.loads(proc.stdout.strip().splitlines()[-1])
+                r.update(row=row, checkpointing=ckpt == "on", method=method, wall_s=time.time() - t0)
+                results["rows"].append(r)
+                print(json.dumps(r), flush=True)
+                if args.out:
+                    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    by = {(r["row"], r["checkpointing"], r["method"]): r for r in results["rows"]}
+    methods = sorted({r["method"] for r in results["rows"]})
+    lines = ["| recipe | trainable | " + " | ".join(f"{m}, {c}" for c in ("without ckpt", "with ckpt") for m in methods)
+             + " |", "|---|---:|" + "---:|" * (2 * len(methods))]
+    for row in dict.fromkeys(r["row"] for r in results["rows"]):
+        cells, trainable = [], None
+        for c in (False, True):
+            for m in methods:
+                r = by.get((row, c, m), {})
+                trainable = trainable or r.get("trainable")
+                cells.append(f"{r['peak_bytes'] / 1e9:.2f} GB" if "peak_bytes" in r else r.get("error", "-")[:40])
+        lines.append(f"| {row} | {trainable / 1e6:.1f} M | " if trainable else f"| {row} | - | ")
+        lines[-1] += " | ".join(cells) + " |"
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
