@@ -33,9 +33,10 @@ def test_box_at_the_image_edge(blocky):
 
 
 def test_half_masks_land_in_their_half(blocky):
-    """Box x 10..50, y 20..40 of a 100 x 100 image (tokens 103/512 -> int(10.07), int(50.05); 205/410 ->
-    int(20.04), int(40.08)): the top-half codes fill rows 20..29, the left-half codes columns 10..29."""
-    top, left = parse_segmentations(f"{loc(205, 103, 410, 512)}{TOP} ; {loc(205, 103, 410, 512)}{LEFT} b", 100, 100,
+    """Box tokens x 108..517, y 210..415 of a 100 x 100 image: int(10.56) = 10 .. int(50.54) = 50 and
+    int(20.53) = 20 .. int(40.57) = 40 (truncated, as the evaluator's int(); rounding would shift every
+    edge by one). The top-half codes fill rows 20..29, the left-half codes columns 10..29."""
+    top, left = parse_segmentations(f"{loc(210, 108, 415, 517)}{TOP} ; {loc(210, 108, 415, 517)}{LEFT} b", 100, 100,
                                     blocky)
     want = np.zeros((100, 100), bool)
     want[20:30, 10:50] = True
@@ -47,15 +48,43 @@ def test_half_masks_land_in_their_half(blocky):
 
 
 def test_box_one_pixel_wide(blocky):
-    """x tokens 103 and 113 of 100 px: int(10.07) = 10, int(11.05) = 11, one column; the top-half codes
+    """x tokens 108 and 118 of 100 px: int(10.56) = 10, int(11.53) = 11, one column; the top-half codes
     resized to 1 x 40 (y 0..40 of 40 px) keep rows 0..19. Tokens 101 and 102 (9.87, 9.97) truncate to no
     pixel: the object stays, with an empty mask, as big_vision's evaluator keeps it (scored invalid)."""
-    one, none = parse_segmentations(f"{loc(0, 103, 1023, 113)}{TOP} pole;{loc(0, 101, 1023, 102)}{FULL} hair", 100,
+    one, none = parse_segmentations(f"{loc(0, 108, 1023, 118)}{TOP} pole;{loc(0, 101, 1023, 102)}{FULL} hair", 100,
                                     40, blocky)
     want = np.zeros((40, 100), bool)
     want[:20, 10] = True
     np.testing.assert_array_equal(one.mask, want)
     assert none.label == "hair" and not none.mask.any() and none.box[2] > none.box[0]
+
+
+def test_resize_is_bilinear(blocky):
+    """Blocks 0, 1, 4 on (an L in the top-left quadrant), into a 2 x 2 pixel box (tokens 108..128: int(10.56)
+    .. int(12.51)). PIL's bilinear filter, shrinking 32x, weighs the source pixels under target pixel (0, 0)
+    by a tent 1 - |x - 16| / 32 on each axis, normalised: by hand w @ mask64 @ w = +0.10, so that pixel is on
+    and the other three (-0.88, -0.88, -1) off; nearest-neighbour would read source (16, 16), block 5, off."""
+    codes = "".join(f"<seg00{int(i in (0, 1, 4))}>" for i in range(16))
+    (s,) = parse_segmentations(loc(108, 108, 128, 128) + codes, 100, 100, blocky)
+    x = np.arange(64) + 0.5
+    w = np.clip(1 - np.abs(x - 16) / 32, 0, None)
+    w /= w.sum()
+    m64 = blocky(torch.tensor([[int(i in (0, 1, 4)) for i in range(16)]]))[0].numpy()
+    assert w @ m64 @ w == pytest.approx(0.102, abs=1e-3)
+    want = np.zeros((100, 100), bool)
+    want[10, 10] = True
+    np.testing.assert_array_equal(s.mask, want)
+
+
+def test_threshold_is_strict(tmp_path):
+    """The evaluator keeps pixels > 0: a decoder whose code 0 gives exactly 0.0 everywhere (the blocky one
+    without its -1 bias) places an empty mask, code 1 (2.0) a full one."""
+    arrays = dict(np.load(blocky_vae(tmp_path / "blocky.npz")))
+    np.savez(tmp_path / "zero.npz", **{**arrays, "decoder.12.bias": np.zeros(1, np.float32)})
+    zero = MaskDecoder.from_npz(tmp_path / "zero.npz")
+    assert (zero(torch.zeros(1, 16, dtype=torch.long)) == 0).all()
+    off, on = parse_segmentations(f"{loc(0, 0, 1023, 1023)}{'<seg000>' * 16};{loc(0, 0, 1023, 1023)}{FULL}", 7, 5, zero)
+    assert not off.mask.any() and on.mask.all()
 
 
 def test_malformed_pieces_are_dropped_and_counted(blocky):
