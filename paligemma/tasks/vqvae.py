@@ -191,8 +191,10 @@ def read_npz(path: str | Path, part: str) -> dict[str, np.ndarray]:
         need = _keys(part)
         missing = [k for k in need if k not in npz.files]
         if missing:
+            has = sorted(npz.files)
             raise CheckpointError(f"{path}: not the mask VQ-VAE's {part} ({SOURCE}): {len(missing)} of its "
-                                  f"{len(need)} keys missing, e.g. {missing[:3]}; the file has {sorted(npz.files)[:5]}...")
+                                  f"{len(need)} keys missing, e.g. {missing[:3]}; it holds {has[:5]}"
+                                  f"{f' and {len(has) - 5} more' if len(has) > 5 else ''}")
         arrays = {}
         for k in need:
             try:

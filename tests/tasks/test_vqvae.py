@@ -119,7 +119,7 @@ def test_bad_files_are_named(tmp_path, vae):
     other = tmp_path / "other.npz"
     np.savez(other, weight=np.zeros(3))
     with pytest.raises(CheckpointError, match=r"other.npz: not the mask VQ-VAE's decoder .* 25 of its 25 keys "
-                                              r"missing, e.g. \['_vq_vae._embedding'.*the file has \['weight'\]"):
+                                              r"missing, e.g. \['_vq_vae._embedding'.*it holds \['weight'\]"):
         MaskDecoder.from_npz(other)
 
     arrays = dict(np.load(vae))
