@@ -16,6 +16,7 @@ import io
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,10 +93,11 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
         raise DataError(f"{path}: no 'image' column (columns: {reader.fieldnames})")
     if not any(c.startswith("caption") for c in reader.fieldnames):
         raise DataError(f"{path}: no caption column (expected caption_1 ... or caption); columns: {reader.fieldnames}")
-    rows, line = [], 1
-    for row in reader:
-        rows.append((line + 1, row))
-        line = reader.line_num  # a quoted caption may span lines
+    rows = []
+    for row in reader:  # the row's first line: its last, less the line breaks inside quoted fields (the reader
+        # skips blank lines, so counting from the previous row's end would name a blank line)
+        fields = [x for v in row.values() for x in (v if isinstance(v, list) else [v]) if x]
+        rows.append((reader.line_num - sum(len(re.findall(r"\r\n|\r|\n", x)) for x in fields), row))
     return rows
 
 
