@@ -66,3 +66,16 @@ def test_next_swap_after_a_kill_keeps_the_newest(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")) == ["checkpoint"]
         (tmp / "newer.txt").write_text("newer")
     assert [p.name for p in folder.iterdir()] == ["newer.txt"]
+
+
+# --- issue #28: a completed swap leaves nothing beside the folder ---
+
+def test_completed_swaps_leave_no_old_new_or_temp_folder(tmp_path):
+    """Without any recover() call after it, each completed swap leaves only the folder itself: the
+    replaced copy (.NAME.old) is deleted by the swap, not left for the next one to clean."""
+    folder = tmp_path / "best"
+    for generation in ("1", "2", "3"):
+        with atomic_dir(folder) as tmp:
+            (tmp / "step.json").write_text(generation)
+        assert [p.name for p in tmp_path.iterdir()] == ["best"]
+        assert [p.name for p in folder.iterdir()] == ["step.json"] and (folder / "step.json").read_text() == generation
