@@ -171,16 +171,23 @@ def test_a_layer_packs_itself_on_exactly_its_after_th_multi_row_call(after):
     assert layer.plain is None and torch.equal(layer.weight, w)
 
 
-def test_head_packs_its_copy_on_exactly_its_after_th_multi_row_call():
+def test_head_packs_its_copy_on_exactly_its_after_th_multi_row_call_and_always_soft_caps():
+    """PaliGemma 2's head: tanh(h E^T / c) c on every path (one row through torch.mv, rented multi-row
+    calls, packed), the copy made on the after-th multi-row call."""
     from paligemma.gemma import TiedHead
     from paligemma.packing import PackedHead
-    table = rows(40, seed=3)
-    head = PackedHead(TiedHead(softcap=None), table, after=2).eval()
+    table, c = rows(40, seed=3), 0.7
+
+    def want(h):
+        return torch.tanh(F.linear(h, table) / c) * c
+    head = PackedHead(TiedHead(softcap=c), table, after=2).eval()
     with torch.no_grad():
-        assert torch.equal(head(rows(1), table), F.linear(rows(1), table)) and head.packed is None
-        assert torch.equal(head(rows(2), table), F.linear(rows(2), table)) and head.packed is None
+        assert torch.equal(head(rows(1), table), want(rows(1))) and head.packed is None
+        assert torch.equal(head(rows(2), table), want(rows(2))) and head.packed is None
         x = rows(2, seed=4)
-        assert torch.equal(head(x, table), F.linear(x, table)) and head.packed is not None
+        assert torch.equal(head(x, table), want(x)) and head.packed is not None
+        assert torch.equal(head(rows(1, seed=5), table), want(rows(1, seed=5)))
+        assert torch.equal(head(rows(3, seed=6), table), want(rows(3, seed=6)))
 
 
 @pytest.mark.parametrize("shape", [(1, 24), (1, 1, 24), (24,)])
