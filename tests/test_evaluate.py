@@ -309,3 +309,16 @@ def test_an_existing_empty_output_folder_is_used(tiny_run, tmp_path):
     (tmp_path / "e").mkdir()
     evaluate.main(["--predictions", str(tmp_path / "p.jsonl"), "--data", data, "--split", "val", "--out", str(tmp_path / "e")])
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["metrics.json", "predictions.csv", "predictions.jsonl"]
+
+
+def test_prediction_csv_lines_are_counted_across_quoted_newlines(tiny_run, tmp_path):
+    """A prediction over two lines (a model may emit a newline; predictions.csv quotes it): the next
+    rows' errors still name the line they start on. Hand-counted: 1 header, 2-3 first image, 4 second,
+    5 blank, 6 the first image again."""
+    _, data = tiny_run
+    examples, _ = load_examples(data, "val")
+    a, b = examples[0].image.name, examples[1].image.name
+    (tmp_path / "p.csv").write_text(f'image,prediction\n{a},"a lake\nand a road"\n{b},a field\n\n{a},again\n')
+    with pytest.raises(DataError, match=rf"p.csv:6: a second prediction for {a} \(the first is on line 2\)"):
+        evaluate.main(["--predictions", str(tmp_path / "p.csv"), "--data", data, "--split", "val",
+                       "--out", str(tmp_path / "e")])

@@ -93,9 +93,14 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
         raise DataError(f"{path}: no 'image' column (columns: {reader.fieldnames})")
     if not any(c.startswith("caption") for c in reader.fieldnames):
         raise DataError(f"{path}: no caption column (expected caption_1 ... or caption); columns: {reader.fieldnames}")
+    return csv_rows(reader)
+
+
+def csv_rows(reader: csv.DictReader) -> list[tuple[int, dict]]:
+    """(the line each row starts on, row). The row's last line, less the line breaks inside its quoted
+    fields: the reader skips blank lines, so counting on from the previous row would be off."""
     rows = []
-    for row in reader:  # the row's first line: its last, less the line breaks inside quoted fields (the reader
-        # skips blank lines, so counting from the previous row's end would name a blank line)
+    for row in reader:
         fields = [x for v in row.values() for x in (v if isinstance(v, list) else [v]) if x]
         rows.append((reader.line_num - sum(len(re.findall(r"\r\n|\r|\n", x)) for x in fields), row))
     return rows
