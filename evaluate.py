@@ -28,7 +28,7 @@ from paligemma.caption import caption, one_line
 from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, load_for_inference, number, run
 from paligemma.captioning import results as store
 from paligemma.captioning import wordnet
-from paligemma.captioning.data import DataError, fingerprint, load_examples, read_jsonl, read_text
+from paligemma.captioning.data import DataError, csv_rows, fingerprint, load_examples, read_jsonl, read_text
 from paligemma.captioning.metrics import health, score_all
 
 
@@ -102,7 +102,7 @@ def read_predictions(path, examples) -> list[str]:
     if path.suffix == ".jsonl":
         rows = read_jsonl(path, text)
     else:
-        rows = list(enumerate(csv.DictReader(io.StringIO(text, newline="")), 2))
+        rows = csv_rows(csv.DictReader(io.StringIO(text, newline="")))
     preds, lines = {}, {}
     for i, r in rows:
         if not isinstance(r, dict) or "image" not in r or "prediction" not in r:

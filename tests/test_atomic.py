@@ -209,3 +209,16 @@ def test_without_flock_a_dead_pid_is_stale_and_a_live_one_is_not(tmp_path, monke
     (folder / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "command": "x"}))
     with pytest.raises(FolderLocked, match=rf"in use by x \(pid {os.getppid()}"):
         lock_folder(folder)
+
+
+# --- issue #28: a completed swap leaves nothing beside the folder ---
+
+def test_completed_swaps_leave_no_old_new_or_temp_folder(tmp_path):
+    """Without any recover() call after it, each completed swap leaves only the folder itself: the
+    replaced copy (.NAME.old) is deleted by the swap, not left for the next one to clean."""
+    folder = tmp_path / "best"
+    for generation in ("1", "2", "3"):
+        with atomic_dir(folder) as tmp:
+            (tmp / "step.json").write_text(generation)
+        assert [p.name for p in tmp_path.iterdir()] == ["best"]
+        assert [p.name for p in folder.iterdir()] == ["step.json"] and (folder / "step.json").read_text() == generation

@@ -310,3 +310,68 @@ def test_attn_out_is_what_the_attention_adds(pair):
         assert_close(got[real], seen[l][real], rtol=1e-5, atol=1e-5)
         before = cache["hook_embed"] if l == 0 else cache[LAYER.format(l - 1) + "hook_resid_post"]
         assert torch.equal(cache[LAYER.format(l) + "hook_resid_mid"], before + got)
+
+
+# --- issue #28: hooks the fast path must honour (global hooks, pre-hooks, a replaced forward) ---
+
+def test_global_hooks_see_every_hook_point(pair):
+    """torch's global forward hooks and pre-hooks (register_module_forward_hook: what tracing and
+    profiling tools install) reach every hook point, with the values run_with_cache records, patterns
+    included; a global hook that returns a tensor replaces the value, as probe.hooks does."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+    from paligemma.hookpoint import HookPoint
+    ours, _ = pair
+    inputs = padded("left")
+    names = {m: n for n, m in ours.named_modules() if isinstance(m, HookPoint)}
+    _, cache = probe.run_with_cache(ours, **inputs)
+    seen, before = {}, {}
+    handles = [register_module_forward_hook(lambda m, args, out: seen.__setitem__(names[m], out) if m in names else None),
+               register_module_forward_pre_hook(lambda m, args: before.__setitem__(names[m], args[0]) if m in names else None)]
+    try:
+        with torch.no_grad():
+            ours(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(seen) == set(before) == set(names.values())
+    for n in names.values():
+        assert torch.equal(seen[n], cache[n]) and torch.equal(before[n], cache[n]), n
+    z = ours.get_submodule(LAYER.format(1) + "self_attn.hook_z")
+    handle = register_module_forward_hook(lambda m, args, out: torch.zeros_like(out) if m is z else None)
+    try:
+        with torch.no_grad():
+            got = ours(**inputs)
+    finally:
+        handle.remove()
+    with torch.no_grad(), probe.hooks(ours, {LAYER.format(1) + "self_attn.hook_z": lambda x, n: torch.zeros_like(x)}):
+        want = ours(**inputs)
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        assert not torch.allclose(ours(**inputs), want, atol=1e-3)
+
+
+def test_a_replaced_forward_or_a_pre_hook_on_a_hook_point_is_used(pair):
+    """hook_point.forward = f (monkey-patching, as some tools do) and a forward pre-hook that returns
+    a new input both change the output, exactly as the same edit through probe.hooks; a replaced
+    pattern's forward makes the attention spell out its probabilities (the fused kernel cannot)."""
+    ours, _ = pair
+    inputs = padded("left")
+    name = LAYER.format(1) + "self_attn."
+    z, pattern = ours.get_submodule(name + "hook_z"), ours.get_submodule(name + "hook_pattern")
+    with torch.no_grad():
+        plain = ours(**inputs)
+        with probe.hooks(ours, {name + "hook_z": lambda x, n: torch.zeros_like(x)}):
+            zeroed = ours(**inputs)
+        for module in (z, pattern):
+            module.forward = torch.zeros_like
+            try:
+                assert torch.equal(ours(**inputs), zeroed)
+            finally:
+                del module.forward
+        handle = z.register_forward_pre_hook(lambda m, args: (torch.zeros_like(args[0]),))
+        try:
+            assert torch.equal(ours(**inputs), zeroed)
+        finally:
+            handle.remove()
+        assert torch.equal(ours(**inputs), plain)
+    assert not torch.allclose(plain, zeroed, atol=1e-3)

@@ -1,5 +1,6 @@
 """LoRA: our module against PEFT and hand-computed values."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -396,3 +397,79 @@ def test_full_disk_keeps_the_previous_adapter(model, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="no space left on device: .*adapter_model.safetensors"):
         lora.save(model, tmp_path / "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+
+
+# --- issue #28: what the adapter files keep, and what the loader refuses ---
+
+def saved_adapter(folder, tmp_path, **kwargs):
+    """A decoder adapter of the tiny PaliGemma 1 model with random B, saved in tmp_path / 'a'."""
+    ours = PaliGemma.from_pretrained(folder)
+    lora.inject(ours, "decoder", **{"r": 4, "alpha": 8, **kwargs})
+    randomize_lora(ours)
+    lora.save(ours, tmp_path / "a")
+    return ours, tmp_path / "a"
+
+
+def test_dropout_and_rslora_are_written_and_loaded(pg1_dir, tmp_path):
+    """lora_dropout and use_rslora reach the file (as PEFT reads it back) and the loaded layers."""
+    from peft import LoraConfig
+    ours, folder = saved_adapter(pg1_dir, tmp_path, r=4, alpha=6, dropout=0.25, rslora=True)
+    config = LoraConfig.from_pretrained(folder)
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.use_rslora) == (4, 6, 0.25, True)
+    again = PaliGemma.from_pretrained(pg1_dir)
+    names = lora.load(again, folder)
+    layers = lora.lora_layers(again)
+    assert sorted(names) == sorted(layers) == sorted(lora.lora_layers(ours))
+    assert {(l.dropout.p, l.scaling, l.rslora) for l in layers.values()} == {(0.25, 6 / 2, True)}
+    ours.eval(), again.eval()
+    assert torch.equal(logits(again), logits(ours))
+
+
+@pytest.mark.parametrize("part", ["lora_A", "lora_B"])
+def test_adapter_file_missing_a_tensor_is_refused(pg1_dir, tmp_path, part):
+    from safetensors.torch import load_file, save_file
+    _, folder = saved_adapter(pg1_dir, tmp_path)
+    path = folder / "adapter_model.safetensors"
+    state = load_file(path)
+    key = f"base_model.model.model.language_model.layers.1.mlp.down_proj.{part}.weight"
+    del state[key]
+    save_file(state, path)
+    with pytest.raises(lora.AdapterError, match=rf"missing \['language_model\.model\.layers\.1\.mlp\.down_proj\.{part}'\]"):
+        lora.load(PaliGemma.from_pretrained(pg1_dir), folder)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(r=0), "r is 0, expected a positive integer"),
+    (dict(r=-2), "r is -2, expected a positive integer"),
+    (dict(r=True), "r is True, expected a positive integer"),
+    (dict(r=4.0), "r is 4.0, expected a positive integer"),
+    (dict(lora_alpha=True), "lora_alpha is True, expected a number"),
+    (dict(peft_type="IA3"), "peft_type 'IA3', expected 'LORA'"),
+    (dict(use_dora=True), "DoRA adapters are not supported"),
+    (dict(rank_pattern={"q_proj": 8}), "per-layer rank_pattern is not supported"),
+    (dict(r=None), "r is None"),
+])
+def test_adapter_configs_the_loader_refuses(pg1_dir, tmp_path, edit, message):
+    _, folder = saved_adapter(pg1_dir, tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(lora.AdapterError, match="adapter_config.json: " + re.escape(message)):
+        lora.load(PaliGemma.from_pretrained(pg1_dir), folder)
+
+
+def test_adapter_whose_rank_disagrees_with_its_tensors_is_refused(pg1_dir, tmp_path):
+    _, folder = saved_adapter(pg1_dir, tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(dict(config, r=2)))
+    with pytest.raises(lora.AdapterError, match=r"wrong shapes \['language_model\.model\.layers\.0\.mlp\.down_proj"
+                                                r"\.lora_A: file \(4, 96\), model \(2, 96\)"):
+        lora.load(PaliGemma.from_pretrained(pg1_dir), folder)
+
+
+def test_a_merged_model_is_not_saved_as_an_adapter(pg1_dir, tmp_path):
+    ours = PaliGemma.from_pretrained(pg1_dir)
+    lora.inject(ours, "decoder", r=4)
+    lora.merge(ours)
+    with pytest.raises(RuntimeError, match="unmerge before saving"):
+        lora.save(ours, tmp_path / "a")
+    assert not (tmp_path / "a").exists()

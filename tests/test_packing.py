@@ -1,6 +1,7 @@
 """oneDNN-packed linear layers: the same numbers as the plain model (bit for bit in bf16), and no silent training."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.helpers import batch
 from paligemma import PaliGemma
@@ -143,3 +144,89 @@ def test_layers_not_yet_packed_refuse_to_train_too(pg2_dir):
     model.train()
     with pytest.raises(RuntimeError, match="packed layers are for inference"):
         model.loss(**batch(16, suffix_len=2), labels=batch(16, suffix_len=2)["input_ids"])
+
+
+# --- issue #28: the countdown's call, the one-row bias, training mode without gradients ---
+
+def rows(n: int, seed: int = 0, in_features: int = 24, dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.randn(n, in_features, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("after", [1, 2, 3])
+def test_a_layer_packs_itself_on_exactly_its_after_th_multi_row_call(after):
+    """after = k: multi-row calls 1 .. k-1 run on the plain weight, call k reorders it (and frees the
+    plain one); one-row calls before, between and after never count. Every output is F.linear's, bit
+    for bit (bf16)."""
+    w, b = rows(16, seed=1), rows(1, seed=2, in_features=16)[0]
+    layer = PackedLinear(w, b, after=after).eval()
+    states = []
+    with torch.no_grad():
+        for k in range(1, after + 2):
+            one = rows(1, seed=10 + k)
+            assert torch.equal(layer(one), F.linear(one, w, b))  # uncounted
+            x = rows(3, seed=k)
+            assert torch.equal(layer(x), F.linear(x, w, b))
+            states.append(layer.packed is not None)
+    assert states == [k >= after for k in range(1, after + 2)]
+    assert layer.plain is None and torch.equal(layer.weight, w)
+
+
+def test_head_packs_its_copy_on_exactly_its_after_th_multi_row_call_and_always_soft_caps():
+    """PaliGemma 2's head: tanh(h E^T / c) c on every path (one row through torch.mv, rented multi-row
+    calls, packed), the copy made on the after-th multi-row call."""
+    from paligemma.gemma import TiedHead
+    from paligemma.packing import PackedHead
+    table, c = rows(40, seed=3), 0.7
+
+    def want(h):
+        return torch.tanh(F.linear(h, table) / c) * c
+    head = PackedHead(TiedHead(softcap=c), table, after=2).eval()
+    with torch.no_grad():
+        assert torch.equal(head(rows(1), table), want(rows(1))) and head.packed is None
+        assert torch.equal(head(rows(2), table), want(rows(2))) and head.packed is None
+        x = rows(2, seed=4)
+        assert torch.equal(head(x, table), want(x)) and head.packed is not None
+        assert torch.equal(head(rows(1, seed=5), table), want(rows(1, seed=5)))
+        assert torch.equal(head(rows(3, seed=6), table), want(rows(3, seed=6)))
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (1, 1, 24), (24,)])
+def test_one_row_products_add_the_bias(shape):
+    """The torch.mv path (one row, not yet packed) is x W^T + b, as for any other row count: checked
+    against the product written out in float64, with a bias large enough that dropping it shows."""
+    w = rows(16, seed=1, dtype=torch.float32)
+    b = torch.arange(16, dtype=torch.float32) * 10 - 80
+    layer = PackedLinear(w, b, after=8).eval()
+    x = rows(1, seed=5, dtype=torch.float32).reshape(shape)
+    with torch.no_grad():
+        y = layer(x)
+    want = (x.double() @ w.double().T + b.double()).float()
+    assert y.shape == want.shape and layer.packed is None and layer.calls_left == 8
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("after", [0, 8])
+def test_training_mode_is_refused_without_gradients_too(after):
+    """model.train() is refused even under torch.no_grad() (a dropout-free eval loop that forgot
+    model.eval() would otherwise silently run on frozen packed weights); eval mode runs with gradients
+    enabled as long as the input does not need them (a plain `model(x)`), and refuses when it does."""
+    w = rows(16, seed=1)
+    layer = PackedLinear(w, after=after)
+    for x in (rows(1), rows(3)):  # the torch.mv path and the multi-row one
+        layer.train()
+        with torch.no_grad(), pytest.raises(RuntimeError, match="packed layers are for inference"):
+            layer(x)
+        layer.eval()
+        layer(x)  # grad mode on, input without grad: inference
+        with pytest.raises(RuntimeError, match="packed layers are for inference"):
+            layer(x.clone().requires_grad_(True))
+
+
+def test_the_head_refuses_training_mode_without_gradients_too():
+    from paligemma.gemma import TiedHead
+    from paligemma.packing import PackedHead
+    table = rows(40, seed=3)
+    for after in (0, 8):
+        head = PackedHead(TiedHead(softcap=None), table, after=after).train()
+        with torch.no_grad(), pytest.raises(RuntimeError, match="packed layers are for inference"):
+            head(rows(2), table)

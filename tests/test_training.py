@@ -363,3 +363,52 @@ def test_skip_bad_skips_every_kind_of_bad_image_in_training(tiny_run, tmp_path, 
     printed = capsys.readouterr().out
     assert "skipped 3 bad examples" in printed and f"{len(rows) - 3} train" in printed
     assert "decompression bomb" in printed and "SyntaxError" in printed
+
+
+# --- issue #28: the last step's evaluation, a resume that honours best.json, early stop between saves ---
+
+def test_best_survives_a_crash_and_early_stop_between_saves_checkpoints(tiny_run, tmp_path, monkeypatch, capsys):
+    """Scripted validation CIDEr-D. Run 1 (--steps 7, --eval-every 2, --save-every 5): 0.1, 0.2, 0.9 at
+    steps 2, 4, 6 (OUT/best: step 6), checkpoint at 5; step 7 is the last, so it is evaluated although
+    7 is no multiple of 2, and the process dies there. The resumed run (--steps 20) starts at 5 with
+    the checkpoint's tracker (best: step 4) but adopts OUT/best/best.json (step 6, 0.9): 0.5 at 6 and
+    0.3 at 8 are no better, so --early-stop 2 stops at step 8, between saves, and checkpoints it.
+    best.json keeps step 6's record (image gap included) from run 1, as metrics.jsonl logged it."""
+    import train
+    from paligemma.captioning import validation
+    model, data = tiny_run
+    scripted = iter([0.1, 0.2, 0.9, Crash, 0.5, 0.3, 0.8, 0.8])
+    real = validation.caption_and_score
+
+    def scored(*a, **k):
+        score = next(scripted)
+        if score is Crash:
+            raise Crash("killed during the last step's evaluation")
+        scores, health, preds = real(*a, **k)
+        return dict(scores, **{"CIDEr-D": score}), health, preds
+    monkeypatch.setattr(validation, "caption_and_score", scored)
+    out = tmp_path / "run"
+    common = ["--finetune", "full", "--eval-every", "2", "--save-every", "5", "--early-stop", "2", "--eval-samples", "2",
+              "--val-captions", "2"]
+    with pytest.raises(Crash):
+        train.main(train_args(model, data, out, "--steps", "7", *common))
+    first = {r["step"]: r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r}
+    assert json.loads((out / "checkpoint" / "step.json").read_text())["step"] == 5
+    capsys.readouterr()
+    train.main(train_args(model, data, out, "--steps", "20", "--resume", *common))
+    printed = capsys.readouterr().out
+    assert "resumed at step 5 (best so far: step 6, val CIDEr-D 0.900)" in printed
+    assert "early stop at step 8: 2 evaluations without a better val CIDEr-D (best: step 6, 0.900)" in printed
+    assert json.loads((out / "checkpoint" / "step.json").read_text())["step"] == 8
+    records = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert [(r["step"], r["val_CIDEr-D"], r["best_step"]) for r in steps if "val_CIDEr-D" in r] == \
+        [(2, 0.1, 2), (4, 0.2, 4), (6, 0.5, 6), (8, 0.3, 6)]
+    assert [r for r in steps if r["step"] <= 5] == [first[s] for s in range(1, 6)]  # run 1's, kept by the resume
+    at_6 = first[6]
+    assert at_6["val_CIDEr-D"] == 0.9 and at_6["image_gap"] == at_6["val_loss_shuffled_images"] - at_6["val_loss"]
+    kept = {"val_loss", "val_loss_shuffled_images", "image_gap", "val_CIDEr-D", "val_BLEU-4", "val_caption_s"}
+    assert json.loads((out / "best" / "best.json").read_text()) == \
+        {"step": 6, "selected_by": "val_CIDEr-D", **{k: at_6[k] for k in kept}}
+    assert records[-1]["best_step"] == 6 and "test_best" in records[-1]

@@ -1,5 +1,7 @@
 """Checkpoint loading: layouts, shards, dtype conversion and errors that name the problem."""
 import json
+import math
+import re
 import shutil
 
 import pytest
@@ -171,3 +173,35 @@ def test_loading_does_not_import_torch_dynamo(pg1_dir):
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- issue #28: a header whose byte range does not fit its shape ---
+
+def write_safetensors(path, header: dict, data: bytes):
+    """A safetensors file written by hand: u64 header length, JSON header, raw bytes."""
+    import struct
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+@pytest.mark.parametrize("shape, offsets", [([2, 3], [0, 28]), ([2, 3], [0, 20]), ([7], [0, 24]), ([], [0, 8])])
+def test_header_byte_range_must_fit_its_shape(tmp_path, shape, offsets):
+    """F32 (2, 3) is 24 bytes: a range of 28 or 20 bytes is refused, as is a shape its range does not
+    hold, even where the file is exactly as long as the header says (safetensors' own reader refuses
+    the same files); the well-formed file reads back."""
+    from safetensors import SafetensorError
+    from paligemma.weights import read_header
+    data = torch.arange(7, dtype=torch.float32).numpy().tobytes()  # 28 bytes
+    ok = write_safetensors(tmp_path / "ok.safetensors", {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}},
+                           data[:24])
+    assert read_header(ok)["w"]["shape"] == [2, 3]
+    assert torch.equal(load_file(ok)["w"], torch.arange(6, dtype=torch.float32).view(2, 3))
+    bad = write_safetensors(tmp_path / "bad.safetensors", {"w": {"dtype": "F32", "shape": shape, "data_offsets": offsets}},
+                            data[:offsets[1]])
+    with pytest.raises(SafetensorError, match="invalid shape, data type, or offset"):
+        load_file(bad)
+    nbytes = 4 * math.prod(shape)
+    with pytest.raises(CheckpointError, match=rf"bad.safetensors: tensor 'w' needs bytes {offsets[0]}\.\.{offsets[1]} "
+                                              rf"of {offsets[1]} \({nbytes} for F32 {re.escape(str(shape))}\)"):
+        read_header(bad)

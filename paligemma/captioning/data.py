@@ -19,6 +19,7 @@ import io
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,10 +116,16 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
         raise DataError(f"{path}: no 'image' column (columns: {reader.fieldnames})")
     if not any(c.startswith("caption") for c in reader.fieldnames):
         raise DataError(f"{path}: no caption column (expected caption_1 ... or caption); columns: {reader.fieldnames}")
-    rows, line = [], 1
+    return csv_rows(reader)
+
+
+def csv_rows(reader: csv.DictReader) -> list[tuple[int, dict]]:
+    """(the line each row starts on, row). The row's last line, less the line breaks inside its quoted
+    fields: the reader skips blank lines, so counting on from the previous row would be off."""
+    rows = []
     for row in reader:
-        rows.append((line + 1, row))
-        line = reader.line_num  # a quoted caption may span lines
+        fields = [x for v in row.values() for x in (v if isinstance(v, list) else [v]) if x]
+        rows.append((reader.line_num - sum(len(re.findall(r"\r\n|\r|\n", x)) for x in fields), row))
     return rows
 
 

@@ -2,6 +2,7 @@
 would change what is measured (no split column, the same image twice, paths outside the image
 folder) refused whatever --skip-bad says."""
 import random
+import re
 
 import pytest
 from PIL import Image
@@ -135,3 +136,69 @@ def test_spaces_around_split_values_and_column_names_are_stripped(tmp_path, imag
     assert [(e.image.name, e.captions, e.split) for e in test] == [("ok.png", ["a", "b"], "test"),
                                                                     ("ok2.png", ["c", "d"], "test")]
     assert len(load_examples(path, "train")[0]) == 1
+
+
+# --- issue #28: names that only look like `..`, blank captions, line numbers after quoted newlines ---
+
+@pytest.mark.parametrize("name", ["..ok.png", "a..b.png", "sub/..ok.png", "./ok.png", "sub/../ok.png"])
+def test_names_that_stay_inside_the_image_folder_load(tmp_path, images, name):
+    """Only a path component that IS `..` leaves the folder: `..ok.png` is an ordinary file name."""
+    (images / "sub").mkdir()
+    for f in ("..ok.png", "a..b.png", "sub/..ok.png"):
+        Image.new("RGB", (8, 8), "blue").save(images / f, format="PNG")
+    path = write_csv(tmp_path, [f"x,train,{name},a,b"])
+    examples, _ = load_examples(path, "train")
+    assert [e.image for e in examples] == [images / name] and examples[0].image.exists()
+
+
+@pytest.mark.parametrize("name", ["..", "sub/../.."])
+def test_a_name_that_is_the_parent_folder_is_refused(tmp_path, images, name):
+    path = write_csv(tmp_path, ["x,train,ok.png,a,b", f"x,train,{name},a,b"])
+    with pytest.raises(DataError, match=rf"captions.csv:3: image path '{re.escape(name)}' leaves the image folder"):
+        load_examples(path, "train")
+
+
+def test_blank_captions_are_empty_and_others_are_stripped(tmp_path, images):
+    """A caption of spaces or tabs is empty (it would train on nothing but EOS); the others lose their
+    surrounding blanks (as references they would otherwise count as different tokens)."""
+    path = write_csv(tmp_path, ['x,train,ok.png,"  a lake ","\t two planes"', "x,train,ok2.png,a field,\"  \t \""])
+    with pytest.raises(DataError, match=r"captions.csv:3: empty caption\(s\) \[2\] for image ok2.png"):
+        load_examples(path, "train")
+    examples, skipped = load_examples(path, "train", skip_bad=True)
+    assert [e.captions for e in examples] == [["a lake", "two planes"]] and len(skipped.reasons) == 1
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"split": "train", "image": "ok.png", "captions": ["a", " "]}\n'
+                     '{"split": "train", "image": "ok2.png", "captions": []}\n')
+    with pytest.raises(DataError, match=r"every example was bad:\n.*\n.*c.jsonl:1: empty caption\(s\) \[2\] for image "
+                                        r"ok.png\n.*c.jsonl:2: empty caption\(s\) all for image ok2.png$"):
+        load_examples(jsonl, "train", skip_bad=True, image_dir=images)
+
+
+def test_lines_are_counted_across_quoted_newlines_and_blank_lines(tmp_path, images):
+    """Each error names the line its row starts on. Hand-counted file:
+        1 header   2-4 ok.png (a caption over three lines)   5 missing1   6 blank   7-8 missing2 (two lines)
+        9 missing3"""
+    (tmp_path / "captions.csv").write_text(
+        "split,image,caption_1,caption_2\n"
+        'train,ok.png,"a lake\nwith\nboats",b\n'
+        "train,missing1.png,a,b\n"
+        "\n"
+        'train,missing2.png,"two\r\nlines",b\n'
+        "train,missing3.png,a,b\n")
+    examples, skipped = load_examples(tmp_path / "captions.csv", "train", skip_bad=True)
+    assert examples[0].captions == ["a lake\nwith\nboats", "b"]
+    assert [r.split(": ")[0].rsplit(":", 1)[1] for r in skipped.reasons] == ["5", "7", "9"]
+
+
+def test_caption_columns_are_read_in_numeric_order(tmp_path, images):
+    header = "split,image," + ",".join(f"caption_{i}" for i in (2, 10, 1, 11))
+    path = write_csv(tmp_path, ["train,ok.png,two,ten,one,eleven"], header=header)
+    assert load_examples(path, "train")[0][0].captions == ["one", "two", "ten", "eleven"]
+
+
+def test_jsonl_blank_lines_are_skipped_and_captions_must_be_strings(tmp_path, images):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"split": "train", "image": "ok.png", "captions": ["a"]}\n   \n'
+                    '{"split": "train", "image": "ok2.png", "captions": ["b", 3]}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:3: captions must be strings"):
+        load_examples(path, "train", image_dir=images)
