@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..weights import CheckpointError
+from ..safetensors_io import CheckpointError
 
 SOURCE = "gs://big_vision/paligemma/vae-oid.npz"
 CODES = 16  # per mask: a 4 x 4 grid
