@@ -14,7 +14,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .cache import attention_masks
 
 COMPILE_SLOTS = 64  # compile=True sizes the cache in multiples of this (unused slots are masked)
 
@@ -73,7 +72,7 @@ def decode_step(model, cache, token: torch.Tensor, slot: torch.Tensor) -> torch.
     real = torch.ones_like(token)[:, None]  # (B, 1)
     x = model.hook_embed(model.embed(token[:, None], None))  # (B, 1, D)
     _, positions = cache.append(real, torch.zeros_like(real, dtype=torch.bool), slot)
-    masks = attention_masks(slot, 1, cache.valid, cache.prefix, model.config.text.sliding_window)
+    masks = model.masks(slot, 1, cache.valid, cache.prefix)
     h = model.language_model.model(x, positions, masks, cache, slot)  # (B, 1, D)
     return model.language_model.logits(h[:, -1])
 

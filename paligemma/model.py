@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache, attention_masks, position_ids
+from .cache import KVCache, attention_masks, position_ids  # noqa: F401 (attention_masks: also read from here)
 from .config import IGNORE, PaliGemmaConfig
 from .gemma import GemmaForCausalLM, GemmaRMSNorm
 from .hookpoint import HookPoint
@@ -152,7 +152,13 @@ class PaliGemma(nn.Module):
         else:  # the slots filled so far, then these T tokens
             slots = cache.next_slots(T)
             positions, valid, is_prefix = cache.preview(attention_mask, prefix, slots)
-        return positions, attention_masks(slots, T, valid, is_prefix, self.config.text.sliding_window)
+        return positions, self.masks(slots, T, valid, is_prefix)
+
+    def masks(self, slots: torch.Tensor, T: int, valid: torch.Tensor, prefix: torch.Tensor) -> dict:
+        """{"full": m, "sliding": m}, m (B, 1, T, S), for T queries at slots `slots` (T,) given each slot's
+        flags valid, prefix (B, S) (cache.attention_masks, with this model's window). Every forward,
+        cached or not, and every decode step builds its masks here: the one place probe.knockout edits."""
+        return attention_masks(slots, T, valid, prefix, self.config.text.sliding_window)
 
     def hidden_states(self, input_ids=None, pixel_values=None, attention_mask=None, token_type_ids=None,
                       position_ids=None, cache: KVCache | None = None, inputs_embeds=None) -> torch.Tensor:
@@ -177,7 +183,7 @@ class PaliGemma(nn.Module):
             slots = None
         else:  # the cache records the T tokens, then the masks span all of its slots
             slots, positions = cache.append(attention_mask, prefix_flags(attention_mask, token_type_ids))
-            masks = attention_masks(slots, x.shape[1], cache.valid, cache.prefix, self.config.text.sliding_window)
+            masks = self.masks(slots, x.shape[1], cache.valid, cache.prefix)
         return self.language_model.model(x, positions if position_ids is None else position_ids, masks, cache, slots)
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, token_type_ids=None,

@@ -259,59 +259,6 @@ def finished(out):
 def adapter_of(model, folder):
     import lora
     from paligemma import PaliGemma
-
-
-# --- issue #28: which reference --references first scores against, what each --compare row loads ---
-
-def test_references_first_scores_against_caption_1_as_pycocoevalcap_does(tiny_run, tmp_path):
-    """--references first equals pycocoevalcap given caption_1 alone as each image's reference."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-    _, data = tiny_run
-    examples, _ = load_examples(data, "val")
-    preds = write_predictions(tmp_path / "p.jsonl", examples, random.Random(2))
-    result = evaluate.main(["--predictions", str(tmp_path / "p.jsonl"), "--data", data, "--split", "val",
-                            "--out", str(tmp_path / "e"), "--references", "first"])
-    ours = next(iter(result.values()))
-    hyps = {str(i): [" ".join(tokenize(p))] for i, p in enumerate(preds)}
-    refs = {str(i): [" ".join(tokenize(e.captions[0]))] for i, e in enumerate(examples)}
-    bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
-    assert [round(ours[f"BLEU-{n}"], 4) for n in range(1, 5)] == [round(b, 4) for b in bleu]
-    assert round(ours["ROUGE-L"], 4) == round(Rouge().compute_score(refs, hyps)[0], 4)
-    assert round(ours["CIDEr-D"], 4) == round(Cider().compute_score(refs, hyps)[0], 4)
-    assert ours["BLEU-1"] > 0.1
-    rows = read_jsonl(tmp_path / "e" / "predictions.jsonl")
-    assert [r["references"] for r in rows] == [e.captions for e in examples]  # the file keeps all five
-
-
-def test_compare_rows_by_hand(tmp_path):
-    """--compare base: --model without the adapter; int8 / nf4: --model with the adapter, quantized; an
-    adapter folder: on --model; anything else: another model, alone. --quantize applies to both rows."""
-    (tmp_path / "other_adapter").mkdir()
-    (tmp_path / "other_adapter" / "adapter_config.json").write_text("{}")
-    other = str(tmp_path / "other_adapter")
-
-    def rows(*extra):
-        return evaluate.rows_to_run(evaluate.parse_args(["--model", "m", "--data", "d", "--out", "o", *extra]))
-    assert rows() == {"model": ("m", None, None)}
-    assert rows("--adapter", "a") == {"model": ("m", "a", None)}
-    assert rows("--adapter", "a", "--compare", "base") == {"A": ("m", "a", None), "B": ("m", None, None)}
-    assert rows("--adapter", "a", "--compare", "int8") == {"A": ("m", "a", None), "B": ("m", "a", "int8")}
-    assert rows("--compare", "nf4") == {"A": ("m", None, None), "B": ("m", None, "nf4")}
-    assert rows("--adapter", "a", "--compare", other) == {"A": ("m", "a", None), "B": ("m", other, None)}
-    assert rows("--adapter", "a", "--compare", "m2") == {"A": ("m", "a", None), "B": ("m2", None, None)}
-    assert rows("--quantize", "nf4", "--adapter", "a", "--compare", "base") == {"A": ("m", "a", "nf4"),
-                                                                               "B": ("m", None, "nf4")}
-    assert rows("--quantize", "int8", "--compare", other) == {"A": ("m", None, "int8"), "B": ("m", other, "int8")}
-
-
-def test_compare_int8_keeps_the_adapter(tiny_run, tmp_path):
-    """--adapter A --compare int8: row B is the adapted model quantized, the same captions as a run
-    with --adapter A --quantize int8, and named so."""
-    import lora
-    from paligemma import PaliGemma
-    model, data = tiny_run
     m = PaliGemma.from_pretrained(model)
     lora.inject(m, "decoder", r=4, alpha=64)
     torch.manual_seed(0)
@@ -495,6 +442,63 @@ def test_skip_bad_skips_every_kind_of_bad_image(tiny_run, tmp_path):
     assert all("is corrupt" in r for r in protocol["skipped"])
 
 
+
+# --- issue #28: which reference --references first scores against, what each --compare row loads ---
+
+def test_references_first_scores_against_caption_1_as_pycocoevalcap_does(tiny_run, tmp_path):
+    """--references first equals pycocoevalcap given caption_1 alone as each image's reference."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    _, data = tiny_run
+    examples, _ = load_examples(data, "val")
+    preds = write_predictions(tmp_path / "p.jsonl", examples, random.Random(2))
+    result = evaluate.main(["--predictions", str(tmp_path / "p.jsonl"), "--data", data, "--split", "val",
+                            "--out", str(tmp_path / "e"), "--references", "first"])
+    ours = next(iter(result.values()))
+    hyps = {str(i): [" ".join(tokenize(p))] for i, p in enumerate(preds)}
+    refs = {str(i): [" ".join(tokenize(e.captions[0]))] for i, e in enumerate(examples)}
+    bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
+    assert [round(ours[f"BLEU-{n}"], 4) for n in range(1, 5)] == [round(b, 4) for b in bleu]
+    assert round(ours["ROUGE-L"], 4) == round(Rouge().compute_score(refs, hyps)[0], 4)
+    assert round(ours["CIDEr-D"], 4) == round(Cider().compute_score(refs, hyps)[0], 4)
+    assert ours["BLEU-1"] > 0.1
+    rows = read_jsonl(tmp_path / "e" / "predictions.jsonl")
+    assert [r["references"] for r in rows] == [e.captions for e in examples]  # the file keeps all five
+
+
+def test_compare_rows_by_hand(tmp_path):
+    """--compare base: --model without the adapter; int8 / nf4: --model with the adapter, quantized; an
+    adapter folder: on --model; anything else: another model, alone. --quantize applies to both rows."""
+    (tmp_path / "other_adapter").mkdir()
+    (tmp_path / "other_adapter" / "adapter_config.json").write_text("{}")
+    other = str(tmp_path / "other_adapter")
+
+    def rows(*extra):
+        return evaluate.rows_to_run(evaluate.parse_args(["--model", "m", "--data", "d", "--out", "o", *extra]))
+    assert rows() == {"model": ("m", None, None)}
+    assert rows("--adapter", "a") == {"model": ("m", "a", None)}
+    assert rows("--adapter", "a", "--compare", "base") == {"A": ("m", "a", None), "B": ("m", None, None)}
+    assert rows("--adapter", "a", "--compare", "int8") == {"A": ("m", "a", None), "B": ("m", "a", "int8")}
+    assert rows("--compare", "nf4") == {"A": ("m", None, None), "B": ("m", None, "nf4")}
+    assert rows("--adapter", "a", "--compare", other) == {"A": ("m", "a", None), "B": ("m", other, None)}
+    assert rows("--adapter", "a", "--compare", "m2") == {"A": ("m", "a", None), "B": ("m2", None, None)}
+    assert rows("--quantize", "nf4", "--adapter", "a", "--compare", "base") == {"A": ("m", "a", "nf4"),
+                                                                               "B": ("m", None, "nf4")}
+    assert rows("--quantize", "int8", "--compare", other) == {"A": ("m", None, "int8"), "B": ("m", other, "int8")}
+
+
+def test_compare_int8_keeps_the_adapter(tiny_run, tmp_path):
+    """--adapter A --compare int8: row B is the adapted model quantized, the same captions as a run
+    with --adapter A --quantize int8, and named so."""
+    import lora
+    from paligemma import PaliGemma
+    model, data = tiny_run
+    m = PaliGemma.from_pretrained(model)
+    lora.inject(m, "decoder", r=4, alpha=64)
+    torch.manual_seed(0)
+    for layer in lora.lora_layers(m).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
     adapter = str(tmp_path / "adapter")
     lora.save(m, adapter)
     both = run(model, data, tmp_path / "c", "--adapter", adapter, "--compare", "int8", "--max-samples", "3")

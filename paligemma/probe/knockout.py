@@ -8,8 +8,8 @@ the same treatment as padding before the softmax: -inf in the fused SDPA kernel,
 float in the spelled-out one (attention.py; its exp is exactly 0 next to any allowed key). The
 model's math is not touched, and a block that removes no edge leaves every bit of the output as it was.
 
-How: while active, `model.attention_inputs` (the one place the forward builds its masks, model.py) is
-wrapped to compute the blocked edges of each call from the same per-slot facts, real and in the prefix,
+How: while active, `model.masks` (the one place every forward and decode step builds its masks,
+model.py) is wrapped to compute the blocked edges of each call from the same per-slot facts, real and in the prefix,
 that the masks come from (groups.py), and a forward pre-hook on each chosen layer's `self_attn` ANDs
 them into that layer's mask. Sliding windows (PaliGemma 2) stay as they are: a blocked edge is only
 ever removed. While decoding, every new token is in the `suffix` group.
@@ -62,14 +62,15 @@ def _members(spec, labels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return torch.isin(slots, spec.to(slots.device))[None] & (labels != PAD)
 
 
-def blocked_edges(rules, valid, prefix, start: int, T: int, n_image: int) -> torch.Tensor:
-    """(B, T, S) bool: query slot start + t may not attend to key slot s. valid, prefix (B, S) as the masks."""
+def blocked_edges(rules, valid, prefix, slots: torch.Tensor, n_image: int) -> torch.Tensor:
+    """(B, T, S) bool: the query at slot slots[t] may not attend to key slot s. valid, prefix (B, S) as the
+    masks; slots (T,) long."""
     labels = slot_groups(valid, prefix, n_image)  # (B, S)
     S = labels.shape[1]
     keys = torch.arange(S, device=labels.device)
-    blocked = torch.zeros(labels.shape[0], T, S, dtype=torch.bool, device=labels.device)
+    blocked = torch.zeros(labels.shape[0], slots.numel(), S, dtype=torch.bool, device=labels.device)
     for q, k in rules:
-        blocked |= (_members(q, labels[:, start:start + T], keys[start:start + T])[:, :, None]
+        blocked |= (_members(q, labels.index_select(1, slots), slots)[:, :, None]
                     & _members(k, labels, keys)[:, None, :])
     return blocked
 
@@ -89,40 +90,35 @@ def knockout(model, block, layers=None):
     decoder = model.language_model.model.layers
     kinds = {"sliding" if decoder[l].sliding else "full" for l in layers}
     n_image = model.config.num_image_tokens
-    built = model.attention_inputs
+    built = model.masks
     state = {}
 
-    def attention_inputs(input_ids=None, attention_mask=None, token_type_ids=None, cache=None):
-        positions, masks = built(input_ids, attention_mask, token_type_ids, cache)
-        B, T, S = masks["full"].shape[0], masks["full"].shape[2], masks["full"].shape[3]
-        real = torch.ones(B, T, dtype=torch.bool, device=positions.device) if attention_mask is None \
-            else attention_mask.bool()
-        prefix = real if token_type_ids is None else real & (token_type_ids == 0)
-        start, valid, is_prefix = 0, real, prefix
-        if cache is not None:  # the slots filled so far, then these T tokens: as the forward's masks
-            start, valid, is_prefix = cache.length, cache.valid.clone(), cache.prefix.clone()
-            valid[:, start:start + T], is_prefix[:, start:start + T] = real, prefix
-        allowed = ~blocked_edges(rules, valid, is_prefix, start, T, n_image)[:, None]  # (B, 1, T, S)
+    def masks(slots, T, valid, prefix):
+        out = built(slots, T, valid, prefix)
+        slots = slots.to(valid.device)
+        allowed = ~blocked_edges(rules, valid, prefix, slots, n_image)[:, None]  # (B, 1, T, S)
+        real = valid.index_select(1, slots)  # (B, T)
         for kind in kinds:
-            empty = (~(masks[kind] & allowed).any(-1))[:, 0] & real  # (B, T) real queries left with no key
+            empty = (~(out[kind] & allowed).any(-1))[:, 0] & real  # (B, T) real queries left with no key
             if empty.any():
                 b, t = (int(i) for i in empty.nonzero()[0])
-                group = slot_groups(valid, is_prefix, n_image)[b, start + t]
+                slot = int(slots[t])
+                group = slot_groups(valid, prefix, n_image)[b, slot]
                 named = [l for l in layers if ("sliding" if decoder[l].sliding else "full") == kind]
-                raise ValueError(f"knockout {block!r} leaves query slot {start + t} (row {b}, group "
+                raise ValueError(f"knockout {block!r} leaves query slot {slot} (row {b}, group "
                                  f"{GROUPS[int(group)]!r}) nothing to attend to in layers {named}: every key its "
                                  f"mask allows is blocked")
         state["allowed"] = allowed
-        return positions, masks
+        return out
 
     def mask_edges(module, args, kwargs):
         kwargs["mask"] = kwargs["mask"] & state["allowed"]
         return args, kwargs
 
-    had = "attention_inputs" in model.__dict__  # an outer knockout's wrapper: keep it, restore it
+    had = "masks" in model.__dict__  # an outer knockout's wrapper: keep it, restore it
     handles = []
     try:
-        model.attention_inputs = attention_inputs
+        model.masks = masks
         for l in layers:
             handles.append(decoder[l].self_attn.register_forward_pre_hook(mask_edges, with_kwargs=True))
         yield
@@ -130,6 +126,6 @@ def knockout(model, block, layers=None):
         for h in handles:
             h.remove()
         if had:
-            model.attention_inputs = built
+            model.masks = built
         else:
-            del model.attention_inputs
+            del model.masks
