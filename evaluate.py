@@ -24,8 +24,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from paligemma.atomic import atomic_file, lock_folder, unlock_folder
-from paligemma.caption import caption, one_line
-from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, load_for_inference, number, run
+from paligemma.inference import caption, load_for_inference
+from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, one_line, run
 from paligemma.captioning import results as store
 from paligemma.captioning import wordnet
 from paligemma.captioning.data import DataError, csv_rows, fingerprint, load_examples, read_jsonl, read_text

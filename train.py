@@ -10,9 +10,8 @@ OUT holds checkpoint/ (the last save, for --resume), best/ (the adapter or model
 validation CIDEr-D, and best.json), adapter/ or final/ (the last step's), metrics.jsonl and loss.png.
 """
 import argparse
-import contextlib
 import json
-import math
+import os
 import random
 import time
 from pathlib import Path
@@ -22,16 +21,17 @@ from tqdm import tqdm
 
 import lora
 from paligemma import PaliGemma
-from paligemma.captioning import distributed, wordnet
 from paligemma.atomic import lock_folder, unlock_folder
+from paligemma.captioning import distributed, wordnet
 from paligemma.captioning.data import fingerprint, load_examples
 from paligemma.captioning.precision import MODES, Precision
-from paligemma.captioning.training import (Batches, append_jsonl, blind, check_run_folder, check_same_data, collate,
-                                           export, first_loss_check, load_train_state, lr_at, make_trainable,
-                                           save_train_state, trim_log, wandb_run)
+from paligemma.captioning.run_folder import (append_jsonl, check_run_folder, check_same_data, export, load_train_state,
+                                             save_train_state, trim_log, wandb_run)
+from paligemma.captioning.training import (Batches, accumulate, blind, check_step, collate, first_loss_check, lr_at,
+                                           make_trainable)
 from paligemma.captioning.validation import Best, Validation, caption_and_score, save_best
-from paligemma.cli import NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, run
-from paligemma.processor import IGNORE, Processor
+from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, run
+from paligemma.processor import Processor
 
 
 def parse_args(argv=None):
@@ -82,6 +82,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.early_stop and not args.val_captions:
         p.error("--early-stop needs validation captions: --val-captions above 0")
+    if args.model is not None and args.data is None:
+        p.error("--data is needed with --model (a captions CSV/JSONL or its folder)")
+    args.full = (args.finetune or ("full" if args.model is None and not args.quantize else "lora")) == "full"
+    if args.full and args.quantize:
+        p.error(f"--quantize {args.quantize} trains LoRA over frozen quantized weights; full fine-tuning would update "
+                "the int8 / 4-bit weights themselves: use --finetune lora, or drop --quantize")
+    if args.fsdp and not (args.full and int(os.environ.get("WORLD_SIZE", 1)) > 1):
+        p.error("--fsdp shards full fine-tuning over processes: use --finetune full under torchrun")
     return args
 
 
@@ -100,8 +108,9 @@ def prepare_from_scratch(out: Path, data: str | None, skip_bad: bool = False) ->
     return str(model), str(data)
 
 
-def setup(args, rank: int, world: int) -> tuple[Path, bool, bool]:
-    """Checks the run folder, builds the demo's data and model when asked; returns (out, full, from_scratch)."""
+def setup(args, rank: int) -> tuple[Path, bool]:
+    """Takes the run folder (one run at a time), checks it, builds the demo's data and model when asked;
+    returns (out, from_scratch)."""
     out = Path(args.out)
     if rank == 0:
         took_over = lock_folder(out, "train.py")  # one run per folder: a second one is refused by name
@@ -114,16 +123,8 @@ def setup(args, rank: int, world: int) -> tuple[Path, bool, bool]:
             prepare_from_scratch(out, args.data, args.skip_bad)
         distributed.barrier()
         args.model, args.data = prepare_from_scratch(out, args.data, args.skip_bad)
-    elif args.data is None:
-        raise SystemExit("--data is needed with --model (a captions CSV/JSONL or its folder)")
     distributed.barrier()  # the other ranks read OUT/checkpoint only after rank 0 has recovered it
-    full = (args.finetune or ("full" if from_scratch and not args.quantize else "lora")) == "full"
-    if full and args.quantize:
-        raise SystemExit(f"--quantize {args.quantize} trains LoRA over frozen quantized weights; full fine-tuning would "
-                         "update the int8 / 4-bit weights themselves: use --finetune lora, or drop --quantize")
-    if args.fsdp and not (full and world > 1):
-        raise SystemExit("--fsdp shards full fine-tuning over processes: use --finetune full under torchrun")
-    return out, full, from_scratch
+    return out, from_scratch
 
 
 def load_splits(args, say):
@@ -145,40 +146,31 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, args.device = distributed.setup(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
-    out, full, from_scratch = setup(args, rank, world)
+    out, from_scratch = setup(args, rank)
     lr = args.lr or (2e-3 if from_scratch else 2e-4)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    model = PaliGemma.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize)
+    model = PaliGemma.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model)
     train, val, test, skipped = load_splits(args, say)
     rows = {"train": fingerprint(train), "val": fingerprint(val), "test": fingerprint(test)}  # for --resume
-    make_trainable(model, full, args)
+    make_trainable(model, args.full, lora_targets=args.lora, r=args.lora_r, alpha=args.lora_alpha,
+                   dropout=args.lora_dropout, rslora=args.rslora, train_modules=args.train_modules)
     say(lora.summary(model))
     model.set_gradient_checkpointing(args.checkpointing)
-    # DDP all-reduces gradients in its backward; FSDP2 shards parameters, gradients and optimizer state
-    wrapped = distributed.fully_sharded(model, world, args.device) if args.fsdp else distributed.wrap(model, world, args.device)
+    par = distributed.Parallel(model, rank, world, args.device, fsdp=args.fsdp)  # one process, DDP or FSDP2
     params = [p for p in model.parameters() if p.requires_grad]
-    generates = rank == 0 or args.fsdp  # a sharded model generates only with every rank taking part
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.98),
                                   fused=args.device.startswith("cuda"))
     precision = Precision(args.amp, args.device)  # autocast, loss scaling, the optimizer step
     say(precision.note)
-    batches, best, step = Batches(train, args.batch_size, args.seed), Best(args.early_stop), 0
-    log = out / "metrics.jsonl"
+    batches, best, step, log = Batches(train, args.batch_size, args.seed), Best(args.early_stop), 0, out / "metrics.jsonl"
     if args.resume:
-        step, extra = load_train_state(out / "checkpoint", model, optimizer, batches, rng,
-                                       wrapped if args.fsdp else None, args=vars(args))
-        check_same_data(extra.get("data"), rows, out / "checkpoint")
-        best.load(extra.get("best", best.state()), out / "best" / "best.json")
-        precision.load_state_dict(extra.get("precision"))
-        say(f"resumed at step {step}" + (f" (best so far: step {best.step}, val CIDEr-D {best.score:.3f})" if best.step else ""))
+        step = resume(args, out, par, optimizer, batches, rng, best, precision, rows, say)
     if rank == 0:
         trim_log(log, step)  # a new run starts a new log; a resumed one drops what came after its checkpoint
     validation = Validation(processor, val, args.prompt, args.batch_size, args.val_captions, args.max_length)
-    amp = precision.autocast_kwargs
     meteor = wordnet.available()  # the demo runs without WordNet too: METEOR is then left out, and says so
     if not meteor:
         say(f"METEOR left out of the test scores: {wordnet.INSTALL}")
@@ -186,9 +178,8 @@ def main(argv=None):
     def score_test(m):
         return caption_and_score(m, processor, test[:args.eval_samples], args.prompt, with_meteor=meteor)
     wb = wandb_run(args.wandb, vars(args), rank, out)
-
-    if step == 0 and generates:
-        with distributed.root_gathered(wrapped):
+    if step == 0 and par.generates:
+        with par.gathered():
             before = score_test(model)[0]
         if rank == 0:
             append_jsonl(log, {"step": 0, "test_before": before})
@@ -198,87 +189,100 @@ def main(argv=None):
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr, args.warmup, args.steps)
-        loss_sum = 0.0
         micro_batches = [collate(processor, batches.next(), args.prompt, rng, args.first_caption_only,
                                  args.max_length, rank, world) for _ in range(args.grad_accum)]
-        # the step's loss is a sum over its label tokens / their count over every micro-batch and rank, so
-        # that k micro-batches of b give the step one batch of k x b would (micro-batches differ in length)
-        n_labels = distributed.global_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches),
-                                          args.device)
-        for micro, batch in enumerate(micro_batches):
-            batch = {k: v.to(args.device) for k, v in batch.items()}
-            sync = micro == args.grad_accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync or args.fsdp else wrapped.no_sync()), precision.autocast():
-                loss = wrapped(**batch) * world / n_labels  # x world: DDP averages gradients over ranks
-            precision.backward(loss)
-            loss_sum += loss.item() / world
-            tokens += int(batch["attention_mask"].sum()) * world
-        loss_sum = distributed.global_sum(loss_sum, args.device)
+        loss, n_tokens = accumulate(par, precision, micro_batches, args.device)
+        tokens += n_tokens
         if step == 0:
-            say(first_loss_check(loss_sum, model.config.text.vocab_size, pretrained=not from_scratch))
-        losses.append(loss_sum)
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"step {step}: non-finite loss ({loss_sum}); last good checkpoint: {out / 'checkpoint'}")
+            say(first_loss_check(loss, model.config.text.vocab_size, pretrained=not from_scratch))
+        losses.append(loss)
         grad_norm, stepped = precision.step(optimizer, params, args.clip)
-        if not stepped and precision.mode != "fp16":  # fp16: the scaler skipped the step and lowered its scale
-            raise FloatingPointError(f"step {step}: non-finite gradient norm ({grad_norm.item()}); last good "
-                                     f"checkpoint: {out / 'checkpoint'}")
+        check_step(step, loss, grad_norm, stepped, precision, out / "checkpoint")
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        record = {"step": step + 1, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item(),
+        record = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item(),
                   **precision.metrics()}
-        evaluates, stop = (step + 1) % args.eval_every == 0 or step + 1 == args.steps, False
-        if generates and evaluates:
-            with distributed.root_gathered(wrapped):
-                record.update(validation(model, amp, step + 1, rank))
-            if "val_CIDEr-D" in record and best.update(step + 1, record["val_CIDEr-D"]):
-                state = distributed.full_state(wrapped)[0] if args.fsdp else None  # FSDP: every rank gathers
-                if rank == 0:
-                    save_best(out / "best", model, full, args.model, step + 1, record, state)
-            record.update(best_step=best.step)
-        if evaluates and args.early_stop:  # rank 0 decides (it alone validates under DDP)
-            stop = distributed.global_sum(float(rank == 0 and best.stop), args.device) > 0
-        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{record['lr']:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}",
+        evaluates = done % args.eval_every == 0 or done == args.steps
+        stop = evaluates and validate(args, out, par, validation, best, precision, record)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}",
                         cider=f"{best.score:.3f}@{best.step}" if best.step else "-", refresh=False)
         if rank == 0:
             append_jsonl(log, record)
             if wb:
-                wb.log(record, step=step + 1)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
-            states = distributed.full_state(wrapped, optimizer) if args.fsdp else None
-            if rank == 0:
-                save_train_state(out / "checkpoint", model, optimizer, step + 1, batches, rng, full, vars(args), states,
-                                 extra={"best": best.state(), "data": rows, "precision": precision.state_dict()})
-            distributed.barrier()
+                wb.log(record, step=done)
+        if done % args.save_every == 0 or done == args.steps or stop:
+            save_checkpoint(args, out, par, optimizer, done, batches, rng, best, precision, rows)
         if stop:
-            say(f"early stop at step {step + 1}: {best.stale} evaluations without a better val CIDEr-D "
+            say(f"early stop at step {done}: {best.stale} evaluations without a better val CIDEr-D "
                 f"(best: step {best.step}, {best.score:.3f})")
             break
-
-    final_state = distributed.full_state(wrapped)[0] if args.fsdp else None
-    if rank == 0:
-        export(model, full, args.model, out / ("final" if full else "adapter"), final_state)
-    if generates:
-        with distributed.root_gathered(wrapped):
-            after = score_test(model)
-    if rank == 0:
-        report(after, done, best, full, score_test, test, args, out, log, skipped, losses)
-    if wb:
-        wb.finish()
-    if rank == 0:
-        unlock_folder(out)
-    distributed.cleanup()
+    finish(args, out, par, best, score_test, test, skipped, losses, done, wb)
     return model
 
 
-def report(after, last: int, best, full: bool, score_test, test, args, out, log, skipped, losses):
+def resume(args, out: Path, par, optimizer, batches, rng, best, precision, rows: dict, say) -> int:
+    """Everything OUT/checkpoint saved, restored; refused when the data's rows changed. Returns the step."""
+    step, extra = load_train_state(out / "checkpoint", par.model, optimizer, batches, rng,
+                                   par.wrapped if par.sharded else None, args=vars(args))
+    check_same_data(extra.get("data"), rows, out / "checkpoint")
+    best.load(extra.get("best", best.state()), out / "best" / "best.json")
+    precision.load_state_dict(extra.get("precision"))
+    say(f"resumed at step {step}" + (f" (best so far: step {best.step}, val CIDEr-D {best.score:.3f})" if best.step else ""))
+    return step
+
+
+def validate(args, out: Path, par, validation, best, precision, record: dict) -> bool:
+    """One evaluation into `record`; a better validation CIDEr-D is kept in OUT/best. Returns whether
+    --early-stop ends the run (rank 0 decides: it alone validates under DDP)."""
+    step = record["step"]
+    if par.generates:
+        with par.gathered():
+            record.update(validation(par.model, precision.autocast_kwargs, step, par.rank))
+        if "val_CIDEr-D" in record and best.update(step, record["val_CIDEr-D"]):
+            state = par.full_state()[0]  # sharded: every rank gathers
+            if par.rank == 0:
+                save_best(out / "best", par.model, args.full, args.model, step, record, state)
+        record.update(best_step=best.step)
+    return bool(args.early_stop) and distributed.global_sum(float(par.rank == 0 and best.stop), args.device) > 0
+
+
+def save_checkpoint(args, out: Path, par, optimizer, step: int, batches, rng, best, precision, rows: dict):
+    """OUT/checkpoint: what --resume needs, gathered from the shards first when sharded; every rank calls."""
+    model_state, optimizer_state = par.full_state(optimizer)
+    if par.rank == 0:
+        save_train_state(out / "checkpoint", par.model, optimizer, step, batches, rng, args.full, vars(args),
+                         (model_state, optimizer_state) if par.sharded else None,
+                         extra={"best": best.state(), "data": rows, "precision": precision.state_dict()})
+    distributed.barrier()
+
+
+def finish(args, out: Path, par, best, score_test, test, skipped, losses: list, done: int, wb):
+    """The last step's export (OUT/adapter or OUT/final), test captions and the report; the run folder freed."""
+    final_state = par.full_state()[0]
+    if par.rank == 0:
+        export(par.model, args.full, args.model, out / ("final" if args.full else "adapter"), final_state)
+    if par.generates:
+        with par.gathered():
+            after = score_test(par.model)
+    if par.rank == 0:
+        report(args, out, after=after, last=done, best=best, score_test=score_test, test=test, skipped=skipped,
+               losses=losses)
+    if wb:
+        wb.finish()
+    if par.rank == 0:
+        unlock_folder(out)
+    distributed.cleanup()
+
+
+def report(args, out: Path, *, after, last: int, best, score_test, test, skipped, losses):
     """Test metrics before, at the last step and at the best step; output health; the overfit verdict; curves."""
     from paligemma.captioning import curves
     scores, out_health, preds = after
+    full, log = args.full, out / "metrics.jsonl"
     columns = {"before": next((json.loads(l)["test_before"] for l in open(log) if "test_before" in l), {}),
                f"last (step {last})": scores}
     if best.step and best.step != last:  # OUT/best as a user loads it
-        from paligemma.cli import load_for_inference
+        from paligemma.inference import load_for_inference
         base, adapter = (out / "best", None) if full else (args.model, out / "best")
         best_model, _ = load_for_inference(str(base), adapter and str(adapter), args.dtype, args.device,
                                           args.quantize)

@@ -32,7 +32,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +64,8 @@ def build(config: dict, recipe: dict, checkpointing: bool):
     model.to(torch.bfloat16).requires_grad_(False)  # from_pretrained(..., dtype=bfloat16)
     if recipe.get("quantize"):
         quantize(model, recipe["quantize"])
-    args = SimpleNamespace(lora=recipe.get("lora", "all"), lora_r=8, lora_alpha=16, lora_dropout=0.0, rslora=False,
-                           train_modules=recipe.get("train_modules", []))
-    make_trainable(model, recipe.get("full", False), args)
+    make_trainable(model, recipe.get("full", False), lora_targets=recipe.get("lora", "all"), r=8, alpha=16,
+                   train_modules=recipe.get("train_modules", []))
     model.set_gradient_checkpointing(checkpointing)
     return model.train()
 

@@ -45,14 +45,14 @@ class Mutant:
 
 MUTANTS = [
     # --- training loop arithmetic (train.py) ---
-    Mutant("accum_first_micro_count", "train.py", "for b in micro_batches)",
-           "for b in micro_batches[:1]) * args.grad_accum",
+    Mutant("accum_first_micro_count", "paligemma/captioning/training.py", "for b in micro_batches)",
+           "for b in micro_batches[:1]) * len(micro_batches)",
            (LOOP, "-k", "grad_accumulation"), slow=True),
     Mutant("lr_of_next_step", "train.py", "lr_at(step, lr, args.warmup, args.steps)",
            "lr_at(step + 1, lr, args.warmup, args.steps)", (LOOP, "-k", "logged_lr"), slow=True),
     Mutant("loss_mean_not_sum", "paligemma/captioning/distributed.py", 'reduction="sum")', 'reduction="mean")',
            (LOOP, "-k", "mean_over_label_tokens"), slow=True),
-    Mutant("labels_count_first_column", "train.py", '(b["labels"][:, 1:] != IGNORE)', '(b["labels"] != IGNORE)',
+    Mutant("labels_count_first_column", "paligemma/captioning/training.py", '(b["labels"][:, 1:] != IGNORE)', '(b["labels"] != IGNORE)',
            (LOOP, "-k", "mean_over_label_tokens"), slow=True,
            equivalent="labels[:, 0] is an <image> position, always IGNORE: the count is the same"),
     # --- learning-rate schedule ---
@@ -67,10 +67,10 @@ MUTANTS = [
     Mutant("lr_floor_dropped", "paligemma/captioning/training.py", "lr * (min_ratio + (1 - min_ratio) *",
            "lr * ((1 - min_ratio) *", (LOOP, "-k", "lr_schedule or never_above")),
     # --- resume ---
-    Mutant("resume_torch_rng_not_restored", "paligemma/captioning/training.py",
+    Mutant("resume_torch_rng_not_restored", "paligemma/captioning/run_folder.py",
            'torch.set_rng_state(state["torch_rng"])', 'torch.get_rng_state()',
            (LOOP, "-k", "resume_equals"), slow=True),
-    Mutant("resume_caption_rng_not_restored", "paligemma/captioning/training.py",
+    Mutant("resume_caption_rng_not_restored", "paligemma/captioning/run_folder.py",
            'rng.setstate(state["rng"])', 'rng.random()', (LOOP, "-k", "resume_equals"), slow=True),
     # --- crash-safe writes ---
     Mutant("atomic_file_no_fsync", "paligemma/atomic.py", "            os.fsync(f.fileno())\n",
@@ -125,9 +125,9 @@ MUTANTS = [
            ("tests/test_model.py", "tests/test_numerics.py")),
     Mutant("geglu_exact", "paligemma/gemma.py", 'F.gelu(self.gate_proj(x), approximate="tanh")',
            "F.gelu(self.gate_proj(x))", ("tests/test_model.py",)),
-    Mutant("sliding_window_off_by_one", "paligemma/model.py", "(k > q - window)", "(k >= q - window)",
+    Mutant("sliding_window_off_by_one", "paligemma/cache.py", "(k > q - window)", "(k >= q - window)",
            ("tests/test_model.py", "tests/test_generation.py")),
-    Mutant("prefix_causal", "paligemma/model.py", "(causal[None] | both_prefix)", "(causal[None])",
+    Mutant("prefix_causal", "paligemma/cache.py", "(causal[None] | both_prefix)", "(causal[None])",
            ("tests/test_model.py",)),
     Mutant("siglip_no_position", "paligemma/siglip.py", "return x + self.position_embedding.weight", "return x",
            ("tests/test_model.py",)),
@@ -212,7 +212,7 @@ MUTANTS = [
            'if config.get("peft_type", "LORA") == "lora":', (LORA, "-k", "refuses")),
     Mutant("dora_key_misspelt", "lora/peft_format.py", 'if config.get("use_dora"):', 'if config.get("dora"):',
            (LORA, "-k", "refuses")),
-    Mutant("target_modules_our_names", "lora/peft_format.py", '"target_modules": sorted(to_hf(n) for n in layers)',
+    Mutant("target_modules_our_names", "lora/peft_format.py", '"target_modules": sorted(to_hf(model, n) for n in layers)',
            '"target_modules": sorted(layers)', (LORA, "-k", "loads_in_peft")),
     # --- data checks (paligemma/captioning/data.py) ---
     Mutant("dotdot_prefix_refused", "paligemma/captioning/data.py", 'norm.startswith(".." + os.sep)',
@@ -261,12 +261,12 @@ MUTANTS = [
     Mutant("file_keeps_scored_references_only", "evaluate.py", "prediction=p, references=e.captions)",
            "prediction=p, references=refs[str(e.image)])", (EVAL, "-k", "caption_1_as")),
     # --- training's best model and early stop (train.py, validation.py, training.py) ---
-    Mutant("no_checkpoint_at_early_stop", "train.py", "or step + 1 == args.steps or stop:", "or step + 1 == args.steps:",
+    Mutant("no_checkpoint_at_early_stop", "train.py", "or done == args.steps or stop:", "or done == args.steps:",
            (TRAIN, "-k", "best_survives"), slow=True),  # kind
     Mutant("resume_ignores_best_json", "train.py", 'best.load(extra.get("best", best.state()), out / "best" / "best.json")',
            'best.load(extra.get("best", best.state()))', (TRAIN, "-k", "best_survives"), slow=True),  # kind
-    Mutant("last_step_not_evaluated", "train.py", "(step + 1) % args.eval_every == 0 or step + 1 == args.steps, False",
-           "(step + 1) % args.eval_every == 0, False", (TRAIN, "-k", "best_survives"), slow=True),  # kind
+    Mutant("last_step_not_evaluated", "train.py", "done % args.eval_every == 0 or done == args.steps\n",
+           "done % args.eval_every == 0\n", (TRAIN, "-k", "best_survives"), slow=True),  # kind
     Mutant("best_record_loses_image_gap", "paligemma/captioning/validation.py",
            'if k.startswith("val_") or k == "image_gap"}', 'if k.startswith("val_")}',
            (TRAIN, "-k", "best_survives"), slow=True),  # kind
@@ -274,9 +274,9 @@ MUTANTS = [
            (TRAIN, "-k", "best_survives"), slow=True),
     Mutant("early_stop_at_once", "train.py", "best.stop), args.device) > 0", "best.stop), args.device) >= 0",
            (TRAIN, "-k", "best_model_and_early_stop"), slow=True),
-    Mutant("best_json_step_off_by_one", "train.py", 'save_best(out / "best", model, full, args.model, step + 1,',
-           'save_best(out / "best", model, full, args.model, step,', (TRAIN, "-k", "best_model_and_early_stop"), slow=True),
-    Mutant("trim_log_drops_checkpoint_step", "paligemma/captioning/training.py", 'json.loads(l).get("step", 0) <= step]',
+    Mutant("best_json_step_off_by_one", "train.py", 'save_best(out / "best", par.model, args.full, args.model, step,',
+           'save_best(out / "best", par.model, args.full, args.model, step - 1,', (TRAIN, "-k", "best_model_and_early_stop"), slow=True),
+    Mutant("trim_log_drops_checkpoint_step", "paligemma/captioning/run_folder.py", 'json.loads(l).get("step", 0) <= step]',
            'json.loads(l).get("step", 0) < step]', (TRAIN, "-k", "best_survives"), slow=True),
     Mutant("stop_one_evaluation_late", "paligemma/captioning/validation.py", "self.stale >= self.patience",
            "self.stale > self.patience", (VALID,)),
@@ -290,7 +290,7 @@ MUTANTS = [
     Mutant("swap_leaves_old", "paligemma/atomic.py",
            "    os.replace(new, path)\n    _fsync_dir(path.parent)\n    shutil.rmtree(old, ignore_errors=True)",
            "    os.replace(new, path)\n    _fsync_dir(path.parent)", ("tests/test_atomic.py", "-k", "completed_swaps")),  # kind
-    Mutant("header_range_unchecked", "paligemma/weights.py", "<= size - 8 - n or end - start != nbytes:",
+    Mutant("header_range_unchecked", "paligemma/safetensors_io.py", "<= size - 8 - n or end - start != nbytes:",
            "<= size - 8 - n:", ("tests/test_weights.py", "-k", "byte_range")),  # kind
 ]
 

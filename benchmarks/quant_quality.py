@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paligemma.captioning.data import load_examples  # noqa: E402
 from paligemma.captioning.metrics import cider_d, tokenize  # noqa: E402
-from paligemma.cli import load_for_inference  # noqa: E402
+from paligemma.inference import load_for_inference  # noqa: E402
 
 
 def greedy_tokens(model, processor, images, prompt, batch_size, max_new_tokens) -> list[list[int]]:

@@ -1,22 +1,12 @@
-"""What the three commands (caption, evaluate.py, train.py) share: the dtype names, loading a model for
-inference with an optional LoRA adapter, number checks at parse time, and one-line errors."""
+"""What the commands (caption, probe, verify, evaluate.py, train.py) share: the dtype names, number checks
+at parse time, the image commands' arguments, one caption per output line, and one-line errors.
+Argument parsing only: loading and captioning are paligemma/inference.py."""
 import argparse
 import sys
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_for_inference(model: str, adapter: str | None = None, dtype: str = "float32", device: str = "cpu",
-                       quantize: str | None = None):
-    """(model, processor): a checkpoint folder or hub id, quantized while loading if asked ("int8",
-    "nf4": quantize.py), the adapter (PEFT format) applied, and on CPU the linear layers packed for
-    speed once they have been used enough to pay for it (identical captions, see packing.py)."""
-    from .model import PaliGemma
-    from .processor import Processor
-    net = PaliGemma.from_pretrained(model, DTYPES[dtype], device, inference=True, quantize=quantize, adapter=adapter)
-    return net, Processor.from_pretrained(model)
 
 
 def number(kind: type, low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):
@@ -75,3 +65,8 @@ def add_image_command_args(p: argparse.ArgumentParser):
 
 def add_debug(parser: argparse.ArgumentParser):
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors in the input too")
+
+
+def one_line(text: str) -> str:
+    """Keep one caption per output line; a broken model's newlines stay visible as \\n."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")

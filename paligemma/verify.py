@@ -77,7 +77,8 @@ def compare(model: str, image=None, prompt: str = "caption en", dtype: str = "fl
         raise SystemExit("paligemma.verify compares against transformers, which is not installed: "
                          "pip install transformers") from None
     from transformers import PaliGemmaForConditionalGeneration
-    from .cli import DTYPES, load_for_inference
+    from .cli import DTYPES
+    from .inference import load_for_inference
     ours, processor = load_for_inference(model, adapter, dtype)
     theirs = PaliGemmaForConditionalGeneration.from_pretrained(model, attn_implementation="eager", dtype=DTYPES[dtype])
     if adapter:

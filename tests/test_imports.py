@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     # what everything may use: formats, conventions, crash-safe writes, argparse helpers
     ["paligemma.config", "paligemma.atomic", "paligemma.hookpoint", "paligemma.safetensors_io",
-     "paligemma.tokenizer"],
+     "paligemma.tokenizer", "paligemma.cli"],
     # the model's parts
     ["paligemma.attention", "paligemma.cache", "paligemma.checkpointing"],
     ["paligemma.siglip", "paligemma.gemma"],
@@ -24,7 +24,7 @@ LAYERS = [
     ["paligemma.model", "paligemma.processor"],
     ["paligemma"],
     # around the model: commands and instruments
-    ["paligemma.cli", "paligemma.caption", "paligemma.verify", "paligemma.probe", "paligemma.probe.hooking",
+    ["paligemma.inference", "paligemma.caption", "paligemma.verify", "paligemma.probe", "paligemma.probe.hooking",
      "paligemma.probe.groups", "paligemma.probe.recording", "paligemma.probe.knockout", "paligemma.probe.patching",
      "paligemma.probe.report", "paligemma.probe.__main__", "paligemma.tasks.boxes", "paligemma.tasks.answers",
      "paligemma.tasks.average_precision", "paligemma.tasks.vqvae", "paligemma.tasks.segmentation"],
@@ -33,6 +33,7 @@ LAYERS = [
      "paligemma.captioning.meteor_java", "paligemma.captioning.resampled_cider", "paligemma.captioning.bootstrap",
      "paligemma.captioning.data", "paligemma.captioning.distributed", "paligemma.captioning.curves",
      "paligemma.captioning.synthetic", "paligemma.captioning.results", "paligemma.captioning.precision",
+     "paligemma.captioning.run_folder",
      "paligemma.captioning.training",
      "paligemma.captioning.validation"],
 ]

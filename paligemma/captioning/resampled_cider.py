@@ -20,7 +20,7 @@ on RSICD-like captions: each image's own rare n-grams collapse into one), which 
 """
 import math
 import warnings
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import numpy as np
 import torch

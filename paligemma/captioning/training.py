@@ -1,19 +1,17 @@
-"""The pieces train.py is made of, small enough to test one by one."""
+"""The pieces of train.py's steps, small enough to test one by one: the learning-rate schedule, batches
+and their labels, what trains, the loss of one optimizer step over micro-batches, and the checks that
+make the study's failures loud. The run folder (checkpoints, exports, logs) is run_folder.py."""
 import dataclasses
-import json
 import math
-import os
-import pickle
 import random
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_dir
 from ..processor import IGNORE
 from .data import sample_caption
-from .distributed import shard
+from .distributed import global_sum, shard
 
 
 def lr_at(step: int, lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -98,17 +96,20 @@ def first_loss_check(loss: float, vocab_size: int, pretrained: bool) -> str:
 
 
 @torch.no_grad()
-def image_reliance(model, batch: dict) -> tuple[float, float]:
-    """Loss with each caption's own image vs with images rolled across the batch.
-    A decoder that ignores the image shows no gap."""
+def shuffled_image_losses(model, batch: dict) -> tuple[float, float]:
+    """(loss with each caption's own image, loss with the images rolled across the batch). A decoder that
+    ignores the image shows no gap. (probe.image_ablation measures something else: each caption token's
+    log-probability with the image features zeroed.)"""
     own = model.loss(**batch).item()
     shuffled = dict(batch, pixel_values=batch["pixel_values"].roll(1, dims=0))
     return own, model.loss(**shuffled).item()
 
 
-def make_trainable(model, full: bool, args):
+def make_trainable(model, full: bool, *, lora_targets="all", r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                   rslora: bool = False, train_modules=()):
     """Full fine-tuning: every weight, in float32 master copies (autocast computes in bf16). LoRA: the
-    adapter layers named by --lora, plus any --train-modules, in float32; the rest stays frozen."""
+    adapter layers named by `lora_targets` (--lora), plus whole `train_modules` (--train-modules), in
+    float32; the rest stays frozen."""
     import lora
     if full:
         for p in model.parameters():
@@ -116,12 +117,11 @@ def make_trainable(model, full: bool, args):
         model.float()
         return
     try:
-        lora.inject(model, args.lora, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                    rslora=args.rslora)
+        lora.inject(model, lora_targets, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
     except ValueError as e:
-        raise ValueError(f"--lora {args.lora!r}: {e}") from None
+        raise ValueError(f"--lora {lora_targets!r}: {e}") from None
     try:
-        lora.train_modules(model, args.train_modules)
+        lora.train_modules(model, list(train_modules))
     except ValueError as e:
         raise ValueError(f"--train-modules: {e}") from None
     for p in model.parameters():
@@ -135,172 +135,28 @@ def trainable_state(model, full: bool) -> dict:
     return {k: v for k, v in model.state_dict().items() if full or k in trains}
 
 
-class ResumeError(ValueError):
-    """A run folder that --resume cannot continue, or that a new run would overwrite."""
+def accumulate(par, precision, micro_batches: list[dict], device) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's micro-batches (gradients summed in the parameters);
+    returns the step's loss and the tokens it read (all ranks). It is a sum over label tokens divided by their count over every micro-batch
+    and rank, so that k micro-batches of b give the step that one batch of k x b would (micro-batches
+    differ in length; dividing each by its own count would weight their tokens unequally)."""
+    n_labels = global_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches), device)
+    loss_sum, tokens = 0.0, 0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with par.no_sync(last_micro_batch=i == len(micro_batches) - 1), precision.autocast():
+            loss = par.wrapped(**batch) * par.world / n_labels  # x world: DDP averages gradients over ranks
+        precision.backward(loss)
+        loss_sum += loss.item() / par.world
+        tokens += int(batch["attention_mask"].sum()) * par.world
+    return global_sum(loss_sum, device), tokens
 
 
-# Settings that change what a checkpoint's weights, optimizer state and data position mean: a resumed
-# run must use the saved ones. (--steps, --lr, --eval-every, --save-every, --device ... may change.)
-MUST_MATCH = ("model", "data", "prompt", "finetune", "lora", "lora_r", "lora_alpha", "lora_dropout", "rslora",
-              "train_modules", "batch_size", "grad_accum", "seed", "first_caption_only", "max_length", "dtype",
-              "blind", "overfit_batch")
-
-
-def check_run_folder(out: Path, resume: bool):
-    """Before a run reads or writes OUT: finish a checkpoint swap a kill interrupted (atomic.recover),
-    then refuse --resume without a checkpoint (a typo in --out must not restart from step 0) and a new
-    run over an existing checkpoint (its first save would replace it). Rank 0 only."""
-    from ..atomic import recover
-    checkpoint = recover(out / "checkpoint")
-    recover(out / "best")
-    state = checkpoint / "state.pt"
-    if resume and not state.exists():
-        raise ResumeError(f"--resume: {state} does not exist, nothing to resume (check --out, or drop --resume "
-                          "to start a new run)")
-    if not resume and state.exists():
-        step = json.loads((checkpoint / "step.json").read_text())["step"] if (checkpoint / "step.json").exists() else "?"
-        raise ResumeError(f"{out} already holds a run (checkpoint at step {step}): pass --resume to continue it, "
-                          "or choose another --out")
-
-
-def save_train_state(directory, model, optimizer, step: int, batches: Batches, rng: random.Random, full: bool,
-                    args: dict, states: tuple[dict, dict] | None = None, extra: dict | None = None):
-    """Everything needed to continue exactly: weights that train, optimizer, step, data position, RNGs,
-    the settings, and `extra` (the best-model tracker). Only tensors and plain Python values, so that
-    load_train_state reads it with torch.load(weights_only=True). Written to a temp folder and swapped
-    in (atomic.py), so `directory` is always a whole checkpoint. `states`: (model, optimizer) state
-    already gathered from shards (FSDP)."""
-    model_state, optimizer_state = states or (trainable_state(model, full), optimizer.state_dict())
-    with atomic_dir(directory) as tmp:
-        torch.save({"model": model_state, "optimizer": optimizer_state, "step": step,
-                    "data": batches.state(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                    "args": args, "extra": extra or {}}, tmp / "state.pt")
-        if not full:
-            import lora
-            lora.save(model, tmp / "adapter", base_model_name_or_path=args.get("model"))
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
-
-
-def read_train_state(directory) -> dict:
-    """state.pt, unpickled with weights_only=True: tensors and plain values only, never code. A file this
-    program did not write, or a damaged one, is refused by name."""
-    path = Path(directory) / "state.pt"
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as e:
-        raise ResumeError(f"{path}: refused: it holds more than tensors and plain values, so it was not written by "
-                          f"train.py and loading it could run code ({str(e).splitlines()[0]}). Run folder: "
-                          f"{Path(directory).parent}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ResumeError(f"{path}: unreadable checkpoint, damaged or truncated ({str(e).splitlines()[0]}). "
-                          f"Run folder: {Path(directory).parent}") from None
-    want = {"model", "optimizer", "step", "data", "rng", "torch_rng", "args"}
-    if not isinstance(state, dict) or not want <= set(state):
-        raise ResumeError(f"{path}: not a train.py checkpoint (expected keys {sorted(want)})")
-    return state
-
-
-def check_same_data(saved: dict | None, current: dict, directory):
-    """--resume on other rows than the checkpoint's would continue a different order without a word
-    (the data position is an index into the rows): name what changed, per split. `saved`/`current`:
-    split -> data.fingerprint. A checkpoint written before fingerprints were saved is not checked."""
-    if not saved:
-        return
-    changes = []
-    for split in sorted(set(saved) | set(current)):
-        a, b = saved.get(split, []), current.get(split, [])
-        if a == b:
-            continue
-        was, now, old = {n for n, _ in a}, {n for n, _ in b}, {(n, h) for n, h in a}
-        added, removed = sorted(now - was), sorted(was - now)
-        edited = sorted(n for n, h in b if n in was and (n, h) not in old)
-        what = [f"{len(added)} rows added (e.g. {added[:3]})" if added else "",
-                f"{len(removed)} rows removed (e.g. {removed[:3]})" if removed else "",
-                f"captions changed on {len(edited)} rows (e.g. {edited[:3]})" if edited else ""]
-        what = [w for w in what if w] or ["the same rows in another order"]
-        changes.append(f"{split} split ({len(a)} -> {len(b)} rows): {', '.join(what)}")
-    if changes:
-        raise ResumeError(f"{directory}: --resume on other data than the checkpoint's: {'; '.join(changes)}. "
-                          "Resume with the data it was trained on, or start a new run in another --out")
-
-
-def check_settings(saved: dict, current: dict, directory):
-    """--resume with other settings than the checkpoint's would continue a different run: name them."""
-    def same(key):
-        a, b = saved.get(key), current.get(key)
-        if key in ("model", "data") and a and b and Path(a).exists() and Path(b).exists():
-            return Path(a).resolve() == Path(b).resolve()  # the same folder spelt another way
-        return a == b
-    differ = [f"--{k.replace('_', '-')} {current.get(k)!r} (checkpoint: {saved.get(k)!r})"
-              for k in MUST_MATCH if not same(k)]
-    if differ:
-        raise ResumeError(f"{directory}: --resume with other settings than the checkpoint's: {'; '.join(differ)}")
-
-
-def load_train_state(directory, model, optimizer, batches: Batches, rng: random.Random, sharded=None,
-                     args: dict | None = None) -> tuple[int, dict]:
-    """Restore what save_train_state wrote; returns (step, extra). `sharded`: the FSDP-wrapped model,
-    whose shards are filled from the whole state. `args`: the current settings, checked against the saved."""
-    state = read_train_state(directory)
-    if args is not None:
-        check_settings(state["args"], args, directory)
-    current = model.state_dict()
-    unknown = sorted(set(state["model"]) - set(current))
-    shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(current[k].shape)}"
-              for k, v in state["model"].items() if k in current and v.shape != current[k].shape]
-    if unknown or shapes:
-        raise ResumeError(f"{directory}: checkpoint does not fit this model: weights it lacks {unknown[:5]}, "
-                          f"wrong shapes {shapes[:5]}")
-    if sharded is not None:
-        from .distributed import load_full_state
-        load_full_state(sharded, optimizer, state["model"], state["optimizer"])
-    else:
-        with torch.no_grad():
-            for k, v in state["model"].items():  # only the trained subset is stored
-                current[k].copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
-    batches.load(state["data"])
-    rng.setstate(state["rng"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"], state.get("extra", {})
-
-
-def export(model, full: bool, base: str, folder: Path, state: dict | None = None):
-    """What a user keeps: a hub-layout checkpoint + tokenizer (full), or a PEFT adapter (LoRA), in
-    `folder`. `state`: the whole state gathered from FSDP shards."""
-    import shutil
-    import lora
-    from ..weights import resolve
-    if full:
-        model.save_pretrained(folder, state_dict=state)
-        shutil.copyfile(resolve(base) / "tokenizer.model", Path(folder) / "tokenizer.model")
-    else:
-        lora.save(model, folder, base_model_name_or_path=base)
-
-
-def trim_log(log: Path, step: int):
-    """A resumed run logs again the steps after its checkpoint: drop the first run's records of them."""
-    if log.exists():
-        from ..atomic import atomic_file
-        keep = [l for l in log.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-        with atomic_file(log) as f:
-            f.write("".join(l + "\n" for l in keep))
-
-
-def wandb_run(project: str | None, config: dict, rank: int, folder: Path | None = None):
-    """A W&B run on rank 0 when --wandb is given; None otherwise. Its files go under `folder` (the run
-    folder, OUT/wandb), not into the working directory."""
-    if not project or rank:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise SystemExit("--wandb needs the wandb package: pip install wandb") from None
-    return wandb.init(project=project, config=config, dir=None if folder is None else str(folder))
-
-
-def append_jsonl(path, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def check_step(step: int, loss: float, grad_norm, stepped: bool, precision, checkpoint: Path):
+    """A diverged run stops with the step named (the last good checkpoint kept); under fp16 a skipped step
+    is the loss scaler's business (counted in its metrics), not an error."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"step {step}: non-finite loss ({loss}); last good checkpoint: {checkpoint}")
+    if not stepped and precision.mode != "fp16":
+        raise FloatingPointError(f"step {step}: non-finite gradient norm ({float(grad_norm)}); last good "
+                                 f"checkpoint: {checkpoint}")

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .training import collate, export, image_reliance
+from .run_folder import export
+from .training import collate, shuffled_image_losses
 
 MAX_NEW_TOKENS = 24
 
@@ -31,7 +32,7 @@ def spread(examples: list, n: int) -> list:
 
 def caption_and_score(model, processor, examples, prompt: str, batch_size: int = 32, with_meteor: bool = False):
     """(scores, health, predictions) of greedy captions for `examples`."""
-    from ..caption import caption
+    from ..inference import caption
     from .metrics import health, score_all
     model.eval()
     texts = caption(model, processor, [e.image for e in examples], prompt, batch_size, max_new_tokens=MAX_NEW_TOKENS)
@@ -54,7 +55,7 @@ class Validation:
         """One evaluation; every rank that generates must call it (FSDP), rank 0 prints."""
         model.eval()
         with torch.autocast(**amp):
-            own, shuffled = image_reliance(model, {k: v.to(model.device) for k, v in self.loss_batch.items()})
+            own, shuffled = shuffled_image_losses(model, {k: v.to(model.device) for k, v in self.loss_batch.items()})
         record = dict(val_loss=own, val_loss_shuffled_images=shuffled, image_gap=shuffled - own)
         preds = {}
         if self.captioned:

@@ -21,8 +21,9 @@ from pathlib import Path
 from PIL import Image
 
 from ..atomic import atomic_file
-from ..caption import one_line
-from ..cli import POSITIVE, add_debug, add_image_command_args, load_for_inference, run
+from ..cli import one_line
+from ..cli import POSITIVE, add_debug, add_image_command_args, run
+from ..inference import load_for_inference
 from .recording import generate
 from .report import index, render, summarize, thumbnail
 

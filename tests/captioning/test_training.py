@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from paligemma.captioning.data import Example
-from paligemma.captioning.training import (Batches, ResumeError, blind, check_labels, check_run_folder,
-                                           check_settings, first_loss_check, load_train_state, lr_at,
-                                           make_trainable, read_train_state, save_train_state)
+from paligemma.captioning.run_folder import (ResumeError, check_run_folder, check_settings, load_train_state,
+                                             read_train_state, save_train_state)
+from paligemma.captioning.training import Batches, blind, check_labels, first_loss_check, lr_at, make_trainable
 
 
 def test_lr_schedule_hand_values():
@@ -38,13 +38,15 @@ def test_blind_control_keeps_captions_and_moves_images():
     assert sum(a.image == b.image for a, b in zip(examples, shuffled)) <= 3
 
 
-LORA = dict(lora="decoder", lora_r=4, lora_alpha=8.0, lora_dropout=0.0, rslora=False, train_modules=[])
+LORA = dict(lora_targets="decoder", r=4, alpha=8.0, dropout=0.0, rslora=False, train_modules=[])  # make_trainable's
+# the same, as train.py's settings saved in a checkpoint
+ARGS = dict(lora="decoder", lora_r=4, lora_alpha=8.0, lora_dropout=0.0, rslora=False, train_modules=[])
 
 
 def lora_model(pg1_dir, r=4):
     from paligemma import PaliGemma
     model = PaliGemma.from_pretrained(pg1_dir)
-    make_trainable(model, False, SimpleNamespace(**dict(LORA, lora_r=r)))
+    make_trainable(model, False, **dict(LORA, r=r))
     return model
 
 
@@ -58,7 +60,7 @@ def saved_run(pg1_dir, folder, args=None):
     batches, rng = Batches(list(range(10)), 3, 0), random.Random(5)
     batches.next()
     rng.random()
-    args = dict(model=str(pg1_dir), **LORA) if args is None else args
+    args = dict(model=str(pg1_dir), **ARGS) if args is None else args
     save_train_state(folder, model, optimizer, 1, batches, rng, False, args, extra={"best": {"step": 1}})
     return model, optimizer, batches, rng
 
@@ -70,7 +72,7 @@ def test_checkpoint_round_trip_with_weights_only(pg1_dir, tmp_path):
     fresh = lora_model(pg1_dir)
     opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
     b2, r2 = Batches(list(range(10)), 3, 0), random.Random(0)
-    step, extra = load_train_state(tmp_path / "checkpoint", fresh, opt, b2, r2, args=dict(model=str(pg1_dir), **LORA))
+    step, extra = load_train_state(tmp_path / "checkpoint", fresh, opt, b2, r2, args=dict(model=str(pg1_dir), **ARGS))
     assert step == 1 and extra == {"best": {"step": 1}}
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
     assert b2.next() == batches.next() and r2.random() == rng.random()
@@ -114,7 +116,7 @@ def test_damaged_checkpoint_names_the_run_folder(pg1_dir, tmp_path):
 
 
 def test_resume_with_other_settings_names_them(pg1_dir, tmp_path):
-    saved = dict(model=str(pg1_dir), batch_size=8, **LORA)
+    saved = dict(model=str(pg1_dir), batch_size=8, **ARGS)
     with pytest.raises(ResumeError, match=r"--lora-r 8 \(checkpoint: 4\); --batch-size 4 \(checkpoint: 8\)"):
         check_settings(saved, dict(saved, lora_r=8, batch_size=4, steps=100), tmp_path)
     check_settings(saved, dict(saved, steps=100, lr=1.0, model=str(pg1_dir) + "/."), tmp_path)  # these may change
@@ -147,7 +149,7 @@ def test_batch_larger_than_the_split_is_refused():
 
 def test_resume_on_changed_rows_names_what_changed(tmp_path):
     from paligemma.captioning.data import fingerprint
-    from paligemma.captioning.training import check_same_data
+    from paligemma.captioning.run_folder import check_same_data
     from pathlib import Path
     rows = [Example(image=Path(f"{i}.png"), captions=[f"caption {i}"]) for i in range(6)]
     saved = {"train": fingerprint(rows[:4]), "val": fingerprint(rows[4:])}
@@ -168,12 +170,12 @@ def test_invalid_lora_regex_names_the_flag(pg1_dir):
     from paligemma import PaliGemma
     model = PaliGemma.from_pretrained(pg1_dir)
     with pytest.raises(ValueError, match=r"^--lora '\(q_proj': LoRA targets '\(q_proj': not a preset \(decoder, vision, projector, all\) and not a valid regular expression"):
-        make_trainable(model, False, SimpleNamespace(**dict(LORA, lora="(q_proj")))
+        make_trainable(model, False, **dict(LORA, lora_targets="(q_proj"))
 
 
 def test_wandb_files_go_under_the_run_folder(tmp_path, monkeypatch):
     import sys
-    from paligemma.captioning.training import wandb_run
+    from paligemma.captioning.run_folder import wandb_run
     calls = []
     monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=lambda **k: calls.append(k) or "run"))
     assert wandb_run("proj", {"a": 1}, 0, tmp_path / "out") == "run"
@@ -185,7 +187,7 @@ def test_full_disk_during_a_checkpoint_save_is_named_and_keeps_the_last(pg1_dir,
     """torch.save's own error on a full disk (as measured on a 64 KiB tmpfs) names nothing: the save
     says 'no space left on device' with the checkpoint's path, and the previous checkpoint stays whole."""
     from paligemma import atomic
-    from paligemma.captioning import training
+    from paligemma.captioning import run_folder
     model, optimizer, batches, rng = saved_run(pg1_dir, tmp_path / "checkpoint")
     before = (tmp_path / "checkpoint" / "state.pt").read_bytes()
     real = atomic.shutil.disk_usage
@@ -194,8 +196,8 @@ def test_full_disk_during_a_checkpoint_save_is_named_and_keeps_the_last(pg1_dir,
     def full(obj, path):
         open(path, "wb").write(b"half")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
-    monkeypatch.setattr(training.torch, "save", full)
+    monkeypatch.setattr(run_folder.torch, "save", full)
     with pytest.raises(OSError, match=rf"no space left on device: {tmp_path / 'checkpoint'} \(the previous"):
-        save_train_state(tmp_path / "checkpoint", model, optimizer, 2, batches, rng, False, dict(LORA))
+        save_train_state(tmp_path / "checkpoint", model, optimizer, 2, batches, rng, False, dict(ARGS))
     assert (tmp_path / "checkpoint" / "state.pt").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
