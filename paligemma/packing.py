@@ -70,6 +70,19 @@ def _rent(layer, x: torch.Tensor, weight: torch.Tensor, bias):
     return F.linear(x, weight, bias) if layer.calls_left > 0 else None
 
 
+def _stay_on_cpu(module: nn.Module, fn):
+    """nn.Module._apply (every .to(), .cuda(), .float() ...) on a packing layer: oneDNN's blocked weights
+    exist only on the CPU in their own dtype, and they are plain attributes that .to() would silently
+    leave behind. So a move or a cast is refused by name; .to("cpu") in the same dtype passes."""
+    dtype = next((t.dtype for t in (getattr(module, "packed", None), getattr(module, "plain", None))
+                  if isinstance(t, torch.Tensor)), torch.bfloat16)
+    probe = fn(torch.zeros(1, dtype=dtype))
+    if probe.device.type != "cpu" or probe.dtype != dtype:
+        raise RuntimeError(f"{type(module).__name__}: packed for CPU inference in {dtype} (packing.py); it cannot "
+                           f"move to {probe.device} / {probe.dtype}: load the model again without inference=True "
+                           "(or before pack()) to move or cast it")
+
+
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias, training: bool) -> torch.Tensor:
     _check_inference(x, training)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
@@ -113,6 +126,10 @@ class PackedLinear(nn.Module):
             self._pack()
         return _packed_linear(x, self.packed, self.bias, self.training)
 
+    def _apply(self, fn, recurse=True):
+        _stay_on_cpu(self, fn)
+        return super()._apply(fn, recurse)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight
         if self.bias is not None:
@@ -132,6 +149,10 @@ class PackedHead(TiedHead):
         self.packed, self.calls_left = None, after  # (V, D) blocked; not in state_dict(), which has no head key
         if after <= 0:
             self.packed = _reorder(embedding)
+
+    def _apply(self, fn, recurse=True):
+        _stay_on_cpu(self, fn)
+        return super()._apply(fn, recurse)
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.packed is None:

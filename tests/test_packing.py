@@ -230,3 +230,18 @@ def test_the_head_refuses_training_mode_without_gradients_too():
         head = PackedHead(TiedHead(softcap=None), table, after=after).train()
         with torch.no_grad(), pytest.raises(RuntimeError, match="packed layers are for inference"):
             head(rows(2), table)
+
+
+# --- issue #24: tensors an add-on made move with the model, or the move is refused ------------------
+
+def test_a_packed_model_refuses_to_move_or_cast(pg1_dir):
+    """oneDNN's packed weights exist only on the CPU (they cannot even go to `meta`) and are no buffers:
+    model.to(...) on a packed model is refused by name instead of leaving them behind; staying on the
+    CPU in the same dtype is fine. Every layer kind: packed at once, and still counting down."""
+    from paligemma.packing import AFTER
+    for after in (0, AFTER):
+        model = pack(PaliGemma.from_pretrained(pg1_dir, dtype=torch.bfloat16).requires_grad_(False), after=after)
+        model.to("cpu")
+        for move in (lambda m: m.to("meta"), lambda m: m.float()):
+            with pytest.raises(RuntimeError, match=r"Packed(Linear|Head): packed for CPU inference in torch.bfloat16"):
+                move(model)
