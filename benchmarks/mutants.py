@@ -79,10 +79,11 @@ MUTANTS = [
            ("tests/test_atomic_crash.py",)),
     Mutant("atomic_file_temp_left", "paligemma/atomic.py", "            os.unlink(tmp)", "            pass",
            ("tests/test_atomic_crash.py",)),
-    Mutant("atomic_file_in_place", "paligemma/atomic.py", "with os.fdopen(fd, mode) as f:",
-           "with os.fdopen(fd, mode) as _, open(path, mode) as f:", ("tests/test_atomic_crash.py",)),
+    Mutant("atomic_file_in_place", "paligemma/atomic.py", "with named_full_disk(path), os.fdopen(fd, mode) as f:",
+           "with named_full_disk(path), os.fdopen(fd, mode) as _, open(path, mode) as f:", ("tests/test_atomic_crash.py",)),
     Mutant("atomic_file_in_place_no_temp", "paligemma/atomic.py",  # written where it lands, the temp discarded
-           "with os.fdopen(fd, mode) as f:", "with os.fdopen(fd, mode) as _, open(path, mode) as f:",
+           "with named_full_disk(path), os.fdopen(fd, mode) as f:",
+           "with named_full_disk(path), os.fdopen(fd, mode) as _, open(path, mode) as f:",
            ("tests/test_atomic_crash.py", "-k", "sigkill"), extra=("os.replace(tmp, path)", "os.unlink(tmp)")),
     Mutant("atomic_dir_temp_left", "paligemma/atomic.py", "        shutil.rmtree(tmp, ignore_errors=True)\n        raise",
            "        raise", ("tests/test_atomic_crash.py",)),
@@ -143,13 +144,13 @@ MUTANTS = [
     Mutant("lora_regex_search", "lora/inject.py", "re.fullmatch(targets, name)", "re.search(targets, name)",
            ("tests/test_lora.py",)),
     # --- captioning metrics ---
-    Mutant("bleu_shortest_reference", "paligemma/captioning/metrics.py", "min((abs(len(r) - len(h)), len(r)) for r in rs)[1]",
-           "min(len(r) for r in rs)", ("tests/test_metrics.py",)),
-    Mutant("bleu_one_guess_minimum", "paligemma/captioning/metrics.py", "max(len(h) - k + 1, 0)", "max(len(h) - k + 1, 1)",
-           ("tests/test_metrics.py",)),
+    Mutant("bleu_shortest_reference", "paligemma/captioning/metrics.py", "min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]",
+           "min(len(r) for r in refs)", ("tests/captioning/test_metrics.py",)),
+    Mutant("bleu_one_guess_minimum", "paligemma/captioning/metrics.py", "max(len(hyp) - k + 1, 0)", "max(len(hyp) - k + 1, 1)",
+           ("tests/captioning/test_metrics.py",)),
     Mutant("cider_unclipped", "paligemma/captioning/metrics.py", "min(x, vr[k].get(g, 0.0))", "x",
-           ("tests/test_metrics.py",)),
-    Mutant("cider_sigma", "paligemma/captioning/metrics.py", "(2 * sigma ** 2)", "(sigma ** 2)", ("tests/test_metrics.py",)),
+           ("tests/captioning/test_metrics.py",)),
+    Mutant("cider_sigma", "paligemma/captioning/metrics.py", "(2 * sigma ** 2)", "(sigma ** 2)", ("tests/captioning/test_metrics.py",)),
     # ===== issue #28: code added in round 2 (packing, hook points, adapter files, data checks,
     # evaluate's flags, training's best / early stop). "kind": the planted-bug kinds the issue lists;
     # the others are ours. Tests: the fast ones that pin each promise (the train.py ones are slow). =====
@@ -252,8 +253,8 @@ MUTANTS = [
            "second = (args.compare, args.adapter, args.quantize)", (EVAL, "-k", "by_hand")),
     Mutant("compare_adapter_unquantized", "evaluate.py", "second = (args.model, args.compare, args.quantize)",
            "second = (args.model, args.compare, None)", (EVAL, "-k", "by_hand")),
-    Mutant("empty_out_refused", "evaluate.py", "if out.exists() and any(out.iterdir()) and not args.overwrite:",
-           "if out.exists() and not args.overwrite:", (EVAL, "-k", "empty_output")),
+    Mutant("empty_out_refused", "paligemma/captioning/results.py", 'return "other" if names else "empty"',
+           'return "other" if out.is_dir() else "empty"', (EVAL, "-k", "empty_output")),
     Mutant("row_name_without_quantize", "evaluate.py", '+ (f" ({quantize})" if quantize else "")', "",
            (EVAL, "-k", "int8_keeps")),
     Mutant("prediction_lines_enumerated", "evaluate.py", 'rows = csv_rows(csv.DictReader(io.StringIO(text, newline="")))',
@@ -288,8 +289,8 @@ MUTANTS = [
            'state["step"], state["score"], state["stale"]', 'state["step"], state["score"], 0', (VALID,)),
     # --- crash-safety (atomic.py, weights.py) ---
     Mutant("swap_leaves_old", "paligemma/atomic.py",
-           "    os.replace(new, path)\n    _fsync_dir(path.parent)\n    shutil.rmtree(old, ignore_errors=True)",
-           "    os.replace(new, path)\n    _fsync_dir(path.parent)", ("tests/test_atomic.py", "-k", "completed_swaps")),  # kind
+           "    os.replace(new, path)\n    fsync_dir(path.parent)\n    shutil.rmtree(old, ignore_errors=True)",
+           "    os.replace(new, path)\n    fsync_dir(path.parent)", ("tests/test_atomic.py", "-k", "completed_swaps")),  # kind
     Mutant("header_range_unchecked", "paligemma/safetensors_io.py", "<= size - 8 - n or end - start != nbytes:",
            "<= size - 8 - n:", ("tests/test_weights.py", "-k", "byte_range")),  # kind
 ]
@@ -306,17 +307,36 @@ def copy_tree(dest: Path):
             shutil.copy2(src, dest / f)
 
 
+def mutate(m: Mutant, original: str) -> str:
+    """`original` with the mutant planted; raises ValueError naming the mutant when its text is not
+    found exactly once (the code moved: the mutant is stale and would test nothing)."""
+    mutated = original
+    for old, new in ((m.old, m.new), *([m.extra] if m.extra else [])):
+        if mutated.count(old) != 1:
+            raise ValueError(f"mutant {m.name}: {m.file} holds {mutated.count(old)} copies of {old!r} (expected 1): stale")
+        mutated = mutated.replace(old, new)
+    if mutated == original:
+        raise ValueError(f"mutant {m.name}: replacing {m.old!r} changes nothing in {m.file}")
+    return mutated
+
+
+def stale(mutants: list) -> list[str]:
+    """Every chosen mutant's problem, checked against the working tree before anything runs."""
+    errors = []
+    for m in mutants:
+        try:
+            mutate(m, (ROOT / m.file).read_text())
+        except (ValueError, OSError) as e:
+            errors.append(str(e))
+        errors += [f"mutant {m.name}: no test file {t}" for t in m.tests
+                   if t.split("::")[0].endswith(".py") and not (ROOT / t.split("::")[0]).is_file()]
+    return errors
+
+
 def run(m: Mutant, scratch: Path, timeout: int) -> tuple[str, float]:
     path = scratch / m.file
     original = path.read_text()
-    if original.count(m.old) != 1:
-        raise SystemExit(f"mutant {m.name}: {m.file} holds {original.count(m.old)} copies of {m.old!r} (expected 1): stale")
-    mutated = original.replace(m.old, m.new)
-    if m.extra:
-        if mutated.count(m.extra[0]) != 1:
-            raise SystemExit(f"mutant {m.name}: {m.extra[0]!r} not found once in {m.file}: stale")
-        mutated = mutated.replace(*m.extra)
-    path.write_text(mutated)
+    path.write_text(mutate(m, original))
     t0 = time.time()
     try:
         p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
@@ -342,6 +362,7 @@ def main():
                     "paligemma/gemma.py lora/")
     ap.add_argument("--fast", action="store_true", help="skip mutants that need train.py runs")
     ap.add_argument("--list", action="store_true", help="print the chosen mutants and their tests; run nothing")
+    ap.add_argument("--check", action="store_true", help="check that every chosen mutant applies; run nothing")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
     args = ap.parse_args()
     unknown = sorted(set(args.only or []) - {m.name for m in MUTANTS})
@@ -349,6 +370,14 @@ def main():
         raise SystemExit(f"no mutant named {unknown}")
     chosen = [m for m in MUTANTS if (not args.only or m.name in args.only) and (not args.match or args.match in m.name)
               and (not args.module or any(m.file.startswith(p) for p in args.module)) and not (args.fast and m.slow)]
+    names = [m.name for m in MUTANTS]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    errors = [f"mutant name {n} used twice" for n in twice] + stale(chosen)
+    if errors:  # all of them at once, before an hour of runs
+        raise SystemExit("\n".join(errors))
+    if args.check:
+        print(f"{len(chosen)} mutants apply")
+        return
     if args.list:
         for m in chosen:
             print(f"{m.file}: {m.name}{' (slow)' if m.slow else ''}: {' '.join(m.tests)}")
