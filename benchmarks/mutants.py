@@ -32,7 +32,7 @@ DATA, VALID = "tests/captioning/test_data.py", "tests/captioning/test_validation
 BOXES, AP, ANSWERS, SEG, VAE = (f"tests/tasks/test_{n}.py" for n in ("boxes", "average_precision", "answers",
                                                                      "segmentation", "vqvae"))
 QUANT, PREC, PROBE = "tests/test_quantize.py", "tests/captioning/test_precision.py", "tests/test_probe.py"
-CAPTRAIN = "tests/captioning/test_training.py"
+CAPTRAIN = ("tests/captioning/test_training.py", "tests/captioning/test_run_folder.py")
 INFER = "tests/test_inference.py"  # with the caption / evaluate tests that go through it
 
 
@@ -385,21 +385,21 @@ MUTANTS = [
            (VAE,)),
     # --- int4 weights (paligemma/int4.py) ---
     Mutant("int4_zero_off_by_a_level", "paligemma/int4.py", "zero = (lo + 8 * scale.float()).to(w.dtype)",
-           "zero = (lo + 7 * scale.float()).to(w.dtype)", (QUANT, "-k", "int4")),
+           "zero = (lo + 7 * scale.float()).to(w.dtype)", ("tests/test_int4.py", QUANT, "-k", "int4")),
     Mutant("int4_sixteen_steps", "paligemma/int4.py", "scale = ((hi - lo).clamp(min=1e-6) / 15).to(w.dtype)",
-           "scale = ((hi - lo).clamp(min=1e-6) / 16).to(w.dtype)", (QUANT, "-k", "int4")),
+           "scale = ((hi - lo).clamp(min=1e-6) / 16).to(w.dtype)", ("tests/test_int4.py", QUANT, "-k", "int4")),
     Mutant("int4_dequantize_offset", "paligemma/int4.py", "w = ((codes - 8) * scale[..., None]", "w = ((codes - 7) * scale[..., None]",
-           (QUANT, "-k", "int4")),
+           ("tests/test_int4.py", QUANT, "-k", "int4")),
     Mutant("int4_fused_with_gradients", "paligemma/int4.py",
            "and x.dtype in (torch.bfloat16, torch.float32) \\\n            and not (torch.is_grad_enabled() and x.requires_grad)",
-           "and x.dtype in (torch.bfloat16, torch.float32)", (QUANT, "-k", "int4")),
+           "and x.dtype in (torch.bfloat16, torch.float32)", ("tests/test_int4.py", QUANT, "-k", "int4")),
     Mutant("int4_bias_dropped", "paligemma/int4.py", "return y if self.bias is None else y + self.bias", "return y",
-           (QUANT, "-k", "int4")),
+           ("tests/test_int4.py", QUANT, "-k", "int4")),
     Mutant("int4_tail_rows_swapped", "paligemma/int4.py", "codes[full::2] = (tail & 15).t()\n        codes[full + 1::2] = (tail >> 4).t()",
-           "codes[full::2] = (tail >> 4).t()\n        codes[full + 1::2] = (tail & 15).t()", (QUANT, "-k", "int4")),
+           "codes[full::2] = (tail >> 4).t()\n        codes[full + 1::2] = (tail & 15).t()", ("tests/test_int4.py", QUANT, "-k", "int4")),
     Mutant("int4_chunk_scales_to_first_rows", "paligemma/int4.py",
            "sz[:, i:i + ROWS, 0], sz[:, i:i + ROWS, 1] = scale.t(), zero.t()",
-           "sz[:, :len(rows), 0], sz[:, :len(rows), 1] = scale.t(), zero.t()", (QUANT, "-k", "int4")),
+           "sz[:, :len(rows), 0], sz[:, :len(rows), 1] = scale.t(), zero.t()", ("tests/test_int4.py", QUANT, "-k", "int4")),
     # --- fp16 loss scaling (paligemma/captioning/precision.py) ---
     Mutant("fp16_clipped_while_scaled", "paligemma/captioning/precision.py", "        self.scaler.unscale_(optimizer)\n", "",
            (PREC,)),
@@ -432,22 +432,22 @@ MUTANTS = [
            "if not 0 <= l <= n_layers]", (PROBE, "-k", "knockout")),
     # --- the run folder (paligemma/captioning/run_folder.py) ---
     Mutant("run_folder_seed_may_change", "paligemma/captioning/run_folder.py", '"batch_size", "grad_accum", "seed", ',
-           '"batch_size", "grad_accum", ', (CAPTRAIN,)),
+           '"batch_size", "grad_accum", ', CAPTRAIN),
     Mutant("run_folder_paths_compared_as_text", "paligemma/captioning/run_folder.py",
-           "return Path(a).resolve() == Path(b).resolve()", "return a == b", (CAPTRAIN,)),
+           "return Path(a).resolve() == Path(b).resolve()", "return a == b", CAPTRAIN),
     Mutant("run_folder_edits_not_named", "paligemma/captioning/run_folder.py",
-           "edited = sorted(n for n, h in b if n in was and (n, h) not in old)", "edited = []", (CAPTRAIN,)),
+           "edited = sorted(n for n, h in b if n in was and (n, h) not in old)", "edited = []", CAPTRAIN),
     Mutant("run_folder_any_pickle", "paligemma/captioning/run_folder.py",
            'torch.load(path, weights_only=True, map_location="cpu")', 'torch.load(path, weights_only=False, map_location="cpu")',
-           (CAPTRAIN,)),
+           CAPTRAIN),
     Mutant("run_folder_new_run_over_checkpoint", "paligemma/captioning/run_folder.py", "    if not resume and state.exists():",
-           "    if not resume and state.exists() and not (checkpoint / \"step.json\").exists():", (CAPTRAIN,)),
+           "    if not resume and state.exists() and not (checkpoint / \"step.json\").exists():", CAPTRAIN),
     Mutant("run_folder_no_tokenizer_exported", "paligemma/captioning/run_folder.py",
            '        shutil.copyfile(resolve(base) / "tokenizer.model", Path(folder) / "tokenizer.model")\n', "",
-           (CAPTRAIN, TRAIN, "-k", "full or export or tokenizer")),
+           (TRAIN, "-k", "loss_falls"), slow=True),
     Mutant("run_folder_wrong_shape_loaded", "paligemma/captioning/run_folder.py",
            "for k, v in state[\"model\"].items() if k in current and v.shape != current[k].shape]",
-           "for k, v in state[\"model\"].items() if k in current and v.numel() != current[k].numel()]", (CAPTRAIN,)),
+           "for k, v in state[\"model\"].items() if k in current and v.numel() != current[k].numel()]", CAPTRAIN),
     # --- inference (paligemma/inference.py) ---
     Mutant("inference_seed_per_batch_constant", "paligemma/inference.py", "None if seed is None else seed + i",
            "seed", (INFER,)),
