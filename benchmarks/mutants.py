@@ -195,7 +195,7 @@ MUTANTS = [
            (HOOKS, "-k", "global_hooks")),  # kind
     Mutant("global_pre_hooks_ignored", "paligemma/hookpoint.py",
            "or _module._global_forward_hooks or _module._global_forward_pre_hooks", "or _module._global_forward_hooks",
-           (HOOKS, "-k", "global_hooks")),
+           (HOOKS, "-k", "global_hooks or global_pre_hook")),
     Mutant("pre_hooks_ignored", "paligemma/hookpoint.py", "return bool(self._forward_hooks or self._forward_pre_hooks or",
            "return bool(self._forward_hooks or", (HOOKS, "-k", "replaced_forward")),
     Mutant("in_place_pattern_edit_ignored", "paligemma/attention.py",
