@@ -187,6 +187,8 @@ MUTANTS = [
            "if name not in names:", (PACK, "-k", "after_th_call")),
     Mutant("plain_weight_kept_after_pack", "paligemma/packing.py", "        self.plain = None\n",
            "        self.plain = self.plain\n", (PACK, "-k", "after_th")),
+    Mutant("int8_head_not_capped", "paligemma/quantize.py", "return self.cap(logits.view(*h.shape[:-1], -1))",
+           "return logits.view(*h.shape[:-1], -1)", (QUANT, "-k", "soft_capped")),  # kind
     # --- hook points (paligemma/hookpoint.py, attention.py) ---
     Mutant("replaced_forward_ignored", "paligemma/hookpoint.py", 'or self._backward_pre_hooks or "forward" in self.__dict__',
            "or self._backward_pre_hooks", (HOOKS, "-k", "replaced_forward")),  # kind
