@@ -1,16 +1,19 @@
 """Mutation run (issue #16): plant realistic one-line bugs, one at a time, in a scratch copy of the
-project and run the tests that should notice. Not part of CI: a full run takes ~1-2 hours on 2 cores.
+project and run the tests that should notice. Not part of CI: a full run of the 175 takes ~2-3 hours on
+2 cores (most mutants run one test file in 5-30 s; the slow ones run train.py).
 
     python benchmarks/mutants.py                    # every mutant
     python benchmarks/mutants.py --only lr_warmup_le atomic_file_no_fsync
     python benchmarks/mutants.py --module paligemma/gemma.py --fast   # --fast: skip the train.py runs
     python benchmarks/mutants.py --module lora/ paligemma/captioning/  # file or folder prefixes
     python benchmarks/mutants.py --match compare --list               # names containing 'compare', not run
+    python benchmarks/mutants.py --check                              # every mutant still applies; run nothing
 
 A new module's mutants go in MUTANTS under a comment naming it; `--module` selects them by path.
 
 Each mutant names the file, the exact text it replaces (found exactly once, or the run stops: the
-mutant is stale) and the tests to run (pytest arguments). A mutant is killed when those tests fail or
+mutant is stale; all chosen mutants are checked before the first runs, and tests/test_mutants.py checks
+them in CI) and the tests to run (pytest arguments). A mutant is killed when those tests fail or
 time out. `equivalent` marks mutants that change no observable behaviour, with the reason: they are
 expected to survive and are reported apart. The score per module counts killed / non-equivalent.
 """
