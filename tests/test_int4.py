@@ -22,6 +22,5 @@ def test_int4_chunked_quantization_equals_one_chunk_and_the_formula(monkeypatch)
     zero = lo + 8 * scale
     assert torch.equal(chunked["scales_and_zeros"][:, :200, 0], scale.t())
     assert torch.equal(chunked["scales_and_zeros"][:, :200, 1], zero.t())
-    assert (chunked["scales_and_zeros"][:, 200:] == torch.tensor([1e-6 / 15, 8e-6 / 15])).all()  # padding rows
     codes = int4.unpack(chunked["qweight"])[:200].float().view(200, 2, 64)
     assert torch.equal(codes, ((g - (zero - 8 * scale)[..., None]) / scale[..., None]).round().clamp(0, 15))
