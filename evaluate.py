@@ -188,7 +188,7 @@ def score(examples, preds, args, with_meteor: bool, loc_probs=None, draw_to=None
     by_image = {str(e.image): p for e, p in zip(examples, preds)}
     result = score_all(by_image, refs, with_meteor=with_meteor)
     result["health"] = health(by_image, refs)
-    rows = [dict(image=str(e.image), prompt=args.prompt, prediction=p, references=e.captions)
+    rows = [dict(image=str(e.image), prompt=prompt_of(e, args), prediction=p, references=e.captions)
             for e, p in zip(examples, preds)]
     return result, rows
 
@@ -292,7 +292,7 @@ def main(argv=None):
         check_loadable(model_name, adapter)
     given = read_predictions(args.predictions, examples) if args.predictions else None
     meteor = wordnet.available()
-    left_out = {} if meteor else {"METEOR": "no WordNet"}
+    left_out = {} if meteor or args.task != "caption" else {"METEOR": "no WordNet"}
     if not meteor and args.task == "caption":
         print(f"METEOR left out: {wordnet.INSTALL}", file=sys.stderr)
     refs_bytes = sum(len(c) + 4 for e in examples for c in e.captions)
@@ -351,6 +351,8 @@ def evaluate(args, out, examples, skipped, runs, given, meteor, left_out):
                     meteor="nltk meteor_score (WordNet 3.0), not the Java Meteor 1.5" if meteor
                     else f"left out: no WordNet ({wordnet.INSTALL})")
     if args.task != "caption":
+        for caption_only in ("references", "tokenisation", "meteor"):
+            del protocol[caption_only]
         protocol.update(task=args.task, chosen_by="--metric" if args.metric else "the rows' prompts")
     store.seal(out, lambda folder: write_outputs(folder, results, rows, protocol))
     print(table(results, left_out))
