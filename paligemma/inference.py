@@ -30,8 +30,10 @@ def caption_batch(model, processor, images: list, prompts, seed=None, loc_scores
     row on the left, so rows of different prompts decode together) -> their captions; loc_scores: ->
     (caption, [probability of each <locNNNN> in it]) pairs (tasks/confidence.py)."""
     inputs = processor(images, [prompts] * len(images) if isinstance(prompts, str) else prompts)
-    kwargs = generate_kwargs if seed is None else dict(generate_kwargs, seed=seed)
-    out = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, return_scores=loc_scores, **kwargs)
+    kwargs = dict(generate_kwargs, **({} if seed is None else {"seed": seed}))
+    if loc_scores:
+        kwargs["return_scores"] = True
+    out = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, **kwargs)
     if not loc_scores:
         return processor.batch_decode(out)
     from .tasks.confidence import loc_probabilities

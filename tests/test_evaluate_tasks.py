@@ -99,7 +99,8 @@ class Forced:
         head, generate = model.language_model.logits, model.generate
 
         def forced_generate(**inputs):
-            self.rows = [next(i for i, p in enumerate(self.pixels) if torch.equal(p, row)) for row in inputs["pixel_values"]]
+            self.rows = [next(i for i, p in enumerate(self.pixels) if torch.equal(p, row))
+                         for row in inputs["pixel_values"]]
             for b, i in enumerate(self.rows):
                 keep = inputs["attention_mask"][b].bool()
                 self.prompts[i] = processor.decode(inputs["input_ids"][b, keep].tolist())
@@ -212,7 +213,7 @@ def test_compare_and_resume_on_a_detection_set(detection_set, forced, tmp_path, 
     assert len(read_jsonl(tmp_path / "cut" / ".partial" / "captions.jsonl")) == 3
     resumed = run(model, data, tmp_path / "cut", "--resume")
     assert resumed == whole
-    cut, uncut = read_jsonl(tmp_path / "cut" / "predictions.jsonl"), read_jsonl(tmp_path / "whole" / "predictions.jsonl")
+    cut, uncut = (read_jsonl(tmp_path / f / "predictions.jsonl") for f in ("cut", "whole"))
     scores = lambda rows: [b.pop("score") for r in rows for b in r["boxes"]]
     # the same scores to float noise (measured 1e-7 relative: the CPU's packed layers start after a few
     # calls, so the rows of the second batch of a run go through other kernels than those of its first)
