@@ -188,6 +188,12 @@ def test_detection_scored_like_pycocotools_with_loc_token_box_scores(detection_s
     y = int((y0 + y1) / 2 * 4)
     near = pic[y - 1:y + 2, max(int(x0 * 4) - 1, 0):int(x0 * 4) + 2].reshape(-1, 3)
     assert any(tuple(p) == colour for p in near)
+    # and the reference boxes in white: image 1's first answer is shifted 2 px right of its reference
+    _, (x0, y0, x1, y1) = refs[1][0]
+    pic = np.asarray(Image.open(tmp_path / "pics" / f"{examples[1].image.stem}.png"))
+    y = int((y0 + y1) / 2 * 4)
+    near = pic[y - 1:y + 2, max(int(x0 * 4) - 1, 0):int(x0 * 4) + 2].reshape(-1, 3)
+    assert any(tuple(p) == (255, 255, 255) for p in near)
 
 
 def test_compare_and_resume_on_a_detection_set(detection_set, forced, tmp_path, monkeypatch):
