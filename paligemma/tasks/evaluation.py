@@ -127,7 +127,7 @@ def draw_split(folder: Path, task: str, images: list, predictions: list, referen
     for path, pred, ref in zip(images, predictions, references):
         stem = Path(path).stem
         seen[stem] = seen.get(stem, 0) + 1
-        name = stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"
+        name = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
         with Image.open(path) as im:
             picture = draw(im, pred, ref) if task == "detect" else draw_segmentations(im, pred)
         with atomic_file(Path(folder) / f"{name}.png", "wb") as f:
