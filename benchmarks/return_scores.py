@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python benchmarks/return_scores.py [--ref REV]    # REV: the git revision to compare with (main)
 
-A small random PaliGemma (4 decoder layers of width 512, 32k vocabulary, 16 image tokens), batch 8,
-48 greedy tokens, forced to run every step (no <eos>); the three variants interleaved, 7 rounds, medians.
+A small random PaliGemma (2 decoder layers of width 256, 16k vocabulary, 16 image tokens), batch 8,
+32 greedy tokens, forced to run every step (no <eos>); the three variants interleaved, 7 rounds, medians;
+one thread (a tiny model on a shared 2-core machine: two threads spin against the other jobs).
 Prints tokens/s and ratios to the reference: return_scores=False must stay at 1.00 (noise aside)."""
 import argparse
 import importlib.util
@@ -40,17 +41,17 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     args = p.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     config = PaliGemmaConfig(vision=VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                                  num_attention_heads=2, image_size=16, patch_size=4),
-                             text=TextConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                                             num_attention_heads=8, num_key_value_heads=1, head_dim=64,
-                                             vocab_size=32000),
-                             image_token_index=31999, projection_dim=512)
+                             text=TextConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+                                             vocab_size=16000),
+                             image_token_index=15999, projection_dim=256)
     model = PaliGemma(config).init_weights().eval()
-    B, T, L = 8, 16 + 8, 48
-    ids = torch.randint(3, 31000, (B, T))
-    ids[:, :16] = 31999
+    B, T, L = 8, 16 + 8, 32
+    ids = torch.randint(3, 15000, (B, T))
+    ids[:, :16] = 15999
     inputs = dict(input_ids=ids, pixel_values=torch.randn(B, 3, 16, 16), attention_mask=torch.ones_like(ids))
     variants = {"reference": lambda: reference_generate(args.ref)(model, **inputs, max_new_tokens=L, eos_id=-1),
                 "return_scores=False": lambda: generation.generate(model, **inputs, max_new_tokens=L, eos_id=-1),
