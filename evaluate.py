@@ -5,13 +5,6 @@
     python evaluate.py --predictions preds.jsonl --data ... --out DIR   # score captions made elsewhere
 
     python evaluate.py ... --resume                    # continue an evaluation that stopped (same arguments)
-    python evaluate.py --model M --data boxes.jsonl --draw pics/   # a detection set: mAP, boxes drawn
-    python evaluate.py --model M --data masks.jsonl --vae vae-oid.npz   # a segmentation set: mIoU, box accuracy
-
-Any PaliGemma task: each row's own prefix (or --prompt) says which (`detect ...`: mAP@0.5 and COCO
-mAP, boxes scored by the model's confidence in their <loc> tokens; `answer ...`: VQA accuracy and
-exact match; `ocr`: ANLS and CER; `segment ...`: mean mask IoU and box accuracy; captions: BLEU,
-METEOR, ROUGE-L, CIDEr-D), or --metric chooses (paligemma/tasks/evaluation.py).
 
 Writes OUT/predictions.jsonl, OUT/predictions.csv and OUT/metrics.json. Before the first caption it
 checks what can fail later: the data, every model and adapter (without loading two models), the
@@ -19,6 +12,14 @@ metrics' requirements (METEOR without WordNet is left out, and says so), that OU
 has room. Captions are appended to OUT/.partial as each batch is made, so a failure loses nothing
 and --resume continues; the finished set replaces an old one (--overwrite) only once it is whole
 (paligemma/captioning/results.py). Metrics follow the COCO caption toolkit's conventions (see README).
+
+Any PaliGemma task: each row's own prefix (or --prompt) says which (`detect ...`: mAP@0.5 and COCO
+mAP, boxes scored by the model's confidence in their <loc> tokens; `answer ...`: VQA accuracy and
+exact match; `ocr`: ANLS and CER; `segment ...`: mean mask IoU and box accuracy; captions: BLEU,
+METEOR, ROUGE-L, CIDEr-D), or --metric chooses (paligemma/tasks/evaluation.py):
+
+    python evaluate.py --model M --data boxes.jsonl --draw pics/   # a detection set: mAP, boxes drawn
+    python evaluate.py --model M --data masks.jsonl --vae vae-oid.npz   # a segmentation set: mIoU, box accuracy
 """
 import argparse
 import csv
@@ -33,13 +34,13 @@ from tqdm import tqdm
 
 from paligemma.atomic import atomic_file, lock_folder, unlock_folder
 from paligemma.inference import caption, load_for_inference
+from paligemma.tasks.evaluation import (METRIC_FLAG, VAE_HELP, draw_split, image_sizes, parse_references, row_fields,
+                                        score_split, task_table, task_of_split)
 from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, one_line, run
 from paligemma.captioning import results as store
 from paligemma.captioning import wordnet
 from paligemma.captioning.data import DataError, csv_rows, fingerprint, load_examples, read_jsonl, read_text
 from paligemma.captioning.metrics import health, score_all
-from paligemma.tasks.evaluation import (METRIC_FLAG, VAE_HELP, draw_split, image_sizes, parse_references, row_fields,
-                                        score_split, task_of_split)
 
 
 def parse_args(argv=None):
@@ -232,12 +233,11 @@ def check_loadable(model: str, adapter: str | None):
 
 def table(results: dict, left_out: dict | None = None) -> str:
     """Markdown table of the scores; `left_out`: metric -> why it is not there (shown in its column)."""
-    names = [k for k, v in next(iter(results.values())).items() if isinstance(v, (int, float, type(None)))
-             and k != "health"] + list(left_out or {})  # per_class and health are tables of their own
+    names = [k for k in next(iter(results.values())) if k != "health"] + list(left_out or {})
     lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for label, r in results.items():
-        lines.append(f"| {label} | " + " | ".join(f"{r[n]:.4f}" if r.get(n) is not None else "n/a" if n in r
-                                                  else f"left out ({left_out[n]})" for n in names) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{r[n]:.4f}" if n in r else f"left out ({left_out[n]})"
+                                                  for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -292,8 +292,8 @@ def main(argv=None):
         check_loadable(model_name, adapter)
     given = read_predictions(args.predictions, examples) if args.predictions else None
     meteor = wordnet.available()
-    left_out = {} if meteor or args.task != "caption" else {"METEOR": "no WordNet"}
-    if not meteor and args.task == "caption":
+    left_out = {} if meteor else {"METEOR": "no WordNet"}
+    if not meteor:
         print(f"METEOR left out: {wordnet.INSTALL}", file=sys.stderr)
     refs_bytes = sum(len(c) + 4 for e in examples for c in e.captions)
     store.free_space_check(out, 3 * max(1, len(runs)) * (refs_bytes + len(examples) * (300 + 8 * args.max_new_tokens))
@@ -355,7 +355,7 @@ def evaluate(args, out, examples, skipped, runs, given, meteor, left_out):
             del protocol[caption_only]
         protocol.update(task=args.task, chosen_by="--metric" if args.metric else "the rows' prompts")
     store.seal(out, lambda folder: write_outputs(folder, results, rows, protocol))
-    print(table(results, left_out))
+    print(table(results, left_out) if args.task == "caption" else task_table(results))
     for name, r in filter(lambda item: "health" in item[1], results.items()):
         print(f"output health ({name}): " + ", ".join(f"{k} {v:.3f}" for k, v in r["health"].items()))
     names = list(rows)

@@ -30,13 +30,14 @@ LAYERS = [
      "paligemma.tasks.average_precision", "paligemma.tasks.vqvae", "paligemma.tasks.segmentation",
      "paligemma.tasks.confidence"],
     # the fine-tuning application
-    ["paligemma.tasks", "paligemma.tasks.registry", "paligemma.tasks.evaluation", "paligemma.captioning", "paligemma.captioning.wordnet", "paligemma.captioning.metrics",
+    ["paligemma.tasks", "paligemma.tasks.registry", "paligemma.captioning", "paligemma.captioning.wordnet", "paligemma.captioning.metrics",
      "paligemma.captioning.meteor_java", "paligemma.captioning.resampled_cider", "paligemma.captioning.bootstrap",
      "paligemma.captioning.data", "paligemma.captioning.distributed", "paligemma.captioning.curves",
      "paligemma.captioning.synthetic", "paligemma.captioning.results", "paligemma.captioning.precision",
      "paligemma.captioning.run_folder",
      "paligemma.captioning.training",
-     "paligemma.captioning.validation"],
+     "paligemma.captioning.validation",
+     "paligemma.tasks.evaluation"],
 ]
 LORA = ["lora.layer", "lora.inject", "lora.peft_format", "lora"]
 

@@ -118,6 +118,15 @@ def row_fields(task: str, parsed) -> dict:
                 dropped=parsed.dropped, reasons=parsed.reasons)
 
 
+def task_table(results: dict) -> str:
+    """Markdown table of a task's scores, one row per model: the numbers (per_class is in metrics.json)."""
+    names = [k for k, v in next(iter(results.values())).items() if v is None or isinstance(v, (int, float))]
+    cell = lambda v: "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    return "\n".join(lines + [f"| {label} | " + " | ".join(cell(r[n]) for n in names) + " |"
+                              for label, r in results.items()])
+
+
 def draw_split(folder: Path, task: str, images: list, predictions: list, references: list):
     """Each image with its predicted boxes (and the reference's, in white) or masks, as folder/<name>.png
     (written whole: a file is there complete or not at all); images of one name get a number."""
