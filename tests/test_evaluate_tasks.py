@@ -341,3 +341,47 @@ def test_segmentation_without_vae_is_a_clear_error(tmp_path, rows_loader):
         evaluate.main(["--model", str(tmp_path / "no-model"), "--data", data, "--out", str(tmp_path / "e")])
     with pytest.raises(ValueError, match="needs --vae PATH"):
         score_file(data, preds, tmp_path / "f")
+
+
+def test_batches_mixing_prompts_answer_as_one_at_a_time(detection_set, tmp_path, monkeypatch, rows_loader):
+    """Rows of different prompts (three lengths) share batches of 4: the logits each row's answer starts
+    from equal those of an uncached forward over that image and prompt alone (left padding done right;
+    no forcing here: a random tiny model's text repeats its prompt's last token, so texts would not tell)."""
+    from paligemma import PaliGemma
+    from paligemma.processor import Processor
+    model, data = detection_set
+    examples = examples_of(data)
+    questions = ["answer en how many planes are there?", "answer en what?", "answer en is there a tank near the building?"]
+    rows = [dict(image=e.image.name, prefix=questions[i % 3], suffix=["two"], split="test") for i, e in enumerate(examples)]
+    qa = write_rows(Path(data).parent, rows, "questions.jsonl")
+    first = []  # (pixels, logits) of each batch's first step
+    load = evaluate.load_for_inference
+
+    def recording(*args, **kwargs):
+        m, proc = load(*args, **kwargs)
+        generate, head = m.generate, m.language_model.logits
+        state = {}
+
+        def generate_(**inputs):
+            state["pixels"] = inputs["pixel_values"]
+            return generate(**inputs)
+
+        def head_(h):
+            out = head(h)
+            if "pixels" in state:
+                first.append((state.pop("pixels"), out.clone()))
+            return out
+        m.generate, m.language_model.logits = generate_, head_
+        return m, proc
+    monkeypatch.setattr(evaluate, "load_for_inference", recording)
+    evaluate.main(["--model", model, "--data", str(qa), "--out", str(tmp_path / "e"), "--batch-size", "4",
+                   "--max-new-tokens", "3"])
+    assert [len(p) for p, _ in first] == [4, 3]
+    got = read_jsonl(tmp_path / "e" / "predictions.jsonl")
+    assert [r["prompt"] for r in got] == [q["prefix"] for q in rows]
+    batched = torch.cat([l for _, l in first])  # (7, V), in the split's order
+    m, proc = PaliGemma.from_pretrained(model).eval(), Processor.from_pretrained(model)
+    for i, (e, q) in enumerate(zip(examples, rows)):
+        with torch.no_grad():
+            alone = m(**proc([e.image], q["prefix"]))[0, -1]
+        torch.testing.assert_close(batched[i], alone, atol=1e-4, rtol=1e-4)
