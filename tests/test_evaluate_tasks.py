@@ -351,8 +351,10 @@ def test_batches_mixing_prompts_answer_as_one_at_a_time(detection_set, tmp_path,
     from paligemma.processor import Processor
     model, data = detection_set
     examples = examples_of(data)
-    questions = ["answer en how many planes are there?", "answer en what?", "answer en is there a tank near the building?"]
-    rows = [dict(image=e.image.name, prefix=questions[i % 3], suffix=["two"], split="test") for i, e in enumerate(examples)]
+    questions = ["answer en how many planes are there?", "answer en what?",
+                 "answer en is there a tank near the building?"]
+    rows = [dict(image=e.image.name, prefix=questions[i % 3], suffix=["two"], split="test")
+            for i, e in enumerate(examples)]
     qa = write_rows(Path(data).parent, rows, "questions.jsonl")
     first = []  # (pixels, logits) of each batch's first step
     load = evaluate.load_for_inference
