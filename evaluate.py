@@ -151,7 +151,14 @@ def prompt_of(example, args) -> str:
 def check_task(args, examples):
     """Before the first answer: the task of the split (args.task), what it needs (--vae for masks), and
     its references readable as boxes or masks."""
-    args.task = task_of_split([prompt_of(e, args) for e in examples], [str(e.image) for e in examples], args.metric)
+    try:
+        args.task = task_of_split([prompt_of(e, args) for e in examples], [str(e.image) for e in examples], args.metric)
+    except ValueError:
+        if any(e.prefix is not None for e in examples):
+            raise
+        args.task = "caption"  # a --prompt of one's own ("rsicd caption"): captions, as before tasks existed
+        print(f"--prompt {args.prompt!r} names no PaliGemma task: scored as captions (--metric chooses another)",
+              file=sys.stderr)
     if args.task == "segment" and not args.vae:
         raise ValueError(f"{args.data}: a segmentation set (prompt {prompt_of(examples[0], args)!r}) needs --vae PATH: "
                          f"{VAE_HELP}")

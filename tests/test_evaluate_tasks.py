@@ -51,10 +51,10 @@ def rows_loader(monkeypatch):
     def load(data, split, skip_bad=False):
         try:
             examples, skipped = real(data, split, skip_bad=skip_bad)
-            if examples and all(e.prefix is not None for e in examples):
-                return examples, skipped
         except DataError:
-            pass
+            examples = None
+        if examples is not None and (Path(data).suffix != ".jsonl" or any(e.prefix for e in examples)):
+            return examples, skipped
         return [e for e in examples_of(data) if split is None or e.split == split], Skipped()
     monkeypatch.setattr(evaluate, "load_examples", load)
 
@@ -387,3 +387,17 @@ def test_batches_mixing_prompts_answer_as_one_at_a_time(detection_set, tmp_path,
         with torch.no_grad():
             alone = m(**proc([e.image], q["prefix"]))[0, -1]
         torch.testing.assert_close(batched[i], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_a_prompt_of_ones_own_is_still_a_caption_set(tiny_run, tmp_path, capsys, rows_loader):
+    """A caption set evaluated under a --prompt whose first word names no task is scored as captions,
+    as before tasks existed (said on stderr); a row's own prefix that names no task is an error."""
+    model, data = tiny_run
+    examples, _ = evaluate.load_examples(data, "test")
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps({"image": e.image.name, "prediction": e.captions[1]}) + "\n" for e in examples))
+    (scores,) = evaluate.main(["--predictions", str(preds), "--data", data, "--out", str(tmp_path / "e"),
+                               "--prompt", "rsicd caption"]).values()
+    assert scores["CIDEr-D"] > 0.5 and "scored as captions" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"0\.png: prefix 'rsicd caption': cannot tell the task"):
+        score_file(*answer_set(tmp_path, "rsicd caption", [(["a"], "a")]), tmp_path / "f")
