@@ -164,6 +164,12 @@ def check_task(args, examples):
                          f"{VAE_HELP}")
     if args.draw and args.task not in ("detect", "segment"):
         raise ValueError(f"--draw draws boxes and masks: {args.data} is a {args.task} set")
+    if args.draw:  # drawings are named after their images: never among the images themselves
+        folders = {e.image.resolve().parent for e in examples}
+        if Path(args.draw).resolve() in folders:
+            raise ValueError(f"--draw {args.draw}: the split's images are in this folder; choose another one for "
+                             "the drawings")
+        Path(args.draw).mkdir(parents=True, exist_ok=True)
     if args.task in ("detect", "segment"):
         names = [str(e.image) for e in examples]
         parse_references(args.task, [e.captions for e in examples], names, image_sizes(names), mask_decoder(args.vae))

@@ -301,6 +301,12 @@ def test_mixed_tasks_and_bad_flags_are_named(tmp_path, rows_loader):
         score_file(str(mixed), preds, tmp_path / "m")
     with pytest.raises(ValueError, match="--draw draws boxes and masks: .* is a ocr set"):
         score_file(data, preds, tmp_path / "d", "--draw", str(tmp_path / "pics"))
+    (tmp_path / "seg").mkdir()
+    data, preds = segment_set(tmp_path / "seg")
+    vae = str(blocky_vae(tmp_path / "blocky.npz"))
+    with pytest.raises(ValueError, match="--draw .*images: the split's images are in this folder"):
+        score_file(data, preds, tmp_path / "s", "--vae", vae, "--draw", str(tmp_path / "seg" / "images"))
+    assert sorted(p.name for p in (tmp_path / "seg" / "images").iterdir()) == ["0.png", "1.png"]  # untouched
 
 
 FULL = "".join("<seg001>" for _ in range(16))  # tests/tasks/vae_files.blocky_vae paints every block: the whole box
