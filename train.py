@@ -34,7 +34,8 @@ from paligemma.captioning.run_folder import (append_jsonl, check_run_folder, che
                                              save_train_state, trim_log, wandb_run)
 from paligemma.captioning.training import (Batches, accumulate, blind, check_step, collate, first_loss_check, lr_at,
                                            make_trainable)
-from paligemma.captioning.validation import Best, Validation, answer_budget, caption_and_score, save_best
+from paligemma.captioning.validation import (Best, Validation, answer_budget, caption_and_score, draw_detections,
+                                             save_best)
 from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, run
 from paligemma.processor import Processor
 
@@ -335,6 +336,9 @@ def report(args, out: Path, *, after, last: int, best, score_test, test, skipped
         ok = losses[-1] < 0.1 * losses[0]
         print(f"overfit: loss {losses[0]:.3f} -> {losses[-1]:.3f}, {exact}/{len(test)} captions reproduced exactly: "
               + ("the pipeline learns" if ok else "WARNING: it did not memorise one batch; something is broken"))
+    if task == "detect":
+        print(f"test boxes drawn (predicted in colour, references white): "
+              f"{draw_detections(test, list(preds.values()), out / 'detections.png')}")
     png = curves.plot(log, out / "loss.png")
     print(f"curves: {png}" if png else "curves: pip install matplotlib for loss.png")
     if skipped:

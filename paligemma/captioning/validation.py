@@ -171,3 +171,22 @@ def save_best(folder: Path, model, full: bool, base: str, step: int, record: dic
         export(model, full, base, tmp, state)
         scores = {k: v for k, v in record.items() if k.startswith("val_") or k == "image_gap"}
         (tmp / "best.json").write_text(json.dumps({"step": step, "selected_by": selected_by, **scores}, indent=2))
+
+
+def draw_detections(examples, predictions: list[str], path: Path, n: int = 4) -> Path:
+    """The first `n` examples side by side: each image (enlarged) with its predicted boxes (a colour and
+    label per class) and its first reference's boxes in thin white (tasks.draw), as one PNG."""
+    from PIL import Image
+    from ..atomic import atomic_file
+    from ..tasks.boxes import draw, parse_detections
+    tiles = []
+    for e, text in list(zip(examples, predictions))[:n]:
+        with Image.open(e.image) as im:
+            w, h = im.size
+            tiles.append(draw(im, parse_detections(text, w, h), parse_detections(e.captions[0], w, h)))
+    strip = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)), "gray")
+    for i, t in enumerate(tiles):
+        strip.paste(t, (sum(x.width + 4 for x in tiles[:i]), 0))
+    with atomic_file(path, "wb") as f:
+        strip.save(f, format="PNG")
+    return path
