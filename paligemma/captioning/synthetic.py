@@ -87,7 +87,8 @@ def make_dataset(folder: str | Path, n_train: int = 1200, n_val: int = 100, n_te
 DETECT_KINDS = ("building", "plane", "tank")  # shapes whose box is their whole square (a boat's is a sliver)
 
 
-def detection_scene(rng: random.Random, size: int = 64, object_size: int = 16, grid: int = 8, max_objects: int = 3):
+def detection_scene(rng: random.Random, size: int = 64, object_size: int = 16, grid: int = 8, max_objects: int = 3,
+                    colours: dict | None = None, same_kind: bool = False):
     """One image and its objects [(kind, (x0, y0, x1, y1))], in reading order (top to bottom, then left to
     right). 1 to `max_objects` objects, each kind and colour drawn at random, on the caption scenes'
     backgrounds; corners on a `grid`-pixel lattice and boxes disjoint, so that a 64 px image has 7 x 7
@@ -98,17 +99,17 @@ def detection_scene(rng: random.Random, size: int = 64, object_size: int = 16, g
     img = Image.fromarray(np.clip(np.array(BACKGROUNDS[b]) + noise, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(img)
     places = [(x, y) for y in range(0, size - object_size + 1, grid) for x in range(0, size - object_size + 1, grid)]
-    objects = []
+    objects, kind = [], rng.choice(DETECT_KINDS) if same_kind else None
     for _ in range(rng.randint(1, max_objects)):
         free = [(x, y) for x, y in places if all(abs(x - o[0]) >= object_size or abs(y - o[1]) >= object_size
                                                  for _, o in objects)]
         if not free:
             break
         x, y = rng.choice(free)
-        objects.append((rng.choice(DETECT_KINDS), (x, y, x + object_size, y + object_size)))
+        objects.append((kind or rng.choice(DETECT_KINDS), (x, y, x + object_size, y + object_size)))
     objects.sort(key=lambda o: (o[1][1], o[1][0]))
     for kind, (x, y, _, _) in objects:  # draw_object fills x .. x + s inclusive: s + 1 = object_size pixels
-        draw_object(d, kind, x, y, object_size - 1, COLOURS[rng.choice(list(COLOURS))])
+        draw_object(d, kind, x, y, object_size - 1, COLOURS[colours[kind] if colours else rng.choice(list(COLOURS))])
     return img, objects
 
 
