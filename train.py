@@ -43,7 +43,7 @@ from paligemma.processor import Processor
 # What `--demo detect` changes from the caption demo's defaults (flags given on the command line still win):
 # detection answers are longer (four <loc> tokens and a label per object), so it trains longer.
 DEMOS = {"caption": {"out": "runs/demo"},
-         "detect": {"out": "runs/demo-detect", "steps": 900, "lr": 3e-3, "eval_every": 300, "val_captions": 50}}
+         "detect": {"out": "runs/demo-detect", "steps": 1200, "lr": 3e-3, "eval_every": 300, "val_captions": 50}}
 
 
 def parse_args(argv=None):
@@ -118,12 +118,12 @@ def prepare_from_scratch(out: Path, data: str | None, skip_bad: bool = False, de
     prefixes); no --data either: the embedded synthetic set, RISC-layout captions or (--demo detect)
     detection scenes. The tokenizer carries PaliGemma's <loc> / <seg> tokens when the data has them.
     Built once (rank 0), reused on resume."""
-    from paligemma.captioning.synthetic import make_checkpoint, make_dataset, make_detection_dataset
+    from paligemma.captioning.synthetic import DEMO_SCENE, make_checkpoint, make_dataset, make_detection_dataset
     model = out / "model"
     if data is None:
         data = out / "data" / ("captions.csv" if demo == "caption" else "detections.jsonl")
         if not data.exists():
-            (make_dataset if demo == "caption" else make_detection_dataset)(data.parent)
+            make_dataset(data.parent) if demo == "caption" else make_detection_dataset(data.parent, **DEMO_SCENE)
     if not (model / "model.safetensors").exists():
         examples, _ = load_examples(data, split="train", check_images=False, skip_bad=skip_bad)
         texts = [c for e in examples for c in e.captions] + sorted({e.prefix for e in examples if e.prefix})
