@@ -43,7 +43,7 @@ from paligemma.processor import Processor
 # What `--demo detect` changes from the caption demo's defaults (flags given on the command line still win):
 # detection answers are longer (four <loc> tokens and a label per object), so it trains longer.
 DEMOS = {"caption": {"out": "runs/demo"},
-         "detect": {"out": "runs/demo-detect", "steps": 1200, "lr": 3e-3, "eval_every": 300, "val_captions": 50}}
+         "detect": {"out": "runs/demo-detect", "steps": 900, "lr": 3e-3, "eval_every": 100, "val_captions": 50}}
 
 
 def parse_args(argv=None):
@@ -55,7 +55,7 @@ def parse_args(argv=None):
                                                                         if k != "out") + ")")
     p.add_argument("--out", default="runs/demo", help="run folder: checkpoints, metrics.jsonl, adapter "
                    "(default runs/demo, runs/demo-detect for --demo detect)")
-    p.add_argument("--prompt", default="caption en", help="task prefix")
+    p.add_argument("--prompt", default="caption en", help="task prefix of rows without their own \"prefix\"")
     p.add_argument("--first-caption-only", action="store_true", help="always train on caption_1 (the study's setup)")
     p.add_argument("--finetune", choices=["lora", "full"], default=None, help="default: full for the demo, else lora")
     p.add_argument("--lora", default="all", help="LoRA targets: decoder, vision, projector, all, or a regex")

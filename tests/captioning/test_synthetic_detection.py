@@ -53,13 +53,13 @@ def test_dataset_rows_and_suffix_round_trip(tmp_path):
             0, 128, 256, 384, 512, 639, 767, 895, 1023}
 
 
-def test_demo_scenes_have_one_kind_its_colour_and_objects_that_never_touch():
-    """DEMO_SCENE (`train.py --demo detect`): the label readable off the colour, and a free cell between
-    objects (two squares side by side would read as one bar)."""
+def test_demo_scenes_have_one_kind_in_its_colour_and_spacing_keeps_objects_apart():
+    """DEMO_SCENE (`train.py --demo detect`): one kind per scene, drawn in its kind's colour (the label
+    readable off the pixels); with spacing=16 a free cell between objects."""
     from paligemma.captioning.synthetic import COLOURS, DEMO_SCENE
     rng, counts = random.Random(0), set()
     for _ in range(200):
-        img, objects = detection_scene(rng, **DEMO_SCENE)
+        img, objects = detection_scene(rng, **DEMO_SCENE, spacing=16)
         a = np.asarray(img, dtype=int)
         assert len({k for k, _ in objects}) == 1
         for kind, (x0, y0, x1, y1) in objects:
