@@ -91,6 +91,9 @@ class Validation:
     def __init__(self, processor, val: list, prompt: str, batch_size: int, n_captions: int, max_length=None,
                  task: str = "caption", max_new_tokens: int = MAX_NEW_TOKENS):
         from ..tasks.registry import METRICS
+        if task not in METRICS:  # segment: its masks need the VQ-VAE decoder, which train.py does not load yet
+            raise ValueError(f"train.py cannot score a {task!r} set yet (it scores {', '.join(sorted(METRICS))}); "
+                             f"evaluate.py can, with --vae")
         self.processor, self.prompt, self.batch_size = processor, prompt, batch_size
         self.task, self.max_new_tokens = task, max_new_tokens
         self.metric = METRICS[task][1]  # what picks OUT/best: CIDEr-D, mAP@0.5, ...

@@ -45,3 +45,9 @@ def test_flat_scores_name_each_class_and_keep_no_none():
     assert scores["AP@0.5 plane"] == pytest.approx(51 / 101) and scores["AP@0.5 tank"] == 0.0
     assert scores["mAP@0.5"] == pytest.approx(51 / 202) and scores["dropped"] == 1 and "per_class" not in scores
     assert math.isnan(flat({"mAP": None})["mAP"])
+
+
+def test_a_task_without_a_training_metric_is_refused_by_name():
+    from paligemma.captioning.validation import Validation
+    with pytest.raises(ValueError, match="train.py cannot score a 'segment' set yet .*caption, detect"):
+        Validation(None, [], "segment cat", 8, 0, task="segment")
