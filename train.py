@@ -1,13 +1,18 @@
-"""Fine-tune PaliGemma on image captions (LoRA anywhere, or full), in the spirit of nanoGPT's train.py.
+"""Fine-tune PaliGemma on captions or any of its tasks (LoRA anywhere, or full), in the spirit of nanoGPT's train.py.
 
     python train.py                                   # embedded demo: synthetic scenes, tiny model, CPU
+    python train.py --demo detect                     # the same for detection: boxes as <loc> tokens, mAP
     python train.py --data RSICD/captions.csv         # the tiny model from scratch on a real set
     python train.py --model google/paligemma-3b-pt-224 --data RISC/captions.csv --lora all
     python train.py --model ... --data ... --quantize nf4 --dtype bfloat16   # QLoRA
     torchrun --nproc_per_node 4 train.py ...          # data-parallel, same global batch
 
+Rows {"image", "prefix", "suffix", "split"} (JSONL or CSV) train each image under its own prompt; the
+prefixes' task (detect, answer, ocr, ...; captions otherwise) chooses the metrics (paligemma/tasks).
+
 OUT holds checkpoint/ (the last save, for --resume), best/ (the adapter or model with the best
-validation CIDEr-D, and best.json), adapter/ or final/ (the last step's), metrics.jsonl and loss.png.
+validation CIDEr-D, or the task's own metric, and best.json), adapter/ or final/ (the last step's),
+metrics.jsonl and loss.png.
 """
 import argparse
 import json
@@ -23,23 +28,34 @@ import lora
 from paligemma import PaliGemma
 from paligemma.atomic import lock_folder, unlock_folder
 from paligemma.captioning import distributed, wordnet
-from paligemma.captioning.data import fingerprint, load_examples
+from paligemma.captioning.data import fingerprint, load_examples, run_task
 from paligemma.captioning.precision import MODES, Precision
 from paligemma.captioning.run_folder import (append_jsonl, check_run_folder, check_same_data, export, load_train_state,
                                              save_train_state, trim_log, wandb_run)
 from paligemma.captioning.training import (Batches, accumulate, blind, check_step, collate, first_loss_check, lr_at,
                                            make_trainable)
-from paligemma.captioning.validation import Best, Validation, caption_and_score, save_best
+from paligemma.captioning.validation import (Best, Validation, answer_budget, caption_and_score, draw_detections,
+                                             save_best)
 from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, run
 from paligemma.processor import Processor
+
+
+# What `--demo detect` changes from the caption demo's defaults (flags given on the command line still win):
+# detection answers are longer (four <loc> tokens and a label per object), so it trains longer.
+DEMOS = {"caption": {"out": "runs/demo"},
+         "detect": {"out": "runs/demo-detect", "steps": 900, "lr": 3e-3, "eval_every": 100, "val_captions": 50}}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder or hub id (default: a tiny random model, tokenizer from the data)")
     p.add_argument("--data", help="captions CSV/JSONL or folder (default: generate the synthetic demo set)")
-    p.add_argument("--out", default="runs/demo", help="run folder: checkpoints, metrics.jsonl, adapter")
-    p.add_argument("--prompt", default="caption en", help="task prefix")
+    p.add_argument("--demo", choices=sorted(DEMOS), default="caption", help="without --data: the synthetic set to "
+                   "generate (captions, or detection scenes: " + ", ".join(f"{k} {v}" for k, v in DEMOS["detect"].items()
+                                                                        if k != "out") + ")")
+    p.add_argument("--out", default="runs/demo", help="run folder: checkpoints, metrics.jsonl, adapter "
+                   "(default runs/demo, runs/demo-detect for --demo detect)")
+    p.add_argument("--prompt", default="caption en", help="task prefix of rows without their own \"prefix\"")
     p.add_argument("--first-caption-only", action="store_true", help="always train on caption_1 (the study's setup)")
     p.add_argument("--finetune", choices=["lora", "full"], default=None, help="default: full for the demo, else lora")
     p.add_argument("--lora", default="all", help="LoRA targets: decoder, vision, projector, all, or a regex")
@@ -79,7 +95,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and caption sampling")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     add_debug(p)
+    demo = p.parse_known_args(argv)[0].demo  # its defaults first, then the flags given
+    p.set_defaults(**DEMOS[demo])
     args = p.parse_args(argv)
+    if args.demo != "caption" and (args.data or args.model):
+        p.error(f"--demo {args.demo} generates its own data and model: drop --data / --model")
     if args.early_stop and not args.val_captions:
         p.error("--early-stop needs validation captions: --val-captions above 0")
     if args.model is not None and args.data is None:
@@ -93,18 +113,21 @@ def parse_args(argv=None):
     return args
 
 
-def prepare_from_scratch(out: Path, data: str | None, skip_bad: bool = False) -> tuple[str, str]:
-    """No --model: a random tiny checkpoint with a tokenizer trained on the data's train captions; no
-    --data either: the embedded synthetic RISC-layout set. Built once (rank 0), reused on resume."""
-    from paligemma.captioning.synthetic import make_checkpoint, make_dataset
+def prepare_from_scratch(out: Path, data: str | None, skip_bad: bool = False, demo: str = "caption") -> tuple[str, str]:
+    """No --model: a random tiny checkpoint with a tokenizer trained on the data's train captions (and
+    prefixes); no --data either: the embedded synthetic set, RISC-layout captions or (--demo detect)
+    detection scenes. The tokenizer carries PaliGemma's <loc> / <seg> tokens when the data has them.
+    Built once (rank 0), reused on resume."""
+    from paligemma.captioning.synthetic import DEMO_SCENE, make_checkpoint, make_dataset, make_detection_dataset
     model = out / "model"
     if data is None:
-        data = out / "data" / "captions.csv"
+        data = out / "data" / ("captions.csv" if demo == "caption" else "detections.jsonl")
         if not data.exists():
-            make_dataset(data.parent)
+            make_dataset(data.parent) if demo == "caption" else make_detection_dataset(data.parent, **DEMO_SCENE)
     if not (model / "model.safetensors").exists():
         examples, _ = load_examples(data, split="train", check_images=False, skip_bad=skip_bad)
-        make_checkpoint(model, [c for e in examples for c in e.captions])
+        texts = [c for e in examples for c in e.captions] + sorted({e.prefix for e in examples if e.prefix})
+        make_checkpoint(model, texts, task_tokens=any("<loc" in t or "<seg" in t for t in texts))
     return str(model), str(data)
 
 
@@ -120,9 +143,9 @@ def setup(args, rank: int) -> tuple[Path, bool]:
     from_scratch = args.model is None
     if from_scratch:
         if rank == 0:
-            prepare_from_scratch(out, args.data, args.skip_bad)
+            prepare_from_scratch(out, args.data, args.skip_bad, args.demo)
         distributed.barrier()
-        args.model, args.data = prepare_from_scratch(out, args.data, args.skip_bad)
+        args.model, args.data = prepare_from_scratch(out, args.data, args.skip_bad, args.demo)
     distributed.barrier()  # the other ranks read OUT/checkpoint only after rank 0 has recovered it
     return out, from_scratch
 
@@ -154,6 +177,11 @@ def main(argv=None):
     model = PaliGemma.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model)
     train, val, test, skipped = load_splits(args, say)
+    task = run_task(args.prompt, train, val, test)  # which metrics score it and pick OUT/best
+    budget = answer_budget(processor, train, task)  # new tokens per answer
+    if task != "caption":
+        say(f"task: {task} (prefixes such as {next((e.prefix for e in train if e.prefix), args.prompt)!r}); "
+            f"{budget} new tokens per answer")
     rows = {"train": fingerprint(train), "val": fingerprint(val), "test": fingerprint(test)}  # for --resume
     make_trainable(model, args.full, lora_targets=args.lora, r=args.lora_r, alpha=args.lora_alpha,
                    dropout=args.lora_dropout, rslora=args.rslora, train_modules=args.train_modules)
@@ -166,17 +194,19 @@ def main(argv=None):
     precision = Precision(args.amp, args.device)  # autocast, loss scaling, the optimizer step
     say(precision.note)
     batches, best, step, log = Batches(train, args.batch_size, args.seed), Best(args.early_stop), 0, out / "metrics.jsonl"
+    validation = Validation(processor, val, args.prompt, args.batch_size, args.val_captions, args.max_length,
+                            task, budget)
     if args.resume:
-        step = resume(args, out, par, optimizer, batches, rng, best, precision, rows, say)
+        step = resume(args, out, par, optimizer, batches, rng, best, precision, rows, say, validation.metric)
     if rank == 0:
         trim_log(log, step)  # a new run starts a new log; a resumed one drops what came after its checkpoint
-    validation = Validation(processor, val, args.prompt, args.batch_size, args.val_captions, args.max_length)
-    meteor = wordnet.available()  # the demo runs without WordNet too: METEOR is then left out, and says so
-    if not meteor:
+    meteor = wordnet.available() and task == "caption"  # the demo runs without WordNet too: METEOR is then left out, and says so
+    if not meteor and task == "caption":
         say(f"METEOR left out of the test scores: {wordnet.INSTALL}")
 
     def score_test(m):
-        return caption_and_score(m, processor, test[:args.eval_samples], args.prompt, with_meteor=meteor)
+        return caption_and_score(m, processor, test[:args.eval_samples], args.prompt, with_meteor=meteor, task=task,
+                                 max_new_tokens=budget)
     wb = wandb_run(args.wandb, vars(args), rank, out)
     if step == 0 and par.generates:
         with par.gathered():
@@ -205,7 +235,8 @@ def main(argv=None):
         evaluates = done % args.eval_every == 0 or done == args.steps
         stop = evaluates and validate(args, out, par, validation, best, precision, record)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.1e}", tok_s=f"{tokens / (time.time() - t0):.0f}",
-                        cider=f"{best.score:.3f}@{best.step}" if best.step else "-", refresh=False)
+                        **{validation.metric.split("@")[0].split("-")[0].lower(): f"{best.score:.3f}@{best.step}"
+                           if best.step else "-"}, refresh=False)
         if rank == 0:
             append_jsonl(log, record)
             if wb:
@@ -213,35 +244,35 @@ def main(argv=None):
         if done % args.save_every == 0 or done == args.steps or stop:
             save_checkpoint(args, out, par, optimizer, done, batches, rng, best, precision, rows)
         if stop:
-            say(f"early stop at step {done}: {best.stale} evaluations without a better val CIDEr-D "
+            say(f"early stop at step {done}: {best.stale} evaluations without a better val {validation.metric} "
                 f"(best: step {best.step}, {best.score:.3f})")
             break
-    finish(args, out, par, best, score_test, test, skipped, losses, done, wb)
+    finish(args, out, par, best, score_test, test, skipped, losses, done, wb, validation.metric, task)
     return model
 
 
-def resume(args, out: Path, par, optimizer, batches, rng, best, precision, rows: dict, say) -> int:
+def resume(args, out: Path, par, optimizer, batches, rng, best, precision, rows: dict, say, metric="CIDEr-D") -> int:
     """Everything OUT/checkpoint saved, restored; refused when the data's rows changed. Returns the step."""
     step, extra = load_train_state(out / "checkpoint", par.model, optimizer, batches, rng,
                                    par.wrapped if par.sharded else None, args=vars(args))
     check_same_data(extra.get("data"), rows, out / "checkpoint")
     best.load(extra.get("best", best.state()), out / "best" / "best.json")
     precision.load_state_dict(extra.get("precision"))
-    say(f"resumed at step {step}" + (f" (best so far: step {best.step}, val CIDEr-D {best.score:.3f})" if best.step else ""))
+    say(f"resumed at step {step}" + (f" (best so far: step {best.step}, val {metric} {best.score:.3f})" if best.step else ""))
     return step
 
 
 def validate(args, out: Path, par, validation, best, precision, record: dict) -> bool:
-    """One evaluation into `record`; a better validation CIDEr-D is kept in OUT/best. Returns whether
+    """One evaluation into `record`; a better validation CIDEr-D (or task metric) is kept in OUT/best. Returns whether
     --early-stop ends the run (rank 0 decides: it alone validates under DDP)."""
     step = record["step"]
     if par.generates:
         with par.gathered():
             record.update(validation(par.model, precision.autocast_kwargs, step, par.rank))
-        if "val_CIDEr-D" in record and best.update(step, record["val_CIDEr-D"]):
+        if validation.key in record and best.update(step, record[validation.key]):
             state = par.full_state()[0]  # sharded: every rank gathers
             if par.rank == 0:
-                save_best(out / "best", par.model, args.full, args.model, step, record, state)
+                save_best(out / "best", par.model, args.full, args.model, step, record, state, validation.key)
         record.update(best_step=best.step)
     return bool(args.early_stop) and distributed.global_sum(float(par.rank == 0 and best.stop), args.device) > 0
 
@@ -256,7 +287,8 @@ def save_checkpoint(args, out: Path, par, optimizer, step: int, batches, rng, be
     distributed.barrier()
 
 
-def finish(args, out: Path, par, best, score_test, test, skipped, losses: list, done: int, wb):
+def finish(args, out: Path, par, best, score_test, test, skipped, losses: list, done: int, wb, metric: str = "CIDEr-D",
+           task: str = "caption"):
     """The last step's export (OUT/adapter or OUT/final), test captions and the report; the run folder freed."""
     final_state = par.full_state()[0]
     if par.rank == 0:
@@ -266,7 +298,7 @@ def finish(args, out: Path, par, best, score_test, test, skipped, losses: list, 
             after = score_test(par.model)
     if par.rank == 0:
         report(args, out, after=after, last=done, best=best, score_test=score_test, test=test, skipped=skipped,
-               losses=losses)
+               losses=losses, metric=metric, task=task)
     if wb:
         wb.finish()
     if par.rank == 0:
@@ -274,7 +306,8 @@ def finish(args, out: Path, par, best, score_test, test, skipped, losses: list, 
     distributed.cleanup()
 
 
-def report(args, out: Path, *, after, last: int, best, score_test, test, skipped, losses):
+def report(args, out: Path, *, after, last: int, best, score_test, test, skipped, losses, metric="CIDEr-D",
+           task="caption"):
     """Test metrics before, at the last step and at the best step; output health; the overfit verdict; curves."""
     from paligemma.captioning import curves
     scores, out_health, preds = after
@@ -293,16 +326,19 @@ def report(args, out: Path, *, after, last: int, best, score_test, test, skipped
     print("\n| metric | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
     for k in scores:
         print(f"| {k} | " + " | ".join(f"{c.get(k, float('nan')):.4f}" for c in columns.values()) + " |")
-    if "METEOR" not in scores:
+    if "METEOR" not in scores and task == "caption":
         print("| METEOR | " + " | ".join("left out (no WordNet)" for _ in columns) + " |")
     if best.step:
-        print(f"best: step {best.step} (val CIDEr-D {best.score:.4f}) in {out / 'best'}")
+        print(f"best: step {best.step} (val {metric} {best.score:.4f}) in {out / 'best'}")
     print("output health: " + ", ".join(f"{k} {v:.3f}" for k, v in out_health.items()))
     if args.overfit_batch and losses:
         exact = sum(p.strip() == e.captions[0].strip() for e, p in zip(test, preds.values()))
         ok = losses[-1] < 0.1 * losses[0]
         print(f"overfit: loss {losses[0]:.3f} -> {losses[-1]:.3f}, {exact}/{len(test)} captions reproduced exactly: "
               + ("the pipeline learns" if ok else "WARNING: it did not memorise one batch; something is broken"))
+    if task == "detect":
+        print(f"test boxes drawn (predicted in colour, references white): "
+              f"{draw_detections(test, list(preds.values()), out / 'detections.png')}")
     png = curves.plot(log, out / "loss.png")
     print(f"curves: {png}" if png else "curves: pip install matplotlib for loss.png")
     if skipped:

@@ -413,3 +413,59 @@ def test_best_survives_a_crash_and_early_stop_between_saves_checkpoints(tiny_run
     assert json.loads((out / "best" / "best.json").read_text()) == \
         {"step": 6, "selected_by": "val_CIDEr-D", **{k: at_6[k] for k in kept}}
     assert records[-1]["best_step"] == 6 and "test_best" in records[-1]
+
+
+# --- issue #20: rows with their own prompts; a task's metric picks OUT/best and scores the test split ---
+
+@pytest.fixture(scope="module")
+def detection_run(tmp_path_factory):
+    from paligemma.captioning.data import load_examples
+    from paligemma.captioning.synthetic import make_checkpoint, make_detection_dataset
+    root = tmp_path_factory.mktemp("detect")
+    data = make_detection_dataset(root / "data", n_train=16, n_val=8, n_test=4)
+    examples, _ = load_examples(data, "train")
+    model = make_checkpoint(root / "model", [c for e in examples for c in e.captions] + [examples[0].prefix],
+                            vocab_size=300, task_tokens=True)
+    return str(model), str(data)
+
+
+def test_a_detection_set_is_validated_and_scored_by_map(detection_run, tmp_path, capsys):
+    import train
+    model, data = detection_run
+    out = tmp_path / "run"
+    train.main(train_args(model, data, out, "--steps", "4", "--finetune", "full", "--eval-every", "2"))
+    printed = capsys.readouterr().out
+    records = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    vals = [r for r in records if "val_mAP@0.5" in r]
+    assert [r["step"] for r in vals] == [2, 4] and all("val_mAP" in r and "val_CIDEr-D" not in r for r in vals)
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["selected_by"] == "val_mAP@0.5" and best["step"] in (2, 4)
+    after = records[-1]["test_after"]
+    assert {"mAP@0.5", "mAP", "dropped"} <= set(after) and "CIDEr-D" not in after
+    assert {f"AP@0.5 {k}" for k in ("building", "plane", "tank")} <= set(after)  # the test split's classes
+    assert "task: detect (prefixes such as 'detect building ; plane ; tank')" in printed
+    assert "| mAP@0.5 |" in printed and "METEOR" not in printed and (out / "detections.png").exists()
+
+
+def test_mixed_tasks_in_one_run_are_refused_in_one_line(detection_run, tmp_path):
+    model, data = detection_run
+    rows = Path(data).read_text().splitlines()
+    mixed = Path(data).parent / "mixed.jsonl"
+    first = json.loads(rows[0])
+    mixed.write_text("\n".join(rows + [json.dumps(dict(first, prefix="answer en how many?", suffix="two"))]) + "\n")
+    p = command("train.py", "--model", model, "--data", str(mixed), "--out", str(tmp_path / "x"))
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("train.py: rows of 2 tasks in one run: detect (e.g. train_00000.png: 'detect building ; "
+                               "plane ; tank'), answer (e.g. train_00000.png: 'answer en how many?'). Train one task")
+
+
+def test_demo_flag_sets_its_defaults_and_the_given_flags_win():
+    import train
+    a = train.parse_args(["--demo", "detect"])
+    assert (a.out, a.steps, a.lr) == ("runs/demo-detect", train.DEMOS["detect"]["steps"], train.DEMOS["detect"]["lr"])
+    a = train.parse_args(["--demo", "detect", "--steps", "7", "--out", "x"])
+    assert (a.out, a.steps) == ("x", 7)
+    a = train.parse_args([])
+    assert (a.demo, a.out, a.steps, a.lr) == ("caption", "runs/demo", 600, None)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--demo", "detect", "--data", "x.jsonl"])

@@ -1,15 +1,21 @@
-"""Captioning data: the RISC CSV layout, or any CSV / JSONL of an image and its captions.
+"""Training data: the RISC CSV layout, any CSV / JSONL of an image and its captions, or rows with a prompt each.
 
 RISC (`captions.csv`): source, split, image, caption_1 ... caption_5, images in a folder beside it
 (`images/`, `resized/`, or the CSV's own folder). Generic: an `image` column (or key) and one or
-more columns starting with `caption` (or a JSONL `captions` list). Bad rows are errors that name the
+more columns starting with `caption` (or a JSONL `captions` list). Every task (big_vision's and the
+transformers fine-tuning guides' layout): rows {"image", "prefix", "suffix", "split"}, the prefix the
+row's own prompt ("detect plane ; ship", "answer en how many planes?"; left out: the run's --prompt)
+and the suffix its answer, a string or (JSONL) a list of several references (CSV: columns `suffix`,
+`suffix_2`, ...). A suffix with `<loc>` / `<seg>` tokens must parse whole (tasks/boxes.py,
+tasks/segmentation.py): a detection row whose answer loses a piece would train on one thing and be
+scored on another. Bad rows are errors that name the
 file, line and field; with `skip_bad=True` they are skipped, counted and reported instead. Images are
 decoded in full when checked (a truncated JPEG passes PIL's verify() and would fail hours later).
 
 Refused whatever `skip_bad` says, because each would change what is measured rather than lose a row:
 a split asked of a file without a `split` column (every row would be in every split: validation and
-test on the training images), the same image on two rows of a split (one row's references would
-hide the other's), two columns (or JSON keys) of one name (one would silently hide the other), and
+test on the training images), the same image with the same prompt on two rows of a split (one row's
+references would hide the other's; VQA's several questions per image are rows of their own), two columns (or JSON keys) of one name (one would silently hide the other), and
 image paths that leave the image folder (`../x.jpg`, `/etc/passwd`). Spaces around a column name or
 a split value are stripped (` test` is the test split: a spreadsheet's stray space must not drop a
 row from the split it names).
@@ -115,8 +121,9 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
                             "hide the other: give each column its own name")
     if reader.fieldnames is None or "image" not in reader.fieldnames:
         raise DataError(f"{path}: no 'image' column (columns: {reader.fieldnames})")
-    if not any(c.startswith("caption") for c in reader.fieldnames):
-        raise DataError(f"{path}: no caption column (expected caption_1 ... or caption); columns: {reader.fieldnames}")
+    if not any(c.startswith(("caption", "suffix")) for c in reader.fieldnames):
+        raise DataError(f"{path}: no caption column (expected caption_1 ... or caption, or a prefix / suffix pair); "
+                        f"columns: {reader.fieldnames}")
     return csv_rows(reader)
 
 
@@ -163,13 +170,16 @@ def load_examples(data: str | Path, split: str | None = None, image_dir=None, sk
 
 
 def check_unique(path: Path, rows):
+    """One row per (image, prefix) in a split: a caption set has one row per image, a VQA set one per question."""
     seen = {}
     for line, row in rows:
-        name = row.get("image")
-        if name and name in seen:
-            raise DataError(f"{path}:{line}: image {name!r} is also on line {seen[name]} of the same split: "
-                            "put all its captions on one row (one row per image)")
-        seen.setdefault(name, line)
+        name, prefix = row.get("image"), row.get("prefix")
+        key = (name, prefix if isinstance(prefix, str) else None)
+        if name and key in seen:
+            asked = f" with prefix {prefix!r}" if key[1] is not None else ""
+            raise DataError(f"{path}:{line}: image {name!r}{asked} is also on line {seen[key]} of the same split: "
+                            "put all its references on one row (one row per image and prompt)")
+        seen.setdefault(key, line)
 
 
 def inside(folder: Path, name: str) -> Path:
@@ -185,15 +195,17 @@ def parse_row(path, line, row, folder, check_images) -> Example:
     name = row.get("image")
     if not name or not isinstance(name, str):
         raise DataError(f"{where}: empty 'image' field")
-    caps = row.get("captions")
-    if caps is None:
-        keys = sorted((k for k in row if k and k.startswith("caption")), key=lambda k: (len(k), k))
-        caps = [row[k] for k in keys]
-    if not isinstance(caps, list) or not all(isinstance(c, str) or c is None for c in caps):
-        raise DataError(f"{where}: captions must be strings (a JSONL 'captions' list of strings)")
+    prefix = row.get("prefix")
+    if prefix is not None and (not isinstance(prefix, str) or not prefix.strip()):
+        raise DataError(f"{where}: 'prefix' must be a non-empty string (the row's prompt, e.g. \"detect plane\"; "
+                        f"leave it out to use --prompt), got {prefix!r}")
+    caps = references(where, row)
     empty = [i + 1 for i, c in enumerate(caps) if not (c or "").strip()]
     if empty or not caps:
         raise DataError(f"{where}: empty caption(s) {empty or 'all'} for image {name}")
+    caps = [c.strip() for c in caps]
+    for c in caps:
+        check_answer(where, c, prefix)
     try:
         image = inside(folder, name)
     except DataError as e:
@@ -206,14 +218,74 @@ def parse_row(path, line, row, folder, check_images) -> Example:
             read_image(image)  # decode every byte: verify() alone passes truncated JPEGs
         except (ImageError, OSError) as e:  # bombs, broken chunks, truncation, unreadable files
             raise DataError(f"{where}: image file {image} is corrupt ({getattr(e, 'reason', e)})") from None
-    return Example(image=image, captions=[c.strip() for c in caps], split=split_of(row) or "")
+    return Example(image=image, captions=caps, split=split_of(row) or "", prefix=prefix and prefix.strip())
+
+
+def references(where: str, row: dict) -> list:
+    """A row's references: its suffix (a string, a JSONL list, or CSV columns suffix, suffix_2, ...) or its
+    captions (a JSONL `captions` list, or columns caption_1 ...); both, or neither, is an error."""
+    kinds = [k for k in ("suffix", "caption") if any(c and c.startswith(k) for c in row)]
+    if len(kinds) != 1:
+        raise DataError(f"{where}: " + ("both a suffix and captions: give one of them (the references)" if kinds else
+                                        "neither 'suffix' nor captions (the text to train on and score against)"))
+    key = "suffix" if kinds == ["suffix"] else "captions"
+    caps = row.get(key)
+    if caps is None or (key == "suffix" and isinstance(caps, str)):  # a string, or CSV columns suffix, suffix_2 ...
+        keys = sorted((k for k in row if k and k.startswith(kinds[0])), key=lambda k: (len(k), k))
+        caps = [row[k] for k in keys]
+    if not isinstance(caps, list) or not all(isinstance(c, str) or c is None for c in caps):
+        raise DataError(f"{where}: {key} must be strings (a JSONL " +
+                        ("'suffix' string or list of strings)" if key == "suffix" else "'captions' list of strings)"))
+    return caps
+
+
+def check_answer(where: str, text: str, prefix: str | None):
+    """A detection or segment answer (its prefix says so, or it has <loc> / <seg> tokens) must parse whole."""
+    first = prefix.split()[0].lower() if prefix and prefix.split() else ""
+    segment, detect = "<seg" in text or first == "segment", "<loc" in text or first == "detect"
+    if segment:
+        from ..tasks.segmentation import malformed_segmentations
+        reasons = malformed_segmentations(text)
+    elif detect:
+        from ..tasks.boxes import parse_detections
+        dropped = parse_detections(text, 1, 1).dropped
+        reasons = [f"{dropped} of {len(text.split(';'))} objects are not four <loc> tokens (y0 x0 y1 x1, a non-empty "
+                   "box) and a label"] if dropped else []
+    if (segment or detect) and reasons:
+        raise DataError(f"{where}: suffix {text[:80]!r} does not parse: {'; '.join(reasons)}")
+
+
+def run_task(prompt: str, *splits: list[Example]) -> str:
+    """The one task of a run, from task_of of every row's prefix (the run's --prompt for rows without
+    one): "caption", "detect", "answer", "ocr" or "segment". Rows without a prefix under a prompt that
+    names no task are captions, as every run was before rows had prompts. Rows of several tasks are
+    refused: one metric picks OUT/best and scores the test split."""
+    from ..tasks.registry import FIRST_WORD, task_of
+    first = {}  # task -> the first example asking for it
+    for e in (e for examples in splits for e in examples):
+        words = prompt.split()
+        if e.prefix is None and not (words and words[0].lower() in FIRST_WORD):
+            task = "caption"
+        else:
+            try:
+                task = task_of(prompt if e.prefix is None else e.prefix)
+            except ValueError as err:
+                raise DataError(f"{e.image}: {err}") from None
+        first.setdefault(task, e)
+    if len(first) > 1:
+        named = ", ".join(f"{t} (e.g. {e.image.name}: {e.prefix or prompt!r})" for t, e in first.items())
+        raise DataError(f"rows of {len(first)} tasks in one run: {named}. Train one task per run (its metric picks "
+                        "OUT/best and scores the test split): split the file by task")
+    return next(iter(first), "caption")
 
 
 def fingerprint(examples: list[Example]) -> list[list[str]]:
-    """[image name, hash of its captions] per example, in order: what a resumed run compares to know it
-    continues on the same rows in the same order (a checkpoint's data position is an index into them)."""
+    """[image name, hash of its captions (and prefix)] per example, in order: what a resumed run compares to
+    know it continues on the same rows in the same order (a checkpoint's data position is an index into
+    them). Rows without a prefix hash as before prefixes existed, so older checkpoints still resume."""
     import hashlib
-    return [[e.image.name, hashlib.sha256("\n".join(e.captions).encode()).hexdigest()[:12]] for e in examples]
+    text = lambda e: "\n".join(e.captions if e.prefix is None else [f"prefix: {e.prefix}", *e.captions])
+    return [[e.image.name, hashlib.sha256(text(e).encode()).hexdigest()[:12]] for e in examples]
 
 
 def sample_caption(example: Example, rng: random.Random, first_only: bool = False) -> str:

@@ -58,11 +58,13 @@ class Batches:
 
 def collate(processor, examples, prompt: str, rng: random.Random, first_only=False, max_length=None,
             rank: int = 0, world: int = 1) -> dict:
-    """Captions are drawn for the whole global batch, so every rank's rng stays in step; then each rank
+    """Each example under its own prefix (`prompt` where it has none), labels on its suffix only.
+    Captions are drawn for the whole global batch, so every rank's rng stays in step; then each rank
     keeps its slice."""
     captions = [sample_caption(e, rng, first_only) for e in examples]
     examples, captions = shard(examples, rank, world), shard(captions, rank, world)
-    batch = processor([e.image for e in examples], [prompt] * len(examples), captions, max_length=max_length)
+    prompts = [prompt if e.prefix is None else e.prefix for e in examples]
+    batch = processor([e.image for e in examples], prompts, captions, max_length=max_length)
     check_labels(batch, examples)
     return batch
 

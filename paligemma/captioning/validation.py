@@ -5,7 +5,9 @@ Every --eval-every steps train.py measures, on fixed validation examples:
     whether the decoder reads the image at all);
   - captions of a fixed sample (--val-captions images, spread over the split), scored with CIDEr-D
     and BLEU-4 (metrics.py). The best CIDEr-D so far picks OUT/best; --early-stop N ends the run after
-    N evaluations without a better one.
+    N evaluations without a better one. A run of another task (its rows' prefixes say which:
+    tasks/registry.py) generates its answers the same way and is scored by that task's metrics, its
+    own metric picking OUT/best (mAP@0.5 for detection, VQA accuracy for questions, ANLS for OCR).
 Captions, not the loss, pick the model: the validation loss keeps falling while the captions stop
 improving or degrade (repetition), and the study this project answers judged its models by eye.
 """
@@ -30,22 +32,73 @@ def spread(examples: list, n: int) -> list:
     return examples[::max(1, len(examples) // n)][:n] if n else []
 
 
-def caption_and_score(model, processor, examples, prompt: str, batch_size: int = 32, with_meteor: bool = False):
-    """(scores, health, predictions) of greedy captions for `examples`."""
-    from ..inference import caption
+def caption_and_score(model, processor, examples, prompt: str, batch_size: int = 32, with_meteor: bool = False,
+                      task: str = "caption", max_new_tokens: int = MAX_NEW_TOKENS):
+    """(scores, health, predictions) of greedy answers for `examples`, each under its own prefix (or
+    `prompt`), scored as `task`. Predictions are keyed by image path, and by image path and prefix
+    where an image has several rows (VQA's questions)."""
+    from ..tasks.registry import score_texts
     from .metrics import health, score_all
     model.eval()
-    texts = caption(model, processor, [e.image for e in examples], prompt, batch_size, max_new_tokens=MAX_NEW_TOKENS)
-    preds = {str(e.image): c for e, c in zip(examples, texts)}
-    refs = {str(e.image): e.captions for e in examples}
-    return score_all(preds, refs, with_meteor=with_meteor), health(preds, refs), preds
+    texts = answers(model, processor, examples, prompt, batch_size, max_new_tokens)
+    keys = [str(e.image) for e in examples]
+    if len(set(keys)) < len(keys):
+        keys = [f"{e.image} | {e.prefix}" for e in examples]
+    preds, refs = dict(zip(keys, texts)), {k: e.captions for k, e in zip(keys, examples)}
+    if task == "caption":
+        scores = score_all(preds, refs, with_meteor=with_meteor)
+    else:  # detection boxes are all scored 1.0 here: the order of the examples breaks ties
+        scores = flat(score_texts(task, texts, [e.captions for e in examples]))
+    return scores, health(preds, refs), preds
+
+
+def answers(model, processor, examples, prompt: str, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers in the examples' order; examples that share a prompt are batched together."""
+    from ..inference import caption
+    prompts = [prompt if e.prefix is None else e.prefix for e in examples]
+    texts = [None] * len(examples)
+    for p in dict.fromkeys(prompts):
+        rows = [i for i, q in enumerate(prompts) if q == p]
+        for i, t in zip(rows, caption(model, processor, [examples[i].image for i in rows], p, batch_size,
+                                      max_new_tokens=max_new_tokens)):
+            texts[i] = t
+    return texts
+
+
+def flat(scores: dict) -> dict:
+    """Scores as one level of numbers for tables and logs: {"per_class": {"plane": {"AP@0.5": ..}}} ->
+    {"AP@0.5 plane": ..}; None (no reference to score against) -> nan."""
+    out = {}
+    for k, v in scores.items():
+        if k == "per_class":
+            out.update({f"{m} {label}": float(x) for label, c in v.items() for m, x in c.items() if m.startswith("AP")})
+        else:
+            out[k] = float("nan") if v is None else v
+    return out
+
+
+def answer_budget(processor, examples, task: str) -> int:
+    """New tokens to generate: captions keep MAX_NEW_TOKENS; other tasks' answers (a detection's four
+    <loc> tokens and a label per object) get their longest training reference plus 8."""
+    if task == "caption":
+        return MAX_NEW_TOKENS
+    return max(len(processor.tokenizer.encode(c)) for e in examples for c in e.captions) + 8
 
 
 class Validation:
     """The fixed validation sets of one run, and what one evaluation measures on them."""
 
-    def __init__(self, processor, val: list, prompt: str, batch_size: int, n_captions: int, max_length=None):
+    def __init__(self, processor, val: list, prompt: str, batch_size: int, n_captions: int, max_length=None,
+                 task: str = "caption", max_new_tokens: int = MAX_NEW_TOKENS):
+        from ..tasks.registry import METRICS
+        if task not in METRICS:  # segment: its masks need the VQ-VAE decoder, which train.py does not load yet
+            raise ValueError(f"train.py cannot score a {task!r} set yet (it scores {', '.join(sorted(METRICS))}); "
+                             f"evaluate.py can, with --vae")
         self.processor, self.prompt, self.batch_size = processor, prompt, batch_size
+        self.task, self.max_new_tokens = task, max_new_tokens
+        self.metric = METRICS[task][1]  # what picks OUT/best: CIDEr-D, mAP@0.5, ...
+        self.key = f"val_{self.metric}"
+        self.second = {"caption": "BLEU-4", "detect": "mAP", "answer": "exact match", "ocr": "CER"}.get(task)
         loss_examples = spread(val, batch_size)
         self.loss_batch = collate(processor, loss_examples, prompt, random.Random(0), True, max_length)
         self.captioned = spread(val, n_captions)
@@ -60,23 +113,28 @@ class Validation:
         preds = {}
         if self.captioned:
             t0 = time.time()
-            scores, _, preds = caption_and_score(model, self.processor, self.captioned, self.prompt, self.batch_size)
-            record.update({"val_CIDEr-D": scores["CIDEr-D"], "val_BLEU-4": scores["BLEU-4"],
-                           "val_caption_s": time.time() - t0})  # its cost, to weigh against training time
+            scores, _, preds = caption_and_score(model, self.processor, self.captioned, self.prompt, self.batch_size,
+                                                 task=self.task, max_new_tokens=self.max_new_tokens)
+            record[self.key] = scores[self.metric]
+            if self.second in scores:
+                record[f"val_{self.second}"] = scores[self.second]
+            record["val_caption_s"] = time.time() - t0  # its cost, to weigh against training time
         if rank == 0:
             gap = record["image_gap"]
-            scored = (f"; {len(self.captioned)} captions ({record['val_caption_s']:.1f} s): CIDEr-D "
-                      f"{record['val_CIDEr-D']:.3f}, BLEU-4 {record['val_BLEU-4']:.3f}") if preds else ""
+            second = f", {self.second} {record['val_' + self.second]:.3f}" if f"val_{self.second}" in record else ""
+            scored = (f"; {len(self.captioned)} captions ({record['val_caption_s']:.1f} s): {self.metric} "
+                      f"{record[self.key]:.3f}{second}") if preds else ""
             tqdm.write(f"step {step}: val loss {own:.3f}, with shuffled images {shuffled:.3f} (gap {gap:+.3f}"
                        f"{'  <- the decoder is NOT using the image' if gap < 0.02 else ''}){scored}")
-            for e in self.captioned[:3]:
-                tqdm.write(f"  {e.image.name}: {preds[str(e.image)]!r}  | ref: {e.captions[0]!r}")
+            for (k, p), e in list(zip(preds.items(), self.captioned))[:3]:
+                tqdm.write(f"  {e.image.name}: {p!r}  | ref: {e.captions[0]!r}")
         return record
 
 
 @dataclasses.dataclass
 class Best:
-    """The best validation CIDEr-D so far, and early stopping. Saved in the checkpoint (state())."""
+    """The best validation score so far (CIDEr-D, or the task's metric), and early stopping. Saved in the
+    checkpoint (state())."""
     patience: int | None = None  # --early-stop: evaluations without improvement before stopping
     step: int = 0  # 0: no evaluation yet
     score: float = -math.inf
@@ -103,14 +161,35 @@ class Best:
         self.step, self.score, self.stale = state["step"], state["score"], state["stale"]
         if best_json is not None and best_json.exists():
             kept = json.loads(best_json.read_text())
-            if kept.get("val_CIDEr-D", -math.inf) > self.score:
-                self.step, self.score = kept["step"], kept["val_CIDEr-D"]
+            key = kept.get("selected_by", "val_CIDEr-D")
+            if kept.get(key, -math.inf) > self.score:
+                self.step, self.score = kept["step"], kept[key]
 
 
-def save_best(folder: Path, model, full: bool, base: str, step: int, record: dict, state: dict | None = None):
+def save_best(folder: Path, model, full: bool, base: str, step: int, record: dict, state: dict | None = None,
+              selected_by: str = "val_CIDEr-D"):
     """OUT/best: the adapter (or model + tokenizer) of the best step and best.json, swapped in whole."""
     from ..atomic import atomic_dir
     with atomic_dir(folder) as tmp:
         export(model, full, base, tmp, state)
         scores = {k: v for k, v in record.items() if k.startswith("val_") or k == "image_gap"}
-        (tmp / "best.json").write_text(json.dumps({"step": step, "selected_by": "val_CIDEr-D", **scores}, indent=2))
+        (tmp / "best.json").write_text(json.dumps({"step": step, "selected_by": selected_by, **scores}, indent=2))
+
+
+def draw_detections(examples, predictions: list[str], path: Path, n: int = 4) -> Path:
+    """The first `n` examples side by side: each image (enlarged) with its predicted boxes (a colour and
+    label per class) and its first reference's boxes in thin white (tasks.draw), as one PNG."""
+    from PIL import Image
+    from ..atomic import atomic_file
+    from ..tasks.boxes import draw, parse_detections
+    tiles = []
+    for e, text in list(zip(examples, predictions))[:n]:
+        with Image.open(e.image) as im:
+            w, h = im.size
+            tiles.append(draw(im, parse_detections(text, w, h), parse_detections(e.captions[0], w, h)))
+    strip = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)), "gray")
+    for i, t in enumerate(tiles):
+        strip.paste(t, (sum(x.width + 4 for x in tiles[:i]), 0))
+    with atomic_file(path, "wb") as f:
+        strip.save(f, format="PNG")
+    return path

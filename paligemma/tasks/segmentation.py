@@ -116,6 +116,12 @@ def parse_segmentations(text: str, width: int, height: int, decoder) -> Segmenta
     return out
 
 
+def malformed_segmentations(text: str, entries: int = 128) -> list[str]:
+    """Why each piece of a segment answer that does not parse fails (none: it parses whole), without a
+    decoder: what a training row is checked with. entries: the codebook's size (vae-oid.npz: 128)."""
+    return [r for r in (_read(p, entries) for p in text.split(";")) if isinstance(r, str)] if text.strip() else []
+
+
 def segment_tokens(mask: np.ndarray, box, encoder) -> str:
     """The answer PaliGemma is trained to write for one object, as big_vision's `refcoco_mask2str` makes it:
     "<loc>" x 4 for the box, then the sixteen "<seg>" codes of the mask cropped to the box (pixels rounded),

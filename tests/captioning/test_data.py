@@ -202,3 +202,78 @@ def test_jsonl_blank_lines_are_skipped_and_captions_must_be_strings(tmp_path, im
                     '{"split": "train", "image": "ok2.png", "captions": ["b", 3]}\n')
     with pytest.raises(DataError, match=r"c.jsonl:3: captions must be strings"):
         load_examples(path, "train", image_dir=images)
+
+
+def write_jsonl(path, rows):
+    import json
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+DET = "<loc0000><loc0128><loc0512><loc0640> plane ; <loc0256><loc0256><loc1023><loc1023> tank"
+
+
+def test_prefix_suffix_rows_load_with_their_prompt_and_references(tmp_path, images):
+    """big_vision's layout: a prompt per row, the suffix a string or several references; VQA's several
+    questions on one image are rows of their own (one row per image and prefix)."""
+    path = write_jsonl(tmp_path / "tasks.jsonl", [
+        {"image": "ok.png", "prefix": "detect plane ; tank", "suffix": DET, "split": "train"},
+        {"image": "ok.png", "prefix": "answer en how many planes?", "suffix": ["one", " 1 "], "split": "train"},
+        {"image": "ok.png", "prefix": "answer en what colour?", "suffix": "red", "split": "train"},
+        {"image": "ok2.png", "suffix": "a caption under --prompt", "split": "train"}])
+    ex, _ = load_examples(path, "train")
+    assert [(e.image.name, e.prefix, e.captions) for e in ex] == [
+        ("ok.png", "detect plane ; tank", [DET]), ("ok.png", "answer en how many planes?", ["one", "1"]),
+        ("ok.png", "answer en what colour?", ["red"]), ("ok2.png", None, ["a caption under --prompt"])]
+    csv = tmp_path / "tasks.csv"
+    csv.write_text(f"image,prefix,suffix,suffix_2,split\nok.png,answer en which?,a,b,train\nok2.png,ocr,XY,Z,train\n")
+    assert [(e.prefix, e.captions) for e in load_examples(csv, "train")[0]] == [("answer en which?", ["a", "b"]),
+                                                                                 ("ocr", ["XY", "Z"])]
+    twice = write_jsonl(tmp_path / "twice.jsonl", [{"image": "ok.png", "prefix": "ocr", "suffix": "a", "split": "train"},
+                                                   {"image": "ok.png", "prefix": "ocr", "suffix": "b", "split": "train"}])
+    with pytest.raises(DataError, match=r"twice.jsonl:2: image 'ok.png' with prefix 'ocr' is also on line 1"):
+        load_examples(twice, "train")
+
+
+@pytest.mark.parametrize("row, error", [
+    ({"image": "ok.png"}, "neither 'suffix' nor captions"),
+    ({"image": "ok.png", "suffix": "a", "captions": ["b"]}, "both a suffix and captions"),
+    ({"image": "ok.png", "prefix": 3, "suffix": "a"}, "'prefix' must be a non-empty string .* got 3"),
+    ({"image": "ok.png", "prefix": ["detect a"], "suffix": "a"}, "'prefix' must be a non-empty string"),
+    ({"image": "ok.png", "suffix": {"a": 1}}, "suffix must be strings"),
+    ({"image": "ok.png", "prefix": "detect plane", "suffix": "<loc0001><loc0002><loc0003> plane"},
+     r"does not parse: 1 of 1 objects are not four <loc> tokens"),
+    ({"image": "ok.png", "prefix": "detect plane", "suffix": DET + " ; <loc0500><loc0000><loc0400><loc0010> plane"},
+     r"does not parse: 1 of 3 objects"),  # y_max < y_min: an empty box
+    ({"image": "ok.png", "prefix": "detect plane", "suffix": "plane"}, r"does not parse: 1 of 1 objects"),
+    ({"image": "ok.png", "suffix": "<loc0000><loc0000><loc0010><loc0010>"}, r"does not parse"),  # no label
+    ({"image": "ok.png", "prefix": "segment cat", "suffix": "<loc0000><loc0000><loc0010><loc0010>" + "<seg001>" * 15},
+     r"does not parse: 15 <seg> tokens after the box, expected 16"),
+    ({"image": "ok.png", "suffix": "<loc0000><loc0000><loc0010><loc0010>" + "<seg200>" * 16 + " cat"},
+     r"does not parse: <seg200> outside the codebook's 0..127"),
+])
+def test_bad_task_rows_are_named_by_file_and_line(tmp_path, images, row, error):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"image": "ok2.png", "prefix": "ocr", "suffix": "fine"}, row])
+    with pytest.raises(DataError, match=r"t.jsonl:2: (suffix .* )?" + error):
+        load_examples(path)
+    assert len(load_examples(path, skip_bad=True)[0]) == 1
+
+
+def test_good_task_answers_pass_the_parse_check(tmp_path, images):
+    seg = "<loc0000><loc0000><loc0010><loc0010>" + "<seg127>" * 16
+    path = write_jsonl(tmp_path / "t.jsonl", [{"image": "ok.png", "prefix": "detect plane ; tank", "suffix": DET},
+                                              {"image": "ok.png", "prefix": "segment cat", "suffix": seg},
+                                              {"image": "ok.png", "prefix": "segment a", "suffix": f"{seg} cat ; {seg} dog"}])
+    assert [e.captions for e in load_examples(path)[0]] == [[DET], [seg], [f"{seg} cat ; {seg} dog"]]
+
+
+def test_fingerprint_of_caption_rows_is_unchanged_and_the_prefix_counts(tmp_path, images):
+    """A checkpoint saved before prefixes existed resumes: rows without a prefix hash as they did (the
+    value below is the old formula's, sha256 of the captions joined by newlines)."""
+    import hashlib
+    from paligemma.captioning.data import fingerprint
+    caps = ["a field", "a lake"]
+    assert fingerprint([Example(images / "ok.png", caps)]) == [
+        ["ok.png", hashlib.sha256(b"a field\na lake").hexdigest()[:12]]]
+    assert fingerprint([Example(images / "ok.png", caps, prefix="caption es")])[0][1] != \
+        fingerprint([Example(images / "ok.png", caps)])[0][1]

@@ -51,3 +51,23 @@ def test_dataset_rows_and_suffix_round_trip(tmp_path):
         # corners on an 8 px grid: nine location values only (what a tiny model can learn quickly)
         assert set(int(t) for t in re.findall(r"<loc(\d{4})>", r["suffix"])) <= {
             0, 128, 256, 384, 512, 639, 767, 895, 1023}
+
+
+def test_demo_scenes_have_one_kind_in_its_colour_and_spacing_keeps_objects_apart():
+    """DEMO_SCENE (`train.py --demo detect`): one kind per scene, drawn in its kind's colour (the label
+    readable off the pixels); with spacing=16 a free cell between objects."""
+    from paligemma.captioning.synthetic import COLOURS, DEMO_SCENE
+    rng, counts = random.Random(0), set()
+    for _ in range(200):
+        img, objects = detection_scene(rng, **DEMO_SCENE, spacing=16)
+        a = np.asarray(img, dtype=int)
+        assert len({k for k, _ in objects}) == 1
+        for kind, (x0, y0, x1, y1) in objects:
+            assert x0 % 16 == 0 == y0 % 16 and (x1 - x0, y1 - y0) == (16, 16)
+            colour = np.array(COLOURS[DEMO_SCENE["colours"][kind]])
+            assert (np.abs(a[y0:y1, x0:x1] - colour).max(-1) == 0).sum() >= 40  # drawn in its kind's colour
+        for i, (_, a_) in enumerate(objects):
+            for _, b in objects[:i]:  # a gap of at least 16 px along one axis
+                assert max(b[0] - a_[2], a_[0] - b[2], b[1] - a_[3], a_[1] - b[3]) >= 16
+        counts.add(len(objects))
+    assert counts == {1, 2, 3}

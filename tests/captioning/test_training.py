@@ -1,6 +1,7 @@
 """paligemma/captioning/training.py: the pieces of train.py, and its checkpoints: read without running
 code, refused by name when damaged, foreign, or resumed with other settings."""
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -201,3 +202,37 @@ def test_full_disk_during_a_checkpoint_save_is_named_and_keeps_the_last(pg1_dir,
         save_train_state(tmp_path / "checkpoint", model, optimizer, 2, batches, rng, False, dict(ARGS))
     assert (tmp_path / "checkpoint" / "state.pt").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_collate_puts_each_row_under_its_own_prefix_with_labels_on_the_suffix_only(pg1_tok_dir):
+    """Rows with a prefix are tokenized as the processor does for that prompt (the reference: one call
+    per row), a row without one under the run's prompt; the labels are the suffix and <eos> alone."""
+    from PIL import Image
+    from paligemma.captioning.training import collate
+    from paligemma.processor import IGNORE, Processor
+    proc = Processor.from_pretrained(pg1_tok_dir)
+    im = Image.new("RGB", (16, 16), "red")
+    rows = [Example(im, ["two"], prefix="answer en how many?"), Example(im, ["a red square"]),
+            Example(im, ["<loc0000><loc0001><loc0002><loc0003> x"], prefix="detect x")]
+    batch = collate(proc, rows, "caption en", random.Random(0))
+    for i, (prompt, e) in enumerate(zip(["answer en how many?", "caption en", "detect x"], rows)):
+        one = proc([im], [prompt], e.captions)
+        n = one["input_ids"].shape[1]
+        assert torch.equal(batch["input_ids"][i, -n:], one["input_ids"][0])  # left-padded: the row ends the batch
+        assert torch.equal(batch["labels"][i, -n:], one["labels"][0])
+        suffix = proc.tokenizer.encode(e.captions[0]) + [proc.tokenizer.eos_id]
+        assert batch["labels"][i][batch["labels"][i] != IGNORE].tolist() == suffix
+
+
+def test_the_run_task_comes_from_the_prefixes_and_mixed_tasks_are_refused():
+    from paligemma.captioning.data import DataError, run_task
+    cap, det = Example(Path("a.png"), ["a field"]), Example(Path("b.png"), ["<loc0000><loc0000><loc0001><loc0001> x"], prefix="detect x")
+    assert run_task("caption en", [cap], [cap]) == "caption"
+    assert run_task("describe the scene please", [cap]) == "caption"  # captions under a free-form prompt, as before
+    assert run_task("caption en", [det], [det]) == "detect"
+    assert run_task("answer en what?", [cap]) == "answer"  # the prompt names the task of rows without a prefix
+    with pytest.raises(DataError, match=r"rows of 2 tasks in one run: caption \(e.g. a.png: 'caption en'\), detect "
+                                        r"\(e.g. b.png: 'detect x'\)\. Train one task per run"):
+        run_task("caption en", [cap], [det])
+    with pytest.raises(DataError, match=r"c.png: prefix 'find x': cannot tell the task"):
+        run_task("caption en", [Example(Path("c.png"), ["x"], prefix="find x")])

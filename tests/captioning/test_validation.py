@@ -1,6 +1,8 @@
 """paligemma/captioning/validation.py: which evaluation is best, when to stop, and the sample's spread."""
 import json
 
+import pytest
+
 from paligemma.captioning.validation import Best, spread
 
 
@@ -23,3 +25,29 @@ def test_resumed_tracker_adopts_a_better_best_written_after_the_checkpoint(tmp_p
 def test_spread_covers_the_split():
     assert spread(list(range(100)), 4) == [0, 25, 50, 75]
     assert spread(list(range(3)), 8) == [0, 1, 2] and spread(list(range(9)), 0) == []
+
+
+def test_a_best_json_selected_by_another_metric_is_read_by_its_key(tmp_path):
+    (tmp_path / "best.json").write_text(json.dumps({"step": 300, "selected_by": "val_mAP@0.5", "val_mAP@0.5": 0.8}))
+    best = Best()
+    best.load({"step": 100, "score": 0.5, "stale": 0}, tmp_path / "best.json")
+    assert (best.step, best.score) == (300, 0.8)
+
+
+def test_flat_scores_name_each_class_and_keep_no_none():
+    import math
+    from paligemma.captioning.validation import flat
+    from paligemma.tasks import score_texts
+    ref = "<loc0000><loc0000><loc0512><loc0512> plane ; <loc0512><loc0512><loc1023><loc1023> tank"
+    hit_one = "<loc0000><loc0000><loc0512><loc0512> plane ; <loc0000><loc0600><loc0300><loc1000> tank"
+    scores = flat(score_texts("detect", [hit_one, "junk"], [[ref], ["<loc0000><loc0000><loc0100><loc0100> plane"]]))
+    # plane: 2 references, 1 hit ranked first -> AP@0.5 = (101 recall points: 51 at precision 1) / 101
+    assert scores["AP@0.5 plane"] == pytest.approx(51 / 101) and scores["AP@0.5 tank"] == 0.0
+    assert scores["mAP@0.5"] == pytest.approx(51 / 202) and scores["dropped"] == 1 and "per_class" not in scores
+    assert math.isnan(flat({"mAP": None})["mAP"])
+
+
+def test_a_task_without_a_training_metric_is_refused_by_name():
+    from paligemma.captioning.validation import Validation
+    with pytest.raises(ValueError, match="train.py cannot score a 'segment' set yet .*caption, detect"):
+        Validation(None, [], "segment cat", 8, 0, task="segment")
