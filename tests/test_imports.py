@@ -26,7 +26,7 @@ LAYERS = [
     # around the model: commands and instruments
     ["paligemma.inference", "paligemma.verify", "paligemma.probe", "paligemma.probe.hooking",
      "paligemma.probe.groups", "paligemma.probe.recording", "paligemma.probe.knockout", "paligemma.probe.patching",
-     "paligemma.probe.report", "paligemma.probe.__main__", "paligemma.tasks.boxes", "paligemma.tasks.answers",
+     "paligemma.probe.report", "paligemma.probe.locations", "paligemma.probe.__main__", "paligemma.tasks.boxes", "paligemma.tasks.answers",
      "paligemma.tasks.average_precision", "paligemma.tasks.vqvae", "paligemma.tasks.segmentation"],
     # the fine-tuning application
     ["paligemma.tasks", "paligemma.tasks.registry", "paligemma.tasks.readout", "paligemma.caption", "paligemma.captioning", "paligemma.captioning.wordnet", "paligemma.captioning.metrics",
