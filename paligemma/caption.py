@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     exit code 1, without stopping the others."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_image_command_args(p)
-    p.add_argument("--max-new-tokens", type=POSITIVE, default=32, help="longest caption in tokens")
+    p.add_argument("--max-new-tokens", type=POSITIVE, help="longest answer in tokens (default 32; for detect and segment "
+                                                             "prompts 128: a box is about 6 tokens, a mask 22)")
     p.add_argument("--num-beams", type=POSITIVE, default=1, help="beam width (1 = greedy)")
     p.add_argument("--batch-size", type=POSITIVE, default=8, help="images per forward pass")
     p.add_argument("--quantize", choices=["int8", "int4", "nf4"], help="int8, int4 or NF4 linear weights (quantize.py)")
@@ -42,6 +43,7 @@ def main(argv=None) -> int:
     add_debug(p)
     args = p.parse_args(argv)
     task = drawn_task(args.prompt)
+    max_new_tokens = args.max_new_tokens or (128 if task else 32)
     if args.draw and task is None:
         p.error(f"--draw draws boxes and masks: the prompt must start with detect or segment, got {args.prompt!r}")
     if args.vae and task != "segment":
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
     bad = []
     bar = tqdm(total=len(args.images), disable=len(args.images) < 4)
     answers = caption_files(model, processor, args.images, args.prompt, args.batch_size,
-                            max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, compile=args.compile)
+                            max_new_tokens=max_new_tokens, num_beams=args.num_beams, compile=args.compile)
     for (path, text, error, image), drawing in zip(answers, drawings):
         if error is None:
             print(f"{path}\t{one_line(text)}", flush=not task)

@@ -76,16 +76,22 @@ FULL = "<seg001>" * 16  # the blocky decoder's code 1 everywhere: the mask fills
 SEGMENTED = "<loc0000><loc0000><loc0511><loc1023>" + FULL + " roof ; <loc0010><loc0010><loc0020><loc0020><seg001> roof"
 
 
-def force(monkeypatch, text):
-    """The command's model writes `text` (then <eos>) for every image: a random model writes no boxes."""
-    load = caption_command.load_for_inference
+def force(monkeypatch, text) -> list:
+    """The command's model writes `text` (then <eos>) for every image: a random model writes no boxes.
+    -> the keyword arguments of each generate call."""
+    load, calls = caption_command.load_for_inference, []
 
     def forced(*args, **kwargs):
         model, processor = load(*args, **kwargs)
         ids = processor.tokenizer.encode(text) + [processor.tokenizer.eos_id]
-        model.generate = lambda input_ids, **_: torch.tensor([ids] * len(input_ids))
+
+        def generate(input_ids, **kw):
+            calls.append(kw)
+            return torch.tensor([ids] * len(input_ids))
+        model.generate = generate
         return model, processor
     monkeypatch.setattr(caption_command, "load_for_inference", forced)
+    return calls
 
 
 @pytest.fixture
@@ -101,9 +107,10 @@ def two_images(tmp_path):
 
 def test_detect_prints_the_boxes_in_pixels(task_tok_dir, two_images, monkeypatch, capsys):
     """Boxes by hand: t / 1023 * size, y first; the piece with two <loc> tokens is dropped and counted."""
-    force(monkeypatch, DETECTED)
+    calls = force(monkeypatch, DETECTED)
     a, b = two_images
     assert main(["--model", str(task_tok_dir), "--prompt", "detect plane ; ship", str(a), str(b)]) == 0
+    assert calls[0]["max_new_tokens"] == 128  # room for about 20 boxes (a caption's default is 32)
     # plane: x1 = 1023/1023 * w, y1 = 511/1023 * h (48 -> 23.98, 60 -> 29.97); ship: y 512, 900; x 100, 800
     assert capsys.readouterr().out.splitlines() == [
         f"{a}\t{DETECTED}", "\tplane\t0.0 0.0 64.0 24.0", "\tship\t6.3 24.0 50.0 42.2", "\t2 boxes; 1 malformed piece dropped",
@@ -112,8 +119,9 @@ def test_detect_prints_the_boxes_in_pixels(task_tok_dir, two_images, monkeypatch
 
 def test_caption_prompts_print_the_text_only(task_tok_dir, two_images, monkeypatch, capsys):
     """A caption prompt prints one line per image as before, even when the text holds <loc> tokens."""
-    force(monkeypatch, DETECTED)
+    calls = force(monkeypatch, DETECTED)
     assert main(["--model", str(task_tok_dir), *map(str, two_images)]) == 0
+    assert calls[0]["max_new_tokens"] == 32
     assert capsys.readouterr().out.splitlines() == [f"{p}\t{DETECTED}" for p in two_images]
 
 
