@@ -634,3 +634,22 @@ def test_report_draws_boxes_and_loc_maps_in_chromium(probed_boxes):
     # the page averages the layers' and heads' uint8 maps: correlation 0.999 measured (-0.37 .. 0.14 with
     # the other <loc> tokens' maps)
     assert np.corrcoef(red, want)[0, 1] > 0.95
+
+
+def test_locations_of_a_segment_answer(task_tok_dir):
+    """A segment answer's 16 <seg> tokens are no coordinates; each <loc> token's map is its row of the
+    heat maps averaged over layers and heads (random maps here); a lone <loc> after ';' belongs to no box."""
+    from paligemma.probe.locations import locations
+    tok = Processor.from_pretrained(task_tok_dir).tokenizer
+    ids = tok.encode("<loc0100><loc0200><loc0300><loc0400>" + "<seg005>" * 16 + " roof ; <loc0100>") + [tok.eos_id]
+    heat = np.random.default_rng(0).random((len(ids), 3, 4, 8, 8))
+    out = locations(tok, ids, heat, 100, 50)
+    assert [(d["label"], d["box"]) for d in out["detections"]] == [
+        ("roof", [200 / 1023 * 100, 100 / 1023 * 50, 400 / 1023 * 100, 300 / 1023 * 50])]
+    assert out["detections_dropped"] == 1
+    got = [(l["token"], l["value"], l["object"], l["coordinate"], l["detection"]) for l in out["loc_tokens"]]
+    last = len(ids) - 2  # the lone <loc0100> before <eos>
+    assert got == [(0, 100, 0, "y_min", 0), (1, 200, 0, "x_min", 0), (2, 300, 0, "y_max", 0), (3, 400, 0, "x_max", 0),
+                   (last, 100, 1, "y_min", None)]
+    for l in out["loc_tokens"]:
+        assert np.allclose(l["attention"], heat[l["token"]].mean(axis=(0, 1)), rtol=0, atol=1e-12)
