@@ -5,6 +5,7 @@ what the page draws, not where a trained detector looks (docs/detection_example.
 
     python docs/detection_forced.py [OUT_DIR]      # seconds; OUT_DIR default docs/
 """
+import contextlib
 import random
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 import paligemma.caption as caption_command
+from paligemma import probe
 import paligemma.probe.__main__ as probe_command
 from paligemma.captioning.synthetic import detection_scene, make_checkpoint
 from paligemma.tasks import detection_text
@@ -21,25 +23,17 @@ from paligemma.tasks import detection_text
 PROMPT = "detect building ; plane ; tank"
 
 
-def forcing(load, text: str):
-    """load_for_inference whose model's first head calls choose the tokens of `text`, then <eos>."""
+def forcing(load, text: str, stack: contextlib.ExitStack):
+    """load_for_inference whose model writes the tokens of `text`, then <eos> (probe.forced_answer)."""
     def forced(*args, **kwargs):
         model, processor = load(*args, **kwargs)
-        ids = processor.tokenizer.encode(text) + [processor.tokenizer.eos_id]
-        calls = [0]
-
-        def hook(module, inputs, logits):
-            i, calls[0] = calls[0], calls[0] + 1
-            if i < len(ids):
-                logits = logits.clone()
-                logits[..., ids[i]] = logits.max() + 30
-                return logits
-        model.language_model.lm_head.register_forward_hook(hook)
+        stack.enter_context(probe.forced_answer(model, processor.tokenizer.encode(text) + [processor.tokenizer.eos_id]))
         return model, processor
     return forced
 
 
 def main(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="detect-forced-"))
     rng = random.Random(7)
     scenes = [detection_scene(rng) for _ in range(2)]
@@ -52,18 +46,20 @@ def main(out: Path):
         image.save(paths[-1])
     load_caption, load_probe = caption_command.load_for_inference, probe_command.load_for_inference
     for path, text in zip(paths, texts):  # one image per call: each its own forced answer
-        caption_command.load_for_inference = forcing(load_caption, text)
-        print("$ python -m paligemma.caption --model CKPT --prompt", repr(PROMPT), "--draw DIR", path.name)
-        caption_command.main(["--model", model, "--prompt", PROMPT, "--draw", str(root / "drawn"), str(path)])
+        with contextlib.ExitStack() as stack:
+            caption_command.load_for_inference = forcing(load_caption, text, stack)
+            print("$ python -m paligemma.caption --model CKPT --prompt", repr(PROMPT), "--draw DIR", path.name)
+            caption_command.main(["--model", model, "--prompt", PROMPT, "--draw", str(root / "drawn"), str(path)])
     caption_command.load_for_inference = load_caption
     drawn = [Image.open(root / "drawn" / p.name) for p in paths]
     both = Image.new("RGB", (sum(d.width for d in drawn) + 8, max(d.height for d in drawn)), "white")
     both.paste(drawn[0], (0, 0))
     both.paste(drawn[1], (drawn[0].width + 8, 0))
     both.save(out / "detection-drawn.png")
-    probe_command.load_for_inference = forcing(load_probe, texts[0])
-    probe_command.main(["--model", model, str(paths[0]), "--prompt", PROMPT, "--max-new-tokens", "40",
-                        "--out", str(root / "probe")])
+    with contextlib.ExitStack() as stack:
+        probe_command.load_for_inference = forcing(load_probe, texts[0], stack)
+        probe_command.main(["--model", model, str(paths[0]), "--prompt", PROMPT, "--max-new-tokens", "40",
+                            "--out", str(root / "probe")])
     probe_command.load_for_inference = load_probe
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     "--force-device-scale-factor=1", "--window-size=1250,700", f"--screenshot={out / 'probe-boxes.png'}",

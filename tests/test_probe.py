@@ -508,21 +508,6 @@ FORCED = ("<loc0128><loc0256><loc0640><loc0768> plane ; <loc0000><loc0512><loc03
           "<loc0256><loc0128> ship")  # <loc> values on multiples of 128: box edges fall between patch centres
 
 
-def force_tokens(model, ids):
-    """The model's first len(ids) head calls choose `ids` (a random model writes no boxes): the forced id's
-    logit is raised above all others. Later calls (logit lens, image ablation, knockout) are left alone, so
-    the recorded attention is the model's own on the forced answer."""
-    calls = [0]
-
-    def hook(module, args, out):
-        i, calls[0] = calls[0], calls[0] + 1
-        if i < len(ids):
-            out = out.clone()
-            out[..., ids[i]] = out.max() + 30
-            return out
-    return model.language_model.lm_head.register_forward_hook(hook)
-
-
 @pytest.fixture(scope="module")
 def probed_boxes(task_tok_dir, tmp_path_factory):
     """The command on an 80 x 48 blue-noise image whose answer is forced to FORCED: two boxes and a
@@ -532,19 +517,20 @@ def probed_boxes(task_tok_dir, tmp_path_factory):
     a = np.zeros((48, 80, 3), dtype=np.uint8)
     a[..., 2] = np.random.default_rng(1).integers(60, 255, (48, 80))
     Image.fromarray(a).save(root / "scene.png")
-    load = command.load_for_inference
+    load, stack = command.load_for_inference, contextlib.ExitStack()
 
-    def forced(*args, **kwargs):
+    def forced(*args, **kwargs):  # a random model writes no boxes: its answer is forced, its attention its own
         model, processor = load(*args, **kwargs)
-        force_tokens(model, processor.tokenizer.encode(FORCED) + [processor.tokenizer.eos_id])
+        stack.enter_context(probe.forced_answer(model, processor.tokenizer.encode(FORCED) + [processor.tokenizer.eos_id]))
         return model, processor
     mp = pytest.MonkeyPatch()
     mp.setattr(command, "load_for_inference", forced)
-    try:
-        assert main(["--model", str(task_tok_dir), str(root / "scene.png"), "--prompt", "detect plane ; ship",
-                     "--max-new-tokens", "30", "--out", str(root / "out")]) == 0
-    finally:
-        mp.undo()
+    with stack:
+        try:
+            assert main(["--model", str(task_tok_dir), str(root / "scene.png"), "--prompt", "detect plane ; ship",
+                         "--max-new-tokens", "30", "--out", str(root / "out")]) == 0
+        finally:
+            mp.undo()
     return root / "out" / "scene", root / "scene.png"
 
 
@@ -653,3 +639,17 @@ def test_locations_of_a_segment_answer(task_tok_dir):
                    (last, 100, 1, "y_min", None)]
     for l in out["loc_tokens"]:
         assert np.allclose(l["attention"], heat[l["token"]].mean(axis=(0, 1)), rtol=0, atol=1e-12)
+
+
+def test_forced_answer_writes_the_ids_and_restores(pg1_tok_dir):
+    model, processor = PaliGemma.from_pretrained(pg1_tok_dir), Processor.from_pretrained(pg1_tok_dir)
+    inputs = processor([blue_noise(16)], "caption en")
+    own = model.generate(**inputs, max_new_tokens=4)[0].tolist()
+    ids = [17, 40, 33, 90]
+    assert own != ids
+    with probe.forced_answer(model, ids):
+        assert model.generate(**inputs, max_new_tokens=4)[0].tolist() == ids
+        assert model.generate(**inputs, max_new_tokens=4)[0].tolist() == own  # only the first len(ids) head calls
+    with pytest.raises(RuntimeError), probe.forced_answer(model, ids):
+        raise RuntimeError("stop")
+    assert model.generate(**inputs, max_new_tokens=4)[0].tolist() == own
