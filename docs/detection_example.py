@@ -9,7 +9,8 @@ test scenes:
     python -m paligemma.caption --model CKPT --prompt "detect building ; plane ; tank" --draw DIR IMAGE ...
     python -m paligemma.probe   --model CKPT --prompt "detect building ; plane ; tank" --out DIR IMAGE
 
-and screenshots the report page (headless Chromium) at a <loc> token.
+and writes OUT_DIR/detection-drawn.png (the first two drawings side by side) and OUT_DIR/probe-boxes.png
+(the report page in headless Chromium at its first <loc> token).
 
     python docs/detection_example.py [OUT_DIR]        # minutes on 2 CPU cores; OUT_DIR default docs/
 """
@@ -23,12 +24,14 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from paligemma import PaliGemma, Processor
 from paligemma.captioning.synthetic import make_checkpoint, make_detection_dataset
 from paligemma.tasks import average_precision, parse_detections
 
-STEPS, BATCH, LR = int(os.environ.get("STEPS", 1500)), 32, 2e-3
+STEPS, BATCH, LR = int(os.environ.get("STEPS", 1500)), 32, 2e-3  # STEPS=3 N_TRAIN=64: a smoke run
+N_TRAIN = int(os.environ.get("N_TRAIN", 2000))
 PROMPT = "detect building ; plane ; tank"
 
 
@@ -69,8 +72,9 @@ def test_map(model, processor, data: Path, test_rows: list[dict]) -> dict:
 
 
 def main(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="detect-example-"))
-    data = make_detection_dataset(root / "data", n_train=2000, n_val=0, n_test=100)
+    data = make_detection_dataset(root / "data", n_train=N_TRAIN, n_val=0, n_test=100)
     train_rows, test_rows = rows(data, "train"), rows(data, "test")
     ckpt = make_checkpoint(root / "model", [r["suffix"] for r in train_rows[:200]], prompt=PROMPT, vocab_size=300,
                            task_tokens=True)
@@ -86,19 +90,22 @@ def main(out: Path):
         print(r["image"], "reference:", r["suffix"])
     cmd = [sys.executable, "-m", "paligemma.caption", "--model", str(root / "trained"), "--prompt", PROMPT,
            "--draw", str(root / "drawn"), *images]
-    print("$", " ".join(cmd[1:]))
+    print("$ python", " ".join(cmd[1:]))
     print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    for name in sorted((root / "drawn").iterdir()):
-        (out / f"detection-{name.name}").write_bytes(name.read_bytes())
+    drawn = [Image.open(root / "drawn" / Path(p).name) for p in images[:2]]
+    both = Image.new("RGB", (drawn[0].width + drawn[1].width + 8, max(d.height for d in drawn)), "white")
+    both.paste(drawn[0], (0, 0))
+    both.paste(drawn[1], (drawn[0].width + 8, 0))
+    both.save(out / "detection-drawn.png")
     subprocess.run([sys.executable, "-m", "paligemma.probe", "--model", str(root / "trained"), "--prompt", PROMPT,
-                    "--out", str(root / "probe"), images[0]], check=True)
+                    "--max-new-tokens", "40", "--out", str(root / "probe"), images[0]], check=True)
     page = next((root / "probe").glob("*/report.html"))
     summary = json.loads((page.parent / "probe.json").read_text())
     first = summary["loc_tokens"][0]["token"] if summary["loc_tokens"] else 0
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     "--force-device-scale-factor=1", "--window-size=1250,720", f"--screenshot={out / 'probe-boxes.png'}",
                     page.as_uri() + f"#token={first}"], check=True, capture_output=True)
-    print("wrote", out / "probe-boxes.png", "and", ", ".join(str(p) for p in out.glob("detection-*.png")), "; run in", root)
+    print("wrote", out / "detection-drawn.png", "and", out / "probe-boxes.png", "; run in", root)
 
 
 if __name__ == "__main__":
