@@ -2,7 +2,7 @@
 adapter) loaded for captioning, and the captions of many images, one batch at a time.
 
     model, processor = load_for_inference("google/paligemma-3b-pt-224", adapter="runs/x/adapter")
-    for path, text, error in caption_files(model, processor, paths, "caption en"):
+    for path, text, error, image in caption_files(model, processor, paths, "caption en"):
         ...
 """
 from .cli import DTYPES
@@ -54,9 +54,9 @@ def caption(model, processor, images, prompt="caption en", batch_size=8, seed=No
 
 
 def caption_files(model, processor, paths: list, prompt="caption en", batch_size=8, **generate_kwargs):
-    """Yield (path, caption, None) for each readable image file and (path, None, error) for each other,
-    in order, reading one batch of files at a time (a long list never sits in memory): one bad file
-    never stops the rest."""
+    """Yield (path, caption, None, image) for each readable image file (the RGB PIL image it was read as,
+    for its size and drawing) and (path, None, error, None) for each other, in order, reading one batch of
+    files at a time (a long list never sits in memory): one bad file never stops the rest."""
     for _, chunk in batches(paths, batch_size):
         images, errors = {}, {}
         for path in chunk:
@@ -67,4 +67,4 @@ def caption_files(model, processor, paths: list, prompt="caption en", batch_size
         texts = dict(zip(images, caption_batch(model, processor, list(images.values()), prompt,
                                                **generate_kwargs))) if images else {}
         for path in chunk:
-            yield (path, texts[path], None) if path in texts else (path, None, errors[path])
+            yield (path, texts[path], None, images[path]) if path in texts else (path, None, errors[path], None)

@@ -34,3 +34,12 @@ def tiny_run(tmp_path_factory):
     examples, _ = load_examples(data, "train")
     model = make_checkpoint(root / "model", [c for e in examples for c in e.captions], vocab_size=300)
     return str(model), str(data)
+
+
+@pytest.fixture(scope="session")
+def task_tok_dir(tmp_path_factory):
+    """A random tiny PaliGemma (64 px, 64 image tokens) whose tokenizer has the 1024 <loc> and 128 <seg>
+    tokens as single pieces: for the detect and segment paths of the commands (tests force its tokens)."""
+    from paligemma.captioning.synthetic import make_checkpoint
+    return make_checkpoint(tmp_path_factory.mktemp("tasktok"), ["a plane and a ship", "two tanks on grass", "roof"],
+                           prompt="detect plane ; ship", vocab_size=300, task_tokens=True)

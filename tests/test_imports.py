@@ -24,13 +24,13 @@ LAYERS = [
     ["paligemma.model", "paligemma.processor"],
     ["paligemma"],
     # around the model: commands and instruments
-    ["paligemma.inference", "paligemma.caption", "paligemma.verify", "paligemma.probe", "paligemma.probe.hooking",
+    ["paligemma.inference", "paligemma.verify", "paligemma.probe", "paligemma.probe.hooking",
      "paligemma.probe.groups", "paligemma.probe.recording", "paligemma.probe.knockout", "paligemma.probe.patching",
-     "paligemma.probe.report", "paligemma.probe.__main__", "paligemma.tasks.boxes", "paligemma.tasks.answers",
-     "paligemma.tasks.average_precision", "paligemma.tasks.vqvae", "paligemma.tasks.segmentation",
-     "paligemma.tasks.confidence"],
+     "paligemma.probe.report", "paligemma.probe.locations", "paligemma.probe.__main__", "paligemma.tasks.boxes",
+     "paligemma.tasks.answers", "paligemma.tasks.average_precision", "paligemma.tasks.vqvae",
+     "paligemma.tasks.segmentation", "paligemma.tasks.confidence"],
     # the fine-tuning application
-    ["paligemma.tasks", "paligemma.tasks.registry", "paligemma.captioning", "paligemma.captioning.wordnet", "paligemma.captioning.metrics",
+    ["paligemma.tasks", "paligemma.tasks.registry", "paligemma.tasks.readout", "paligemma.caption", "paligemma.captioning", "paligemma.captioning.wordnet", "paligemma.captioning.metrics",
      "paligemma.captioning.meteor_java", "paligemma.captioning.resampled_cider", "paligemma.captioning.bootstrap",
      "paligemma.captioning.data", "paligemma.captioning.distributed", "paligemma.captioning.curves",
      "paligemma.captioning.synthetic", "paligemma.captioning.results", "paligemma.captioning.precision",

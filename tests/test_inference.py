@@ -62,9 +62,12 @@ def test_caption_files_names_each_bad_file_and_captions_the_rest(loaded, tmp_pat
     paths = [good[0], tmp_path / "bad.jpg", good[1], tmp_path / "missing.png", good[2]]
     out = list(caption_files(model, processor, paths, batch_size=2, **GREEDY))
     alone = [caption_batch(model, processor, [p], "caption en", **GREEDY)[0] for p in good]
-    assert [p for p, _, _ in out] == paths
-    assert [t for _, t, e in out if e is None] == alone
-    errors = {p: e for p, _, e in out if e is not None}
+    assert [p for p, _, _, _ in out] == paths
+    assert [t for _, t, e, _ in out if e is None] == alone
+    read = [i for _, _, e, i in out if e is None]  # each good image as it was read, for its size and drawing
+    assert all(np.array_equal(np.asarray(i), np.asarray(Image.open(p).convert("RGB"))) for i, p in zip(read, good))
+    assert [i for _, _, e, i in out if e is not None] == [None, None]
+    errors = {p: e for p, _, e, _ in out if e is not None}
     assert list(errors) == [tmp_path / "bad.jpg", tmp_path / "missing.png"]
     assert isinstance(errors[tmp_path / "bad.jpg"], ValueError) and isinstance(errors[tmp_path / "missing.png"], OSError)
 

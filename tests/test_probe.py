@@ -500,3 +500,156 @@ def test_plot_sweep(pg1_dir, tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["image", "bos", "prompt", "suffix"]
     fig.savefig(tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+# ---- detect answers (#20 item 6): boxes on the image, where the model looked when it wrote each <loc> ----
+
+FORCED = ("<loc0128><loc0256><loc0640><loc0768> plane ; <loc0000><loc0512><loc0384><loc1023> ship ; "
+          "<loc0256><loc0128> ship")  # <loc> values on multiples of 128: box edges fall between patch centres
+
+
+@pytest.fixture(scope="module")
+def probed_boxes(task_tok_dir, tmp_path_factory):
+    """The command on an 80 x 48 blue-noise image whose answer is forced to FORCED: two boxes and a
+    malformed piece (two <loc> tokens)."""
+    import paligemma.probe.__main__ as command
+    root = tmp_path_factory.mktemp("probeboxes")
+    a = np.zeros((48, 80, 3), dtype=np.uint8)
+    a[..., 2] = np.random.default_rng(1).integers(60, 255, (48, 80))
+    Image.fromarray(a).save(root / "scene.png")
+    load, stack = command.load_for_inference, contextlib.ExitStack()
+
+    def forced(*args, **kwargs):  # a random model writes no boxes: its answer is forced, its attention its own
+        model, processor = load(*args, **kwargs)
+        stack.enter_context(probe.forced_answer(model, processor.tokenizer.encode(FORCED) + [processor.tokenizer.eos_id]))
+        return model, processor
+    mp = pytest.MonkeyPatch()
+    mp.setattr(command, "load_for_inference", forced)
+    with stack:
+        try:
+            assert main(["--model", str(task_tok_dir), str(root / "scene.png"), "--prompt", "detect plane ; ship",
+                         "--max-new-tokens", "30", "--out", str(root / "out")]) == 0
+        finally:
+            mp.undo()
+    return root / "out" / "scene", root / "scene.png"
+
+
+def test_report_boxes_are_parse_detections(probed_boxes):
+    from paligemma.tasks import parse_detections
+    from paligemma.tasks.boxes import label_colour
+    folder, _ = probed_boxes
+    summary = json.loads((folder / "probe.json").read_text())
+    assert summary["text"] == FORCED and (summary["width"], summary["height"]) == (80, 48)
+    want = parse_detections(FORCED, 80, 48)
+    assert [(d["label"], tuple(d["box"])) for d in summary["detections"]] == [(d.label, d.box) for d in want]
+    assert summary["detections_dropped"] == want.dropped == 1
+    assert summary["detections"][0]["colour"] == "#%02x%02x%02x" % label_colour("plane")
+    # each <loc> token: its object, its coordinate (y first), its box; the malformed piece's two have none
+    got = [(l["piece"], l["object"], l["coordinate"], l["detection"]) for l in summary["loc_tokens"]]
+    coords = ["y_min", "x_min", "y_max", "x_max"]
+    assert got == ([(p, 0, c, 0) for p, c in zip(["<loc0128>", "<loc0256>", "<loc0640>", "<loc0768>"], coords)]
+                   + [(p, 1, c, 1) for p, c in zip(["<loc0000>", "<loc0512>", "<loc0384>", "<loc1023>"], coords)]
+                   + [("<loc0256>", 2, "y_min", None), ("<loc0128>", 2, "x_min", None)])
+    assert all(summary["pieces"][l["token"]] == l["piece"] for l in summary["loc_tokens"])
+
+
+def test_loc_attention_equals_transformers(probed_boxes, task_tok_dir):
+    """The map shown for each <loc> token is the attention of the query that chose it (the position before
+    it) over the 8 x 8 image patches, averaged over heads and layers: transformers' eager attentions on
+    the prompt followed by the answer, one forward."""
+    folder, image = probed_boxes
+    summary = json.loads((folder / "probe.json").read_text())
+    processor = Processor.from_pretrained(task_tok_dir)
+    inputs = processor([image], "detect plane ; ship")
+    T, answer = inputs["input_ids"].shape[1], torch.tensor([summary["tokens"][:-1]])
+    full = dict(input_ids=torch.cat([inputs["input_ids"], answer], 1), pixel_values=inputs["pixel_values"],
+                attention_mask=torch.ones(1, T + answer.shape[1], dtype=torch.long),
+                token_type_ids=torch.cat([inputs["token_type_ids"], torch.ones_like(answer)], 1))
+    with torch.no_grad():
+        ref = load_hf(task_tok_dir)(**full, output_attentions=True).attentions  # L x (1, H, T + n - 1, S)
+    for loc in summary["loc_tokens"]:
+        q = T - 1 + loc["token"]
+        want = torch.stack([a[0, :, q, :64].mean(0) for a in ref]).mean(0).view(8, 8)  # 64 image tokens first
+        assert_close(torch.tensor(loc["attention"]), want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(summary["loc_tokens"][0]["attention"], summary["loc_tokens"][1]["attention"])
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian: chromium) not installed")
+def test_report_draws_boxes_and_loc_maps_in_chromium(probed_boxes):
+    """The DOM Chromium built: one outline per parsed box at its pixels scaled to the view, a small map per
+    <loc> token under its box (the malformed piece's apart), <loc> tokens marked in the token row. The
+    screenshot at the first <loc> token: the plane's outline and the dashed y_min line in its colour, and
+    the large map's red following that token's recorded attention patch by patch."""
+    folder, _ = probed_boxes
+    summary = json.loads((folder / "probe.json").read_text())
+    page = (folder / "report.html").as_uri()
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    scale = (VIEW["size"] / 80, VIEW["size"] / 48)
+    panel = re.search(r'<svg id="boxes"[^>]*>(.*?)</svg>', dom, re.S).group(1)  # the element, not the script
+    boxes = [dict(re.findall(r'([\w-]+)="([^"]*)"', r)) for r in re.findall(r'<rect class="box"([^>]*)>', panel)]
+    assert len(boxes) == 2
+    for b, d in zip(boxes, summary["detections"]):
+        x0, y0, x1, y1 = d["box"]
+        assert [float(b[k]) for k in ("x", "y", "width", "height")] == pytest.approx(
+            [x0 * scale[0], y0 * scale[1], (x1 - x0) * scale[0], (y1 - y0) * scale[1]])
+        assert b["stroke"] == d["colour"]
+    assert [int(t) for t in re.findall(r'<span class="loccell[^"]*" data-token="(\d+)"', dom)] == \
+        [l["token"] for l in summary["loc_tokens"]]
+    assert "malformed (dropped)" in dom
+    marked = [int(i) for i in re.findall(r'<span class="tok loc[^"]*" data-i="(\d+)"', dom)]
+    assert marked == [l["token"] for l in summary["loc_tokens"]]
+
+    shot = folder.parent / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--force-device-scale-factor=1", "--window-size=1200,900", f"--screenshot={shot}", page + "#token=0"],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    plane = np.array([int(summary["detections"][0]["colour"][i:i + 2], 16) for i in (1, 3, 5)])
+    left, top = VIEW["left"], VIEW["top"]
+    x0 = round(256 / 1023 * VIEW["size"])  # the plane's x_min on the page: 112 px
+    assert np.abs(pixels[top + 200, left + x0] - plane).max() <= 3
+    y_line = pixels[top + round(128 / 1023 * VIEW["size"]), left:left + 100]  # y_min = 128: left of the box, dashes only
+    dashed = (np.abs(y_line - plane).max(-1) <= 3).mean()
+    assert 0.4 < dashed < 0.8  # dashes 6 px on, 4 off: 0.6 measured
+    cell = VIEW["size"] / 8
+    centres = pixels[[int(top + (r + 0.5) * cell) for r in range(8)]][:, [int(left + (c + 0.5) * cell) for c in range(8)]]
+    red = centres[..., 0].reshape(-1)  # alpha 190 * v over the image's red 0: linear in the attention
+    want = np.array(summary["loc_tokens"][0]["attention"]).reshape(-1)
+    assert red[want.argmax()] > 150 and red[want.argmin()] < 30
+    # the page averages the layers' and heads' uint8 maps: correlation 0.999 measured (-0.37 .. 0.14 with
+    # the other <loc> tokens' maps)
+    assert np.corrcoef(red, want)[0, 1] > 0.95
+
+
+def test_locations_of_a_segment_answer(task_tok_dir):
+    """A segment answer's 16 <seg> tokens are no coordinates; each <loc> token's map is its row of the
+    heat maps averaged over layers and heads (random maps here); a lone <loc> after ';' belongs to no box."""
+    from paligemma.probe.locations import locations
+    tok = Processor.from_pretrained(task_tok_dir).tokenizer
+    ids = tok.encode("<loc0100><loc0200><loc0300><loc0400>" + "<seg005>" * 16 + " roof ; <loc0100>") + [tok.eos_id]
+    heat = np.random.default_rng(0).random((len(ids), 3, 4, 8, 8))
+    out = locations(tok, ids, heat, 100, 50)
+    assert [(d["label"], d["box"]) for d in out["detections"]] == [
+        ("roof", [200 / 1023 * 100, 100 / 1023 * 50, 400 / 1023 * 100, 300 / 1023 * 50])]
+    assert out["detections_dropped"] == 1
+    got = [(l["token"], l["value"], l["object"], l["coordinate"], l["detection"]) for l in out["loc_tokens"]]
+    last = len(ids) - 2  # the lone <loc0100> before <eos>
+    assert got == [(0, 100, 0, "y_min", 0), (1, 200, 0, "x_min", 0), (2, 300, 0, "y_max", 0), (3, 400, 0, "x_max", 0),
+                   (last, 100, 1, "y_min", None)]
+    for l in out["loc_tokens"]:
+        assert np.allclose(l["attention"], heat[l["token"]].mean(axis=(0, 1)), rtol=0, atol=1e-12)
+
+
+def test_forced_answer_writes_the_ids_and_restores(pg1_tok_dir):
+    model, processor = PaliGemma.from_pretrained(pg1_tok_dir), Processor.from_pretrained(pg1_tok_dir)
+    inputs = processor([blue_noise(16)], "caption en")
+    own = model.generate(**inputs, max_new_tokens=4)[0].tolist()
+    ids = [17, 40, 33, 90]
+    assert own != ids
+    with probe.forced_answer(model, ids):
+        assert model.generate(**inputs, max_new_tokens=4)[0].tolist() == ids
+        assert model.generate(**inputs, max_new_tokens=4)[0].tolist() == own  # only the first len(ids) head calls
+    with pytest.raises(RuntimeError), probe.forced_answer(model, ids):
+        raise RuntimeError("stop")
+    assert model.generate(**inputs, max_new_tokens=4)[0].tolist() == own

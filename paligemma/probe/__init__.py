@@ -5,6 +5,8 @@ attention edges, patch activations.
     logits, cache = probe.run_with_cache(model, ["*.hook_resid_post"], **inputs)    # read
     with probe.hooks(model, {"hook_image_features": lambda x, name: torch.zeros_like(x)}):
         blind = model(**inputs)                                                      # replace
+    with probe.forced_answer(model, ids):
+        rec = probe.generate(model, **inputs, max_new_tokens=len(ids))               # a given answer
     rec = probe.generate(model, **inputs, max_new_tokens=20)                         # every step
     heat = probe.image_grid(model, rec.step(3)["language_model.model.layers.5.self_attn.hook_pattern"],
                             rec.input_ids)                                           # (B, H, 1, 16, 16)
@@ -24,7 +26,7 @@ patching.py; the report page and its command: report.py, __main__.py (`python -m
 import warnings
 
 from .groups import GROUPS, group_positions, token_groups
-from .hooking import DECODER, HEAD, hook_names, hooks, run_with_cache
+from .hooking import DECODER, HEAD, forced_answer, hook_names, hooks, run_with_cache
 from .knockout import knockout
 from .patching import SITES, patch_sweep, plot_sweep, sweep_columns
 from .recording import Recording, generate, image_ablation, image_grid, logit_lens
@@ -38,6 +40,6 @@ def image_reliance(*args, **kwargs) -> dict:
     return image_ablation(*args, **kwargs)
 
 
-__all__ = ["hook_names", "hooks", "run_with_cache", "Recording", "generate", "image_grid", "logit_lens",
+__all__ = ["hook_names", "hooks", "forced_answer", "run_with_cache", "Recording", "generate", "image_grid", "logit_lens",
            "image_ablation", "image_reliance", "GROUPS", "token_groups", "group_positions", "knockout",
            "patch_sweep", "plot_sweep", "sweep_columns", "SITES", "HEAD", "DECODER"]

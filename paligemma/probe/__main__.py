@@ -6,7 +6,9 @@ DIR/index.html lists the images (thumbnail, caption) and links DIR/<image>/repor
 in a browser) and DIR/<image>/probe.json: `tokens` (generated ids), `text`, `attention_shares` (per
 generated token, per decoder layer: the head-averaged attention on image / <bos> / prompt / the caption
 so far, `share_groups`; token 0's row is the prefill's last position), `image_attention` (the image's
-share alone), `top5`, `logit_lens`, `reliance`, `knockout`. Greedy decoding, one image at a time.
+share alone), `top5`, `logit_lens`, `reliance`, `knockout`; for detect / segment answers `detections` (boxes in pixels of
+the image, `width` x `height`) and `loc_tokens` (each <loc> token's coordinate and where the model looked
+when it wrote it: probe/locations.py). Greedy decoding, one image at a time.
 
 An image that cannot be read (missing, truncated, broken chunk, decompression bomb) is named on
 stderr and skipped; the others are reported and the exit code is 1. A DIR that already holds an
@@ -24,6 +26,7 @@ from ..atomic import atomic_file
 from ..cli import one_line
 from ..cli import POSITIVE, add_debug, add_image_command_args, run
 from ..inference import load_for_inference
+from .locations import locations
 from .recording import generate
 from .report import index, render, summarize, thumbnail
 
@@ -36,7 +39,8 @@ def probe_image(model, processor, image, name: str, prompt: str, max_new_tokens:
     inputs = {k: v.to(model.device) for k, v in processor([image], prompt).items()}
     rec = generate(model, **inputs, max_new_tokens=max_new_tokens, names=RECORD)
     summary, heat = summarize(model, processor, rec, inputs)
-    summary = dict(image=name, prompt=prompt, **summary)
+    boxes = locations(processor.tokenizer, summary["tokens"], heat, image.width, image.height)
+    summary = dict(image=name, prompt=prompt, **summary, **boxes)
     folder.mkdir(parents=True, exist_ok=True)
     write(folder / "probe.json", json.dumps(summary))
     seen = image.resize((processor.image_size,) * 2)

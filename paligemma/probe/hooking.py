@@ -1,4 +1,4 @@
-"""Reading and replacing named tensors: the hook names, `hooks`, `run_with_cache`.
+"""Reading and replacing named tensors: the hook names, `hooks`, `forced_answer`, `run_with_cache`.
 
 Names are module paths from the model root: the hook points of hookpoint.py and `language_model.lm_head`,
 whose output is every call's logits. Patterns are fnmatch patterns over those names.
@@ -44,6 +44,24 @@ def hooks(model, fns: dict):
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def forced_answer(model, ids: list[int]):
+    """While active, the model's first len(ids) head calls choose `ids` in turn (the chosen id's logit is
+    raised above all others), so that greedy generation writes a given answer and a recording holds the
+    model's own attention on it (a random model writes no boxes; a reference answer can be probed).
+    Later calls (the logit lens, image ablation, knockout) are left alone."""
+    calls = [0]
+
+    def force(logits, name):
+        i, calls[0] = calls[0], calls[0] + 1
+        if i < len(ids):
+            logits = logits.clone()
+            logits[..., ids[i]] = logits.max() + 30
+            return logits
+    with hooks(model, {HEAD: force}):
+        yield
 
 
 def run_with_cache(model, names=None, **inputs):

@@ -7,7 +7,11 @@ heatmap overlay (any decoder layer or all of them, any head or their average), i
 image / <bos> / prompt / the caption so far: one stacked bar per token and layer), the logit lens at
 that position (each layer's top tokens), the caption's image reliance (each token's log-probability
 with its image and with the image features zeroed, labelled by token), and the caption written with
-the caption -> image attention knocked out (from layer 0, and from the middle layer on). The view is
+the caption -> image attention knocked out (from layer 0, and from the middle layer on). For a detect or
+segment answer (probe/locations.py) the parsed boxes are drawn over the image, and each box's four
+`<loc>` tokens are shown as small maps of where the model looked when it wrote that coordinate (its
+attention over the patches, layers and heads averaged), with the coordinate as a dashed line; selecting
+a `<loc>` token also draws its line on the large view. The view is
 in the address: report.html#token=3&layer=5&head=avg. Heatmaps travel as one uint8 per patch, each
 grid scaled to its own maximum (kept beside it).
 """
@@ -122,6 +126,14 @@ header h1 { font-size: 18px; margin: 10px 0 2px; } header p { margin: 0; color: 
 #view { position: absolute; left: $LEFTpx; top: $TOPpx; width: $SIZEpx; height: $SIZEpx; }
 #view img, #view canvas { position: absolute; left: 0; top: 0; width: $SIZEpx; height: $SIZEpx; }
 #view canvas { image-rendering: pixelated; }
+#view svg { position: absolute; left: 0; top: 0; width: $SIZEpx; height: $SIZEpx; overflow: hidden; }
+svg text.boxlab { font-size: 12px; fill: #000; }
+.tok.loc { border-bottom-width: 3px; }
+.loc-row { margin: 4px 0; } .loc-row b { display: inline-block; min-width: 150px; vertical-align: top; }
+.loccell { position: relative; display: inline-block; width: 96px; height: 112px; margin: 0 6px 4px 0; cursor: pointer;
+           font-size: 11px; vertical-align: top; }
+.loccell img, .loccell canvas, .loccell svg { position: absolute; left: 0; top: 16px; width: 96px; height: 96px; }
+.loccell canvas { image-rendering: pixelated; } .loccell.on { outline: 2px solid #3b6fb6; }
 #side { position: absolute; left: calc($LEFTpx + $SIZEpx + 24px); top: $TOPpx; right: 16px; }
 .tok { display: inline-block; margin: 2px; padding: 2px 6px; border: 1px solid #bbb; border-radius: 4px;
        cursor: pointer; white-space: pre; background: #f6f6f6; }
@@ -133,10 +145,13 @@ svg text.lab { font-size: 11px; fill: #444; white-space: pre; }
 .nowrap { white-space: nowrap; } .key { display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 10px; }
 </style></head><body>
 <header><h1>$TITLE</h1><p id="caption"></p></header>
-<div id="view"><img src="data:image/png;base64,$IMAGE" alt="input image"><canvas id="heat"></canvas></div>
+<div id="view"><img src="data:image/png;base64,$IMAGE" alt="input image"><canvas id="heat"></canvas><svg id="boxes" viewBox="0 0 $SIZE $SIZE"></svg></div>
 <div id="side">
 <div id="tokens"></div>
-<p>layer <select id="layer"></select> head <select id="head"></select><br><span id="share"></span></p>
+<p>layer <select id="layer"></select> head <select id="head"></select><br><span id="share"></span><br>
+<span id="locnote"></span></p>
+<div id="boxsec" hidden><h2>Boxes: where it looked when it wrote each coordinate (layers and heads averaged)</h2>
+<div id="locs"></div></div>
 <h2>Top-5 next tokens</h2><table id="top5"></table>
 <h2>Where each token looks, per layer (head-averaged attention)</h2><p id="sharekey"></p><svg id="shares"></svg>
 <h2>Image reliance</h2><p id="reltext"></p><svg id="rel"></svg>
@@ -156,20 +171,25 @@ function grid(t, layer, head) {   // the attention over the patches, averaged as
   for (const l of ls) for (const h of hs) for (let j = 0; j < N; j++) out[j] += cell(t, l, h, j) / (ls.length * hs.length);
   return out;
 }
-function draw() {
-  const g = grid(token, $("layer").value, $("head").value), c = $("heat");
+function paint(c, g) {  // attention over the patches -> canvas c; hot colour map from the dimmest patch (clear) to the brightest (yellow)
   c.width = c.height = D.grid;
   const ctx = c.getContext("2d"), img = ctx.createImageData(D.grid, D.grid);
   let top = 0, low = Infinity, sum = 0;
   for (const v of g) { top = Math.max(top, v); low = Math.min(low, v); sum += v; }
-  for (let j = 0; j < N; j++) {  // hot colour map from this view's dimmest patch (clear) to its brightest (yellow)
+  for (let j = 0; j < N; j++) {
     const v = top > low ? (g[j] - low) / (top - low) : 0;
     img.data.set([255, Math.round(255 * Math.max(0, 2 * v - 1)), 0, Math.round(190 * v)], 4 * j);
   }
   ctx.putImageData(img, 0, 0);
+  return [top, low, sum];
+}
+function draw() {
+  const [top, low, sum] = paint($("heat"), grid(token, $("layer").value, $("head").value));
   $("share").textContent = `attention on the image ${(100 * sum).toFixed(1)}%; colours span patches ` +
     `from ${(100 * low).toFixed(2)}% (clear) to ${(100 * top).toFixed(2)}% (yellow)`;
   document.querySelectorAll(".tok").forEach((b, i) => b.classList.toggle("on", i === token));
+  document.querySelectorAll(".loccell").forEach(b => b.classList.toggle("on", +b.dataset.token === token));
+  boxes();
   $("selcol").setAttribute("x", LEFT + token * CW);
   const layer = $("layer").value;
   $("selrow").setAttribute("visibility", layer === "all" ? "hidden" : "visible");
@@ -211,6 +231,48 @@ function shares() {  // each bar: the token's attention at that layer split by k
     D.share_groups.map((g, i) => `<span class="nowrap"><span class="key" style="background:${COLOURS[i]}"></span>` +
     `${esc(g)}</span>`).join("");
 }
+const DETS = D.detections || [], LOCS = D.loc_tokens || [];
+const LOC = Object.fromEntries(LOCS.map(l => [l.token, l]));
+const SX = $SIZE / (D.width || 1), SY = $SIZE / (D.height || 1);  // image pixels -> page pixels
+function line(l, size) {  // a <loc> token's coordinate as a dashed line across a square view of `size` px
+  const v = l.value / 1023 * size, y = l.coordinate && l.coordinate[0] === "y";
+  const colour = l.detection === null ? "#fff" : DETS[l.detection].colour;
+  return `<line class="coord" x1="${y ? 0 : v}" x2="${y ? size : v}" y1="${y ? v : 0}" y2="${y ? v : size}" ` +
+         `stroke="${colour}" stroke-width="2" stroke-dasharray="6 4"/>`;
+}
+function boxes() {  // the parsed boxes over the image: the selected <loc> token's box bold, its coordinate dashed
+  const sel = LOC[token];
+  let s = "";
+  DETS.forEach((d, j) => {
+    const x0 = d.box[0] * SX, y0 = d.box[1] * SY, w = (d.box[2] - d.box[0]) * SX, h = (d.box[3] - d.box[1]) * SY;
+    const ly = y0 >= 15 ? y0 - 15 : y0, on = sel && sel.detection === j;
+    s += `<rect class="box" data-detection="${j}" x="${x0}" y="${y0}" width="${w}" height="${h}" fill="none" ` +
+         `stroke="${d.colour}" stroke-width="${on ? 4 : 2}" shape-rendering="crispEdges"/>` +
+         `<rect x="${x0}" y="${ly}" width="${7 * d.label.length + 6}" height="15" fill="${d.colour}"/>` +
+         `<text class="boxlab" x="${x0 + 3}" y="${ly + 12}">${esc(d.label)}</text>`;
+  });
+  $("boxes").innerHTML = s + (sel && sel.coordinate ? line(sel, $SIZE) : "");
+  $("locnote").textContent = !sel ? "" : `${sel.piece}: ${sel.coordinate || "a fifth <loc>"} of ` +
+    (sel.detection === null ? "a malformed piece (dropped)" : `box ${sel.detection + 1} "${DETS[sel.detection].label}"`) +
+    `, ${sel.value}/1023 of the image's ${sel.coordinate && sel.coordinate[0] === "x" ? "width" : "height"}; ` +
+    `the heat map is where the model looked when it wrote it`;
+}
+function locs() {  // per object: its <loc> tokens, each a small map of where the model looked when it wrote it
+  if (!LOCS.length) return;
+  $("boxsec").hidden = false;
+  const src = document.querySelector("#view img").src, objects = [...new Set(LOCS.map(l => l.object))];
+  $("locs").innerHTML = objects.map(k => {
+    const ls = LOCS.filter(l => l.object === k), d = ls[0].detection;
+    const name = d === null ? "malformed (dropped)" : `${d + 1}. ${esc(DETS[d].label)}`;
+    return `<div class="loc-row"><b>${name}</b>` + ls.map(l => `<span class="loccell" data-token="${l.token}">` +
+      `${esc(l.piece)} ${l.coordinate || ""}<img src="${src}" alt=""><canvas></canvas>` +
+      `<svg viewBox="0 0 96 96">${l.coordinate ? line(l, 96) : ""}</svg></span>`).join("") + "</div>";
+  }).join("");
+  document.querySelectorAll(".loccell").forEach(b => {
+    paint(b.querySelector("canvas"), LOC[+b.dataset.token].attention.flat());
+    b.onclick = () => { token = +b.dataset.token; draw(); };
+  });
+}
 function esc(s) { return s.replace(/[&<>]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;"})[c]); }
 function reliance() {  // one bar per token, labelled under the axis
   const R = D.reliance, n = D.tokens.length, w = 28, svg = $("rel");
@@ -230,7 +292,9 @@ function reliance() {  // one bar per token, labelled under the axis
     `${R.total_without_image.toFixed(2)} with the image features zeroed (bars: per-token difference)`;
 }
 $("caption").textContent = D.text;
-$("tokens").innerHTML = D.pieces.map((p, i) => `<span class="tok" data-i="${i}">${esc(p)}</span>`).join("");
+$("tokens").innerHTML = D.pieces.map((p, i) => `<span class="tok${LOC[i] ? " loc" : ""}" data-i="${i}"` +
+  (LOC[i] && LOC[i].detection !== null ? ` style="border-bottom-color:${DETS[LOC[i].detection].colour}"` : "") +
+  `>${esc(p)}</span>`).join("");
 document.querySelectorAll(".tok").forEach(b => b.onclick = () => { token = +b.dataset.i; draw(); });
 $("layer").innerHTML = `<option value="all">all (average)</option>` + [...Array(L).keys()].map(l => `<option>${l}</option>`).join("");
 $("head").innerHTML = `<option value="avg">average</option>` + [...Array(H).keys()].map(h => `<option>${h}</option>`).join("");
@@ -241,6 +305,6 @@ if (view.has("head")) $("head").value = view.get("head");
 $("layer").onchange = $("head").onchange = draw;
 $("knock").innerHTML = D.knockout.map(k => `caption &rarr; image attention blocked from layer ${k.first_layer} on: ` +
   `<q>${esc(k.text)}</q>`).join("<br>");
-shares(); reliance(); draw();
+shares(); reliance(); locs(); draw();
 </script></body></html>
 """

@@ -102,6 +102,11 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 REFERENCE = (255, 255, 255)
 
 
+def label_colour(label: str) -> tuple[int, int, int]:
+    """A label's colour, the same in every picture (and on the probe's report page)."""
+    return PALETTE[zlib.crc32(label.encode()) % len(PALETTE)]
+
+
 def draw(image: Image.Image, detections, references=(), min_size: int = 256) -> Image.Image:
     """A copy of `image` with each detection's box and "label score" drawn (one colour per label), and
     `references` (label, box) as thin white boxes. Small images are first enlarged (nearest neighbour)
@@ -114,7 +119,7 @@ def draw(image: Image.Image, detections, references=(), min_size: int = 256) -> 
         d.rectangle([v * k for v in box], outline=REFERENCE, width=1)
     for det in detections:
         label, box = det[0], det[1]
-        colour = PALETTE[zlib.crc32(label.encode()) % len(PALETTE)]  # the same colour for a label in every picture
+        colour = label_colour(label)
         x0, y0, x1, y1 = (v * k for v in box)
         d.rectangle([x0, y0, x1, y1], outline=colour, width=2)
         text = label if len(det) < 3 else f"{label} {det[2]:.2f}"
