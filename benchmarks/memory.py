@@ -90,14 +90,15 @@ def materialise(model: nn.Module, device: str, fill: bool):
 
 
 def batch(config: dict, device: str) -> dict:
-    """(B, T) ids in PaliGemma's layout: 256 <image>, <bos> + prompt, caption (+ <eos>) as labels."""
+    """(B, T) ids in PaliGemma's layout: 256 <image>, <bos> + prompt, caption (+ <eos>) as labels.
+    Built by concatenation, not item assignment: a fake CUDA tensor on a CPU-only torch cannot be
+    written into (no CUDA device guard)."""
     size = config["vision_config"].get("image_size", 224)
     n_img = (size // config["vision_config"]["patch_size"]) ** 2
-    text = torch.full((BATCH, PROMPT + CAPTION), 5, device=device)
-    ids = torch.cat([torch.full((BATCH, n_img), config["image_token_index"], device=device), text], 1)
-    types = torch.zeros_like(ids)
-    types[:, -CAPTION:] = 1
-    labels = torch.where(types.bool(), ids, torch.full_like(ids, -100))
+    full = lambda n, value: torch.full((BATCH, n), value, device=device)  # noqa: E731
+    ids = torch.cat([full(n_img, config["image_token_index"]), full(PROMPT + CAPTION, 5)], 1)
+    types = torch.cat([full(n_img + PROMPT, 0), full(CAPTION, 1)], 1)
+    labels = torch.cat([full(n_img + PROMPT, -100), full(CAPTION, 5)], 1)
     return dict(input_ids=ids, pixel_values=torch.zeros(BATCH, 3, size, size, device=device),
                 attention_mask=torch.ones_like(ids), token_type_ids=types, labels=labels)
 
@@ -142,16 +143,59 @@ def steps(model, data: dict, device: str, fake: bool, n: int = 2, optimizer=None
     return optimizer, sum(p.numel() for p in params)
 
 
+@contextlib.contextmanager
+def cuda_kernels():
+    """What the same step runs on CUDA, for a trace on fake CPU tensors (a CPU-only torch cannot give
+    fake CUDA tensors an autograd graph: no CUDA device guard). Two things differ, found by replaying
+    every call of the forward on fake CUDA tensors under CUDA's autocast (tests/test_memory.py):
+    - layer_norm: CUDA's autocast runs it in float32 (its inputs cast up, its output float32); CPU's
+      keeps bf16. SigLIP's LayerNorms, so the vision tower saves float32 copies where it trains.
+    - attention: CUDA's SDPA takes the memory-efficient kernel for a masked call (flash takes no
+      mask): the boolean mask becomes an additive bf16 bias (its last axis padded to 16), the output
+      and a float32 log-sum-exp are saved, never the T x T probabilities. CPU's own fused kernel (what
+      the CPU trace and a real CPU step run) saves the same, without the bias.
+    Everything else (matmuls in bf16, softmax / RMSNorm / cross-entropy in float32) is the same."""
+    sdpa, layer_norm = F.scaled_dot_product_attention, F.layer_norm
+
+    def efficient(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        B, H, T, _ = q.shape
+        S = k.shape[2]
+        if torch.is_autocast_enabled(q.device.type):  # SDPA is in autocast's lower-precision list
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        k, v = k.expand(B, H, S, -1), v.expand(B, H, S, -1)  # MQA / GQA taken natively: views, no copy
+        bias = None
+        if attn_mask is not None:
+            bias = torch.where(attn_mask, 0.0, float("-inf")).to(q.dtype) if attn_mask.dtype == torch.bool else attn_mask
+            bias = F.pad(bias, (0, -S % 16))[..., :S].expand(B, H, T, S)  # (B, H, T, S) view of (B, 1, T, S16)
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, dropout_p, is_causal, scale=scale)[0]
+
+    def float32_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        if not torch.is_autocast_enabled(x.device.type):
+            return layer_norm(x, shape, weight, bias, eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return layer_norm(x.float(), shape, None if weight is None else weight.float(),
+                              None if bias is None else bias.float(), eps)
+    F.scaled_dot_product_attention, F.layer_norm = efficient, float32_layer_norm
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention, F.layer_norm = sdpa, layer_norm
+
+
 class _NoHook:
     def remove(self):
         pass
 
 
-def measure_fake(config: dict, recipe: dict, checkpointing: bool) -> dict:
+def measure_fake(config: dict, recipe: dict, checkpointing: bool, kernels: str = "cuda") -> dict:
+    """kernels "cuda": the step as CUDA runs it (cuda_kernels); "cpu": as this machine runs it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     model = build(config, recipe, checkpointing)
-    with FakeTensorMode():
+    # non-fake inputs allowed: module-level constants (NF4's code table) become fakes as they are read
+    with FakeTensorMode(allow_non_fake_inputs=True), cuda_kernels() if kernels == "cuda" else contextlib.nullcontext():
         materialise(model, "cpu", fill=False)
         data = batch(config, "cpu")
         tracker = MemTracker()
@@ -206,14 +250,15 @@ def one(args) -> dict:
     config = hub_config("small" if args.small else "3b", args.text_layers, args.vision_layers)
     recipe, checkpointing = RECIPES[args.one[0]], args.one[1] == "ckpt"
     torch.set_num_threads(args.threads)
-    if args.one[2] == "fake":
-        return measure_fake(config, recipe, checkpointing)
+    if args.one[2].startswith("fake"):  # fake: CUDA's kernels; fake-cpu: this machine's
+        return measure_fake(config, recipe, checkpointing, "cpu" if args.one[2] == "fake-cpu" else "cuda")
     return measure_real(config, recipe, checkpointing, args.device)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", nargs="+", choices=["fake", "real"], default=["fake"])
+    p.add_argument("--method", nargs="+", choices=["fake", "fake-cpu", "real"], default=["fake"],
+                   help="fake: traced with CUDA's kernels; fake-cpu: with this CPU's (to set beside real on a CPU)")
     p.add_argument("--device", default="cpu", help="for --method real")
     p.add_argument("--rows", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     p.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
