@@ -184,6 +184,65 @@ def cuda_kernels():
         F.scaled_dot_product_attention, F.layer_norm = sdpa, layer_norm
 
 
+def autocast_differences(config: dict, recipe: dict, kernels: str) -> set[str]:
+    """The functions of the forward whose output dtypes differ between CPU's and CUDA's bf16 autocast:
+    the forward runs on fake CPU tensors, logged call by call, and each distinct call is replayed on
+    fake CUDA tensors of the same shapes and dtypes under CUDA's autocast (a fake CUDA forward needs no
+    device guard, except indexing, which autocast does not touch). With kernels "cuda" (cuda_kernels)
+    nothing should differ: the trace then computes in CUDA's dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_flatten, tree_map
+    calls = []
+
+    class Log(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            calls.append((func, args, kwargs or {}, out))
+            return out
+
+    def dtypes(tree):
+        return [t.dtype for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+    def on_cuda(t):
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda") if isinstance(t, torch.Tensor) else t
+
+    available = torch.cuda.amp.common.amp_definitely_not_available, torch.cuda.is_bf16_supported
+    torch.cuda.amp.common.amp_definitely_not_available = lambda: False  # let CUDA's autocast run without CUDA
+    torch.cuda.is_bf16_supported = lambda *a, **k: True
+    model = build(config, recipe, checkpointing=False)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), cuda_kernels() if kernels == "cuda" else contextlib.nullcontext():
+            materialise(model, "cpu", fill=False)
+            data = batch(config, "cpu")
+            with torch.no_grad(), unheard(), torch.autocast("cpu", dtype=torch.bfloat16), Log():
+                fake_loss(model, **data)
+            differ, seen = set(), set()
+            for func, args, kwargs, out in calls:
+                name = getattr(func, "__name__", str(func))
+                key = (name, tuple(map(str, dtypes((args, kwargs)))))
+                if key in seen or name == "__getitem__":
+                    continue
+                seen.add(key)
+                cargs, ckwargs = tree_map(on_cuda, (args, kwargs))
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    if dtypes(func(*cargs, **ckwargs)) != dtypes(out):
+                        differ.add(name)
+    finally:
+        torch.cuda.amp.common.amp_definitely_not_available, torch.cuda.is_bf16_supported = available
+    return differ
+
+
+def adam_with_state(params: list) -> torch.optim.AdamW:
+    """steps()'s AdamW with the state its first step creates (what a real second step starts from):
+    a float32 step count and two moments shaped like each parameter. Saves tracing a first step."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98))
+    for p in params:
+        optimizer.state[p] = dict(step=torch.tensor(1.0), exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                                  exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+    return optimizer
+
+
 class _NoHook:
     def remove(self):
         pass
@@ -202,10 +261,10 @@ def measure_fake(config: dict, recipe: dict, checkpointing: bool, kernels: str =
         for p in model.parameters():  # MemTracker hooks every parameter's gradient; frozen ones cannot take a hook
             if not p.requires_grad:
                 tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
-        optimizer, trainable = steps(model, data, "cpu", fake=True, n=1)  # creates the optimizer state
+        optimizer = adam_with_state([p for p in model.parameters() if p.requires_grad])
         tracker.track_external(model, optimizer)
-        with tracker, unheard():  # the second step, whose peak holds the optimizer state too
-            steps(model, data, "cpu", fake=True, n=1, optimizer=optimizer)
+        with tracker, unheard():  # a step after the first: its peak holds the optimizer state too
+            _, trainable = steps(model, data, "cpu", fake=True, n=1, optimizer=optimizer)
         peak = tracker.get_tracker_snapshot("peak")
     per_kind = {k: v for k, v in next(iter(peak.values())).items()}
     return dict(peak_bytes=per_kind.pop("Total"), by_kind=per_kind, trainable=trainable)
