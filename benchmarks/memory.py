@@ -248,16 +248,31 @@ class _NoHook:
         pass
 
 
+def peak_tracker():
+    """MemTracker, keeping only the step's global peak. Its per-module peaks cost a pass over every
+    module (thousands at 3B, with LoRA's and the hook points) at every operator: most of a 3B trace's
+    time. The global peak is computed exactly as MemTracker computes it."""
+    from copy import deepcopy
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+
+    class PeakTracker(MemTracker):
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = deepcopy(snap)
+    return PeakTracker()
+
+
 def measure_fake(config: dict, recipe: dict, checkpointing: bool, kernels: str = "cuda") -> dict:
     """kernels "cuda": the step as CUDA runs it (cuda_kernels); "cpu": as this machine runs it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
     model = build(config, recipe, checkpointing)
     # non-fake inputs allowed: module-level constants (NF4's code table) become fakes as they are read
     with FakeTensorMode(allow_non_fake_inputs=True), cuda_kernels() if kernels == "cuda" else contextlib.nullcontext():
         materialise(model, "cpu", fill=False)
         data = batch(config, "cpu")
-        tracker = MemTracker()
+        tracker = peak_tracker()
         for p in model.parameters():  # MemTracker hooks every parameter's gradient; frozen ones cannot take a hook
             if not p.requires_grad:
                 tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
