@@ -60,3 +60,14 @@ def test_prepared_adam_state_is_what_a_first_step_creates():
         a, b = real.state[p], prepared.state[p]
         assert a.keys() == b.keys()
         assert all((a[k].shape, a[k].dtype, a[k].device) == (b[k].shape, b[k].dtype, b[k].device) for k in a)
+
+
+def test_peak_tracker_gives_memtrackers_peak(monkeypatch):
+    """The trace's shortcut (global peak only) against torch's MemTracker itself, on one LoRA row."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    monkeypatch.setattr(memory, "BATCH", 1)
+    config = memory.hub_config("small", 1, 1)
+    ours = memory.measure_fake(config, memory.RECIPES["lora-all"], checkpointing=True)
+    monkeypatch.setattr(memory, "peak_tracker", MemTracker)
+    theirs = memory.measure_fake(config, memory.RECIPES["lora-all"], checkpointing=True)
+    assert ours == theirs and ours["by_kind"]["Activation"] > 0
