@@ -272,16 +272,8 @@ def measure_fake(config: dict, recipe: dict, checkpointing: bool, kernels: str =
     with FakeTensorMode(allow_non_fake_inputs=True), cuda_kernels() if kernels == "cuda" else contextlib.nullcontext():
         materialise(model, "cpu", fill=False)
         data = batch(config, "cpu")
-        tracker = peak_tracker()
-        for p in model.parameters():  # MemTracker hooks every parameter's gradient; frozen ones cannot take a hook
-            if not p.requires_grad:
-                tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
-        optimizer = adam_with_state([p for p in model.parameters() if p.requires_grad])
-        tracker.track_external(model, optimizer)
-        with tracker, unheard():  # a step after the first: its peak holds the optimizer state too
-            _, trainable = steps(model, data, "cpu", fake=True, n=1, optimizer=optimizer)
-        peak = tracker.get_tracker_snapshot("peak")
-    per_kind = {k: v for k, v in next(iter(peak.values())).items()}
+        per_kind, trainable = tracked_steps(model, data, "cpu", fake=True, optimizer=adam_with_state(
+            [p for p in model.parameters() if p.requires_grad]))  # a step after the first: with AdamW's state
     return dict(peak_bytes=per_kind.pop("Total"), by_kind=per_kind, trainable=trainable)
 
 
@@ -295,7 +287,23 @@ def high_water_mark() -> int:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
 
 
+def tracked_steps(model, data: dict, device: str, fake: bool, optimizer) -> tuple[dict, int]:
+    """One step under PeakTracker -> ({kind: bytes at the peak, "Total": ...}, trainable count)."""
+    tracker = peak_tracker()
+    for p in model.parameters():  # MemTracker hooks every parameter's gradient; frozen ones cannot take a hook
+        if not p.requires_grad:
+            tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+    tracker.track_external(model, optimizer)
+    with tracker, unheard():
+        _, trainable = steps(model, data, device, fake=fake, n=1, optimizer=optimizer)
+    return dict(next(iter(tracker.get_tracker_snapshot("peak").values()))), trainable
+
+
 def measure_real(config: dict, recipe: dict, checkpointing: bool, device: str) -> dict:
+    """Two real steps. CUDA: torch.cuda.max_memory_allocated over both. CPU: the second step's tensors
+    under the same PeakTracker as the fake trace (real values, real kernels, model.loss itself), and
+    the process's resident high-water mark over both steps (tensors + the allocator's and oneDNN's
+    overheads)."""
     cuda = device.startswith("cuda")
     base = torch.cuda.memory_allocated() if cuda else rss()
     model = materialise(build(config, recipe, checkpointing), device, fill=True)
@@ -307,17 +315,16 @@ def measure_real(config: dict, recipe: dict, checkpointing: bool, device: str) -
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
     t0 = time.perf_counter()
-    _, trainable = steps(model, data, device, fake=False)
     if cuda:
+        _, trainable = steps(model, data, device, fake=False)
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / 2
-    out = dict(trainable=trainable, seconds_per_step=seconds)
-    if cuda:
-        out.update(peak_bytes=torch.cuda.max_memory_allocated() - base,
-                   reserved_bytes=torch.cuda.max_memory_reserved())
-    else:
-        out.update(peak_bytes=high_water_mark() - base)
-    return out
+        return dict(trainable=trainable, seconds_per_step=(time.perf_counter() - t0) / 2,
+                    peak_bytes=torch.cuda.max_memory_allocated() - base, reserved_bytes=torch.cuda.max_memory_reserved())
+    optimizer, _ = steps(model, data, device, fake=False, n=1)
+    seconds = time.perf_counter() - t0
+    per_kind, trainable = tracked_steps(model, data, device, fake=False, optimizer=optimizer)
+    return dict(trainable=trainable, seconds_per_step=seconds, peak_bytes=per_kind.pop("Total"), by_kind=per_kind,
+                rss_peak_bytes=high_water_mark() - base)
 
 
 def one(args) -> dict:
