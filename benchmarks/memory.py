@@ -1,29 +1,33 @@
 """Peak memory of a training step for each recipe of the README's table, measured, not estimated.
 
     python benchmarks/memory.py --method fake --out FILE.json                      # every row: 3B, all layers
-    python benchmarks/memory.py --method fake real --text-layers 2 --vision-layers 2 --rows lora-all  # cross-check
+    python benchmarks/memory.py --method real fake-cpu fake --text-layers 2 --vision-layers 2 --rows lora-decoder  # cross-check
     python benchmarks/memory.py --method real --device cuda --out FILE.json       # on a GPU (gpu.sh)
 
 The step is train.py's: frozen weights in bf16 (`--dtype bfloat16`), what trains in float32 with
 AdamW (its two moments), bf16 autocast, micro-batch 8 at 224 px (256 image tokens + 30 text tokens,
-26 of them labels), two optimizer steps (the second holds the optimizer state; the peak is the
-larger). The model is built on the meta device with train.py's own functions (make_trainable, the
+26 of them labels), measured at a step after the first, whose peak holds AdamW's state too (the
+fake trace gives AdamW the state of its first step, adam_with_state; a real run takes two steps). The model is built on the meta device with train.py's own functions (make_trainable, the
 quantizers, LoRA injection), then given storage:
 
 - fake: every tensor a FakeTensor (shape, dtype and device, no storage, no arithmetic) and the step
-  traced under torch.distributed._tools.mem_tracker.MemTracker, which adds up the bytes of the live
-  tensors as they come and go: parameters, buffers, gradients, optimizer states, activations saved
-  for backward, temporaries. Seconds per row, no memory, at full size. On the CPU-only torch the
-  trace runs on device "cpu": fake CUDA tensors get through the forward (with a patched autocast)
-  but autograd's engine needs CUDA's device guard for their backward, which this build lacks. Under
-  fake tensors no value exists, so two data-dependent lines of `PaliGemma.loss` are replaced by their
-  shape equivalents (`fake_loss`: the image features concatenated before the text instead of
-  scattered into `<image>` slots, and the label positions sliced instead of boolean-indexed; same
-  tensors, same sizes; tests/test_memory.py checks it gives model.loss's value).
-- real: the same step on real tensors. CPU: the process's peak resident memory (the kernel's
-  high-water mark VmHWM, reset before the step) minus its resident memory before the model was
-  built; CUDA: torch.cuda.max_memory_allocated (tensors only: the CUDA context, about 0.5 GB, and the
-  allocator's cached free blocks are not in it, see max_memory_reserved).
+  traced under torch.distributed._tools.mem_tracker.MemTracker (PeakTracker: its global peak only),
+  which adds up the bytes of the live tensors as they come and go: parameters, buffers, gradients,
+  optimizer states, activations saved for backward, temporaries. Seconds per row, no memory, at full
+  size. The trace runs on fake CPU tensors (a CPU-only torch cannot give fake CUDA tensors an
+  autograd graph: no CUDA device guard) with CUDA's kernel choices put in (cuda_kernels: float32
+  layer_norm as CUDA's autocast does it, the memory-efficient SDPA kernel); `fake-cpu` traces with
+  this machine's kernels instead, to set beside a real CPU step. Under fake tensors no value exists,
+  so two data-dependent lines of `PaliGemma.loss` are replaced by their shape equivalents
+  (`fake_loss`: the image features concatenated before the text instead of scattered into `<image>`
+  slots, and the label positions sliced instead of boolean-indexed; same tensors, same sizes).
+- real: the same step on real tensors. CUDA: torch.cuda.max_memory_allocated over two steps (tensors
+  only: the CUDA context, about 0.5 GB, and the allocator's cached free blocks are not in it, see
+  max_memory_reserved). CPU: the second step's tensors under the same PeakTracker (real values, real
+  kernels, model.loss itself), and the process's resident high-water mark (VmHWM, reset before the
+  steps) minus its resident memory before the model was built.
+tests/test_memory.py checks fake_loss against model.loss, PeakTracker against MemTracker, the fake
+trace against a real CPU step's tensors, and the dtypes of the CUDA emulation against CUDA's autocast.
 """
 import argparse
 import contextlib
