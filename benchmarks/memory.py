@@ -1,29 +1,33 @@
 """Peak memory of a training step for each recipe of the README's table, measured, not estimated.
 
     python benchmarks/memory.py --method fake --out FILE.json                      # every row: 3B, all layers
-    python benchmarks/memory.py --method fake real --text-layers 2 --vision-layers 2 --rows lora-all  # cross-check
+    python benchmarks/memory.py --method real fake-cpu fake --text-layers 2 --vision-layers 2 --rows lora-decoder  # cross-check
     python benchmarks/memory.py --method real --device cuda --out FILE.json       # on a GPU (gpu.sh)
 
 The step is train.py's: frozen weights in bf16 (`--dtype bfloat16`), what trains in float32 with
 AdamW (its two moments), bf16 autocast, micro-batch 8 at 224 px (256 image tokens + 30 text tokens,
-26 of them labels), two optimizer steps (the second holds the optimizer state; the peak is the
-larger). The model is built on the meta device with train.py's own functions (make_trainable, the
+26 of them labels), measured at a step after the first, whose peak holds AdamW's state too (the
+fake trace gives AdamW the state of its first step, adam_with_state; a real run takes two steps). The model is built on the meta device with train.py's own functions (make_trainable, the
 quantizers, LoRA injection), then given storage:
 
 - fake: every tensor a FakeTensor (shape, dtype and device, no storage, no arithmetic) and the step
-  traced under torch.distributed._tools.mem_tracker.MemTracker, which adds up the bytes of the live
-  tensors as they come and go: parameters, buffers, gradients, optimizer states, activations saved
-  for backward, temporaries. Seconds per row, no memory, at full size. On the CPU-only torch the
-  trace runs on device "cpu": fake CUDA tensors get through the forward (with a patched autocast)
-  but autograd's engine needs CUDA's device guard for their backward, which this build lacks. Under
-  fake tensors no value exists, so two data-dependent lines of `PaliGemma.loss` are replaced by their
-  shape equivalents (`fake_loss`: the image features concatenated before the text instead of
-  scattered into `<image>` slots, and the label positions sliced instead of boolean-indexed; same
-  tensors, same sizes; tests/test_memory.py checks it gives model.loss's value).
-- real: the same step on real tensors. CPU: the process's peak resident memory (the kernel's
-  high-water mark VmHWM, reset before the step) minus its resident memory before the model was
-  built; CUDA: torch.cuda.max_memory_allocated (tensors only: the CUDA context, about 0.5 GB, and the
-  allocator's cached free blocks are not in it, see max_memory_reserved).
+  traced under torch.distributed._tools.mem_tracker.MemTracker (PeakTracker: its global peak only),
+  which adds up the bytes of the live tensors as they come and go: parameters, buffers, gradients,
+  optimizer states, activations saved for backward, temporaries. Seconds per row, no memory, at full
+  size. The trace runs on fake CPU tensors (a CPU-only torch cannot give fake CUDA tensors an
+  autograd graph: no CUDA device guard) with CUDA's kernel choices put in (cuda_kernels: float32
+  layer_norm as CUDA's autocast does it, the memory-efficient SDPA kernel); `fake-cpu` traces with
+  this machine's kernels instead, to set beside a real CPU step. Under fake tensors no value exists,
+  so two data-dependent lines of `PaliGemma.loss` are replaced by their shape equivalents
+  (`fake_loss`: the image features concatenated before the text instead of scattered into `<image>`
+  slots, and the label positions sliced instead of boolean-indexed; same tensors, same sizes).
+- real: the same step on real tensors. CUDA: torch.cuda.max_memory_allocated over two steps (tensors
+  only: the CUDA context, about 0.5 GB, and the allocator's cached free blocks are not in it, see
+  max_memory_reserved). CPU: the second step's tensors under the same PeakTracker (real values, real
+  kernels, model.loss itself), and the process's resident high-water mark (VmHWM, reset before the
+  steps) minus its resident memory before the model was built.
+tests/test_memory.py checks fake_loss against model.loss, PeakTracker against MemTracker, the fake
+trace against a real CPU step's tensors, and the dtypes of the CUDA emulation against CUDA's autocast.
 """
 import argparse
 import contextlib
@@ -90,14 +94,15 @@ def materialise(model: nn.Module, device: str, fill: bool):
 
 
 def batch(config: dict, device: str) -> dict:
-    """(B, T) ids in PaliGemma's layout: 256 <image>, <bos> + prompt, caption (+ <eos>) as labels."""
+    """(B, T) ids in PaliGemma's layout: 256 <image>, <bos> + prompt, caption (+ <eos>) as labels.
+    Built by concatenation, not item assignment: a fake CUDA tensor on a CPU-only torch cannot be
+    written into (no CUDA device guard)."""
     size = config["vision_config"].get("image_size", 224)
     n_img = (size // config["vision_config"]["patch_size"]) ** 2
-    text = torch.full((BATCH, PROMPT + CAPTION), 5, device=device)
-    ids = torch.cat([torch.full((BATCH, n_img), config["image_token_index"], device=device), text], 1)
-    types = torch.zeros_like(ids)
-    types[:, -CAPTION:] = 1
-    labels = torch.where(types.bool(), ids, torch.full_like(ids, -100))
+    full = lambda n, value: torch.full((BATCH, n), value, device=device)  # noqa: E731
+    ids = torch.cat([full(n_img, config["image_token_index"]), full(PROMPT + CAPTION, 5)], 1)
+    types = torch.cat([full(n_img + PROMPT, 0), full(CAPTION, 1)], 1)
+    labels = torch.cat([full(n_img + PROMPT, -100), full(CAPTION, 5)], 1)
     return dict(input_ids=ids, pixel_values=torch.zeros(BATCH, 3, size, size, device=device),
                 attention_mask=torch.ones_like(ids), token_type_ids=types, labels=labels)
 
@@ -142,28 +147,137 @@ def steps(model, data: dict, device: str, fake: bool, n: int = 2, optimizer=None
     return optimizer, sum(p.numel() for p in params)
 
 
+@contextlib.contextmanager
+def cuda_kernels():
+    """What the same step runs on CUDA, for a trace on fake CPU tensors (a CPU-only torch cannot give
+    fake CUDA tensors an autograd graph: no CUDA device guard). Two things differ, found by replaying
+    every call of the forward on fake CUDA tensors under CUDA's autocast (tests/test_memory.py):
+    - layer_norm: CUDA's autocast runs it in float32 (its inputs cast up, its output float32); CPU's
+      keeps bf16. SigLIP's LayerNorms, so the vision tower saves float32 copies where it trains.
+    - attention: CUDA's SDPA takes the memory-efficient kernel for a masked call (flash takes no
+      mask): the boolean mask becomes an additive bf16 bias (its last axis padded to 16), the output
+      and a float32 log-sum-exp are saved, never the T x T probabilities. CPU's own fused kernel (what
+      the CPU trace and a real CPU step run) saves the same, without the bias.
+    Everything else (matmuls in bf16, softmax / RMSNorm / cross-entropy in float32) is the same."""
+    sdpa, layer_norm = F.scaled_dot_product_attention, F.layer_norm
+
+    def efficient(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        B, H, T, _ = q.shape
+        S = k.shape[2]
+        if torch.is_autocast_enabled(q.device.type):  # SDPA is in autocast's lower-precision list
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        k, v = k.expand(B, H, S, -1), v.expand(B, H, S, -1)  # MQA / GQA taken natively: views, no copy
+        bias = None
+        if attn_mask is not None:
+            bias = torch.where(attn_mask, 0.0, float("-inf")).to(q.dtype) if attn_mask.dtype == torch.bool else attn_mask
+            bias = F.pad(bias, (0, -S % 16))[..., :S].expand(B, H, T, S)  # (B, H, T, S) view of (B, 1, T, S16)
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, dropout_p, is_causal, scale=scale)[0]
+
+    def float32_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        if not torch.is_autocast_enabled(x.device.type):
+            return layer_norm(x, shape, weight, bias, eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return layer_norm(x.float(), shape, None if weight is None else weight.float(),
+                              None if bias is None else bias.float(), eps)
+    F.scaled_dot_product_attention, F.layer_norm = efficient, float32_layer_norm
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention, F.layer_norm = sdpa, layer_norm
+
+
+def autocast_differences(config: dict, recipe: dict, kernels: str) -> set[str]:
+    """The functions of the forward whose output dtypes differ between CPU's and CUDA's bf16 autocast:
+    the forward runs on fake CPU tensors, logged call by call, and each distinct call is replayed on
+    fake CUDA tensors of the same shapes and dtypes under CUDA's autocast (a fake CUDA forward needs no
+    device guard, except indexing, which autocast does not touch). With kernels "cuda" (cuda_kernels)
+    nothing should differ: the trace then computes in CUDA's dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_flatten, tree_map
+    calls = []
+
+    class Log(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            calls.append((func, args, kwargs or {}, out))
+            return out
+
+    def dtypes(tree):
+        return [t.dtype for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+    def on_cuda(t):
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda") if isinstance(t, torch.Tensor) else t
+
+    available = torch.cuda.amp.common.amp_definitely_not_available, torch.cuda.is_bf16_supported
+    torch.cuda.amp.common.amp_definitely_not_available = lambda: False  # let CUDA's autocast run without CUDA
+    torch.cuda.is_bf16_supported = lambda *a, **k: True
+    model = build(config, recipe, checkpointing=False)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), cuda_kernels() if kernels == "cuda" else contextlib.nullcontext():
+            materialise(model, "cpu", fill=False)
+            data = batch(config, "cpu")
+            with torch.no_grad(), unheard(), torch.autocast("cpu", dtype=torch.bfloat16), Log():
+                fake_loss(model, **data)
+            differ, seen = set(), set()
+            for func, args, kwargs, out in calls:
+                name = getattr(func, "__name__", str(func))
+                key = (name, tuple(map(str, dtypes((args, kwargs)))))
+                if key in seen or name == "__getitem__":
+                    continue
+                seen.add(key)
+                cargs, ckwargs = tree_map(on_cuda, (args, kwargs))
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    if dtypes(func(*cargs, **ckwargs)) != dtypes(out):
+                        differ.add(name)
+    finally:
+        torch.cuda.amp.common.amp_definitely_not_available, torch.cuda.is_bf16_supported = available
+    return differ
+
+
+def adam_with_state(params: list) -> torch.optim.AdamW:
+    """steps()'s AdamW with the state its first step creates (what a real second step starts from):
+    a float32 step count and two moments shaped like each parameter. Saves tracing a first step."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98))
+    for p in params:
+        optimizer.state[p] = dict(step=torch.tensor(1.0), exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                                  exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+    return optimizer
+
+
 class _NoHook:
     def remove(self):
         pass
 
 
-def measure_fake(config: dict, recipe: dict, checkpointing: bool) -> dict:
+def peak_tracker():
+    """MemTracker, keeping only the step's global peak. Its per-module peaks cost a pass over every
+    module (thousands at 3B, with LoRA's and the hook points) at every operator: most of a 3B trace's
+    time. The global peak is computed exactly as MemTracker computes it."""
+    from copy import deepcopy
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+
+    class PeakTracker(MemTracker):
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = deepcopy(snap)
+    return PeakTracker()
+
+
+def measure_fake(config: dict, recipe: dict, checkpointing: bool, kernels: str = "cuda") -> dict:
+    """kernels "cuda": the step as CUDA runs it (cuda_kernels); "cpu": as this machine runs it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
     model = build(config, recipe, checkpointing)
-    with FakeTensorMode():
+    # non-fake inputs allowed: module-level constants (NF4's code table) become fakes as they are read
+    with FakeTensorMode(allow_non_fake_inputs=True), cuda_kernels() if kernels == "cuda" else contextlib.nullcontext():
         materialise(model, "cpu", fill=False)
         data = batch(config, "cpu")
-        tracker = MemTracker()
-        for p in model.parameters():  # MemTracker hooks every parameter's gradient; frozen ones cannot take a hook
-            if not p.requires_grad:
-                tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
-        optimizer, trainable = steps(model, data, "cpu", fake=True, n=1)  # creates the optimizer state
-        tracker.track_external(model, optimizer)
-        with tracker, unheard():  # the second step, whose peak holds the optimizer state too
-            steps(model, data, "cpu", fake=True, n=1, optimizer=optimizer)
-        peak = tracker.get_tracker_snapshot("peak")
-    per_kind = {k: v for k, v in next(iter(peak.values())).items()}
+        per_kind, trainable = tracked_steps(model, data, "cpu", fake=True, optimizer=adam_with_state(
+            [p for p in model.parameters() if p.requires_grad]))  # a step after the first: with AdamW's state
     return dict(peak_bytes=per_kind.pop("Total"), by_kind=per_kind, trainable=trainable)
 
 
@@ -177,7 +291,23 @@ def high_water_mark() -> int:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
 
 
+def tracked_steps(model, data: dict, device: str, fake: bool, optimizer) -> tuple[dict, int]:
+    """One step under PeakTracker -> ({kind: bytes at the peak, "Total": ...}, trainable count)."""
+    tracker = peak_tracker()
+    for p in model.parameters():  # MemTracker hooks every parameter's gradient; frozen ones cannot take a hook
+        if not p.requires_grad:
+            tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+    tracker.track_external(model, optimizer)
+    with tracker, unheard():
+        _, trainable = steps(model, data, device, fake=fake, n=1, optimizer=optimizer)
+    return dict(next(iter(tracker.get_tracker_snapshot("peak").values()))), trainable
+
+
 def measure_real(config: dict, recipe: dict, checkpointing: bool, device: str) -> dict:
+    """Two real steps. CUDA: torch.cuda.max_memory_allocated over both. CPU: the second step's tensors
+    under the same PeakTracker as the fake trace (real values, real kernels, model.loss itself), and
+    the process's resident high-water mark over both steps (tensors + the allocator's and oneDNN's
+    overheads)."""
     cuda = device.startswith("cuda")
     base = torch.cuda.memory_allocated() if cuda else rss()
     model = materialise(build(config, recipe, checkpointing), device, fill=True)
@@ -189,31 +319,31 @@ def measure_real(config: dict, recipe: dict, checkpointing: bool, device: str) -
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
     t0 = time.perf_counter()
-    _, trainable = steps(model, data, device, fake=False)
     if cuda:
+        _, trainable = steps(model, data, device, fake=False)
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / 2
-    out = dict(trainable=trainable, seconds_per_step=seconds)
-    if cuda:
-        out.update(peak_bytes=torch.cuda.max_memory_allocated() - base,
-                   reserved_bytes=torch.cuda.max_memory_reserved())
-    else:
-        out.update(peak_bytes=high_water_mark() - base)
-    return out
+        return dict(trainable=trainable, seconds_per_step=(time.perf_counter() - t0) / 2,
+                    peak_bytes=torch.cuda.max_memory_allocated() - base, reserved_bytes=torch.cuda.max_memory_reserved())
+    optimizer, _ = steps(model, data, device, fake=False, n=1)
+    seconds = time.perf_counter() - t0
+    per_kind, trainable = tracked_steps(model, data, device, fake=False, optimizer=optimizer)
+    return dict(trainable=trainable, seconds_per_step=seconds, peak_bytes=per_kind.pop("Total"), by_kind=per_kind,
+                rss_peak_bytes=high_water_mark() - base)
 
 
 def one(args) -> dict:
     config = hub_config("small" if args.small else "3b", args.text_layers, args.vision_layers)
     recipe, checkpointing = RECIPES[args.one[0]], args.one[1] == "ckpt"
     torch.set_num_threads(args.threads)
-    if args.one[2] == "fake":
-        return measure_fake(config, recipe, checkpointing)
+    if args.one[2].startswith("fake"):  # fake: CUDA's kernels; fake-cpu: this machine's
+        return measure_fake(config, recipe, checkpointing, "cpu" if args.one[2] == "fake-cpu" else "cuda")
     return measure_real(config, recipe, checkpointing, args.device)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", nargs="+", choices=["fake", "real"], default=["fake"])
+    p.add_argument("--method", nargs="+", choices=["fake", "fake-cpu", "real"], default=["fake"],
+                   help="fake: traced with CUDA's kernels; fake-cpu: with this CPU's (to set beside real on a CPU)")
     p.add_argument("--device", default="cpu", help="for --method real")
     p.add_argument("--rows", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     p.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
