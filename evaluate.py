@@ -12,9 +12,18 @@ metrics' requirements (METEOR without WordNet is left out, and says so), that OU
 has room. Captions are appended to OUT/.partial as each batch is made, so a failure loses nothing
 and --resume continues; the finished set replaces an old one (--overwrite) only once it is whole
 (paligemma/captioning/results.py). Metrics follow the COCO caption toolkit's conventions (see README).
+
+Any PaliGemma task: each row's own prefix (or --prompt) says which (`detect ...`: mAP@0.5 and COCO
+mAP, boxes scored by the model's confidence in their <loc> tokens; `answer ...`: VQA accuracy and
+exact match; `ocr`: ANLS and CER; `segment ...`: mean mask IoU and box accuracy; captions: BLEU,
+METEOR, ROUGE-L, CIDEr-D), or --metric chooses (paligemma/tasks/evaluation.py):
+
+    python evaluate.py --model M --data boxes.jsonl --draw pics/   # a detection set: mAP, boxes drawn
+    python evaluate.py --model M --data masks.jsonl --vae vae-oid.npz   # a segmentation set: mIoU, box accuracy
 """
 import argparse
 import csv
+import functools
 import gc
 import io
 import json
@@ -25,6 +34,8 @@ from tqdm import tqdm
 
 from paligemma.atomic import atomic_file, lock_folder, unlock_folder
 from paligemma.inference import caption, load_for_inference
+from paligemma.tasks.evaluation import (METRIC_FLAG, VAE_HELP, draw_split, image_sizes, parse_references, row_fields,
+                                        score_split, task_table, task_of_split)
 from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, one_line, run
 from paligemma.captioning import results as store
 from paligemma.captioning import wordnet
@@ -64,6 +75,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--quantize", choices=["int8", "int4", "nf4"], help="quantize --model's linear weights (quantize.py)")
     p.add_argument("--compile", action="store_true", help="decode steps under torch.compile (CUDA graphs on CUDA)")
+    p.add_argument("--metric", choices=sorted(METRIC_FLAG), help="score as this task (default: the task each row's "
+                   "prefix, or --prompt, asks for)")
+    p.add_argument("--vae", help=f"segmentation sets: path to vae-oid.npz ({VAE_HELP})")
+    p.add_argument("--draw", help="detection / segmentation sets: write each image with its predicted (and "
+                   "reference) boxes or masks into this folder")
     add_debug(p)
     args = p.parse_args(argv)
     if not (args.model or args.predictions):
@@ -80,13 +96,17 @@ def predict(model, processor, examples, args, name: str, done: int, out: Path) -
     starting at image i samples with seed + i wherever the run (re)started (`done` is a whole number of
     batches), so a resumed run makes the captions an uninterrupted one would."""
     rest = examples[done:]
-    captions = caption(model, processor, [e.image for e in rest], args.prompt, args.batch_size,
+    prompts = [prompt_of(e, args) for e in rest] if any(e.prefix for e in rest) else args.prompt
+    scored = args.task == "detect"  # each <loc>'s probability: the boxes' scores
+    captions = caption(model, processor, [e.image for e in rest], prompts, args.batch_size,
                        seed=args.seed + done, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                        do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k or None,
-                       top_p=args.top_p if args.top_p < 1 else None, compile=args.compile)
+                       top_p=args.top_p if args.top_p < 1 else None, compile=args.compile, loc_scores=scored)
     rows, batch = [], []
     for e, text in zip(rest, tqdm(captions, total=len(rest), desc=f"captioning ({name})", mininterval=5)):
-        batch.append(dict(model=name, image=str(e.image), prompt=args.prompt, prediction=text, references=e.captions))
+        text, probs = text if scored else (text, None)
+        batch.append(dict(model=name, image=str(e.image), prompt=prompt_of(e, args), prediction=text,
+                          references=e.captions, **({"loc_probs": probs} if scored else {})))
         if len(batch) == args.batch_size or len(rows) + len(batch) == len(rest):
             store.append(out, batch)
             rows, batch = rows + batch, []
@@ -123,12 +143,66 @@ def read_predictions(path, examples) -> list[str]:
     return [preds[e.image.name] for e in examples]
 
 
-def score(examples, preds, args, with_meteor: bool) -> tuple[dict, list[dict]]:
+def prompt_of(example, args) -> str:
+    """The prompt the model is given for an example: the row's own prefix, or the run's --prompt."""
+    return example.prefix if example.prefix is not None else args.prompt
+
+
+def check_task(args, examples):
+    """Before the first answer: the task of the split (args.task), what it needs (--vae for masks), and
+    its references readable as boxes or masks."""
+    try:
+        args.task = task_of_split([prompt_of(e, args) for e in examples], [str(e.image) for e in examples], args.metric)
+    except ValueError:
+        if any(e.prefix is not None for e in examples):
+            raise
+        args.task = "caption"  # a --prompt of one's own ("rsicd caption"): captions, as before tasks existed
+        print(f"--prompt {args.prompt!r} names no PaliGemma task: scored as captions (--metric chooses another)",
+              file=sys.stderr)
+    if args.task == "segment" and not args.vae:
+        raise ValueError(f"{args.data}: a segmentation set (prompt {prompt_of(examples[0], args)!r}) needs --vae PATH: "
+                         f"{VAE_HELP}")
+    if args.draw and args.task not in ("detect", "segment"):
+        raise ValueError(f"--draw draws boxes and masks: {args.data} is a {args.task} set")
+    if args.draw:  # drawings are named after their images: never among the images themselves
+        folders = {e.image.resolve().parent for e in examples}
+        if Path(args.draw).resolve() in folders:
+            raise ValueError(f"--draw {args.draw}: the split's images are in this folder; choose another one for "
+                             "the drawings")
+        Path(args.draw).mkdir(parents=True, exist_ok=True)
+    if args.task in ("detect", "segment"):
+        names = [str(e.image) for e in examples]
+        parse_references(args.task, [e.captions for e in examples], names, image_sizes(names), mask_decoder(args.vae))
+
+
+@functools.cache
+def mask_decoder(path):
+    """The VQ-VAE decoder of --vae, loaded once (None without --vae)."""
+    from paligemma.tasks import MaskDecoder
+    return MaskDecoder.from_npz(path) if path else None
+
+
+def score_task(examples, preds, args, loc_probs=None, draw_to=None) -> tuple[dict, list[dict]]:
+    """A detection / question / OCR / segmentation split scored by its task; rows carry the parsed answers."""
+    names = [str(e.image) for e in examples]
+    sizes = image_sizes(names) if args.task in ("detect", "segment") else None
+    result, parsed, refs = score_split(args.task, preds, [e.captions for e in examples], names, sizes, loc_probs,
+                                       mask_decoder(args.vae) if args.task == "segment" else None)
+    rows = [dict(image=n, prompt=prompt_of(e, args), prediction=p, references=e.captions, **row_fields(args.task, q))
+            for n, e, p, q in zip(names, examples, preds, parsed)]
+    if draw_to:
+        draw_split(draw_to, args.task, names, parsed, refs)
+    return result, rows
+
+
+def score(examples, preds, args, with_meteor: bool, loc_probs=None, draw_to=None) -> tuple[dict, list[dict]]:
+    if args.task != "caption":
+        return score_task(examples, preds, args, loc_probs, draw_to)
     refs = {str(e.image): (e.captions[:1] if args.references == "first" else e.captions) for e in examples}
     by_image = {str(e.image): p for e, p in zip(examples, preds)}
     result = score_all(by_image, refs, with_meteor=with_meteor)
     result["health"] = health(by_image, refs)
-    rows = [dict(image=str(e.image), prompt=args.prompt, prediction=p, references=e.captions)
+    rows = [dict(image=str(e.image), prompt=prompt_of(e, args), prediction=p, references=e.captions)
             for e, p in zip(examples, preds)]
     return result, rows
 
@@ -203,7 +277,16 @@ def plan_of(args, examples, runs: dict) -> dict:
                 prompt=args.prompt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                 num_beams=args.num_beams, do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed, dtype=args.dtype,
-                models={label: list(r) for label, r in runs.items()})
+                models={label: list(r) for label, r in runs.items()}, **task_plan(args, examples))
+
+
+def task_plan(args, examples) -> dict:
+    """A task set's part of the plan: its task and the rows' own prompts (a caption set's plan is unchanged)."""
+    import hashlib
+    if args.task == "caption" and not any(e.prefix for e in examples):
+        return {}
+    prompts = "\n".join(prompt_of(e, args) for e in examples)
+    return dict(task=args.task, prompts=hashlib.sha256(prompts.encode()).hexdigest()[:12])
 
 
 def main(argv=None):
@@ -216,6 +299,7 @@ def main(argv=None):
         print(skipped.report(), file=sys.stderr)
     if args.max_samples:
         examples = examples[:args.max_samples]
+    check_task(args, examples)
     runs = {} if args.predictions else rows_to_run(args)
     for model_name, adapter, _ in dict.fromkeys(runs.values()):  # before the first caption: every row loads
         check_loadable(model_name, adapter)
@@ -247,12 +331,17 @@ def main(argv=None):
         unlock_folder(out)
 
 
+def draw_folder(args, label: str, runs: dict):
+    """--draw DIR, or DIR/<row label> when --compare draws two rows."""
+    return None if not args.draw else Path(args.draw) / label if len(runs) > 1 else Path(args.draw)
+
+
 def evaluate(args, out, examples, skipped, runs, given, meteor, left_out):
     done = store.start(out, plan_of(args, examples, runs), args.resume)
     results, rows = {}, {}
     if given is not None:
         name = f"predictions: {args.predictions}"
-        results[name], rows[name] = score(examples, given, args, meteor)
+        results[name], rows[name] = score(examples, given, args, meteor, draw_to=draw_folder(args, name, runs))
     for label, (model_name, adapter, quantize) in runs.items():
         name = f"{label}: {model_name}" + (f" + {adapter}" if adapter else "") + (f" ({quantize})" if quantize else "")
         made = done.get(name, [])
@@ -266,16 +355,21 @@ def evaluate(args, out, examples, skipped, runs, given, meteor, left_out):
         if [r["image"] for r in made] != [str(e.image) for e in examples]:
             raise store.ResultsError(f"{out / store.PARTIAL}: the captions of {name} do not follow the split's "
                                      "images: rerun with --overwrite")
-        results[name], rows[name] = score(examples, [r["prediction"] for r in made], args, meteor)
+        results[name], rows[name] = score(examples, [r["prediction"] for r in made], args, meteor,
+                                          [r.get("loc_probs") for r in made], draw_folder(args, label, runs))
     protocol = dict(data=str(args.data), split=args.split, images=len(examples), references=args.references,
                     prompt=args.prompt, num_beams=args.num_beams, do_sample=args.do_sample,
                     max_new_tokens=args.max_new_tokens, skipped=skipped.reasons,
                     tokenisation="lower-case, punctuation dropped (approximates pycocoevalcap's PTB tokenizer)",
                     meteor="nltk meteor_score (WordNet 3.0), not the Java Meteor 1.5" if meteor
                     else f"left out: no WordNet ({wordnet.INSTALL})")
+    if args.task != "caption":
+        for caption_only in ("references", "tokenisation", "meteor"):
+            del protocol[caption_only]
+        protocol.update(task=args.task, chosen_by="--metric" if args.metric else "the rows' prompts")
     store.seal(out, lambda folder: write_outputs(folder, results, rows, protocol))
-    print(table(results, left_out))
-    for name, r in results.items():
+    print(table(results, left_out) if args.task == "caption" else task_table(results))
+    for name, r in filter(lambda item: "health" in item[1], results.items()):
         print(f"output health ({name}): " + ", ".join(f"{k} {v:.3f}" for k, v in r["health"].items()))
     names = list(rows)
     print("\n| image | reference | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))

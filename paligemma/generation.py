@@ -3,6 +3,12 @@
 One prefill over image + prompt fills the cache; then one token per step. Rows stop at <eos>
 independently; the result holds only the new tokens, `pad_id` after each row's <eos>.
 
+return_scores=True also returns each new token's probability: the softmax at temperature 1 of the
+logits it was chosen from (before temperature, top-k and top-p, which shape the draw, not the
+model's belief), 0 after <eos>. Beam search gives each token of the returned hypothesis its
+probability given that hypothesis' own earlier tokens. A detection box's score is the mean of its
+four <loc> tokens' (tasks/confidence.py).
+
 Every one-token step is `decode_step`, eager or compiled (`compile=True`): its shapes never change
 (the mask spans all of the cache's slots), the slot it writes arrives as a tensor, and nothing in it
 reads a value back to the host, so torch.compile traces it once for the whole decode and
@@ -21,10 +27,11 @@ COMPILE_SLOTS = 64  # compile=True sizes the cache in multiples of this (unused 
 @torch.no_grad()
 def generate(model, input_ids, pixel_values, attention_mask=None, token_type_ids=None, max_new_tokens=32,
              do_sample=False, temperature=1.0, top_k=None, top_p=None, num_beams=1, length_penalty=1.0,
-             seed=None, eos_id=None, pad_id=None, compile: bool | str = False) -> torch.Tensor:
-    """(B, T) prompt -> (B, <= max_new_tokens) new tokens. compile: run each one-token step under
-    torch.compile (True: mode "reduce-overhead" on CUDA, inductor's default elsewhere; or a mode name);
-    the first call compiles (seconds to minutes), later calls with the same shapes reuse it."""
+             seed=None, eos_id=None, pad_id=None, compile: bool | str = False, return_scores: bool = False):
+    """(B, T) prompt -> (B, <= max_new_tokens) new tokens; with return_scores, (tokens, probabilities),
+    both (B, L), each probability float32 (see the module docstring). compile: run each one-token step
+    under torch.compile (True: mode "reduce-overhead" on CUDA, inductor's default elsewhere; or a mode
+    name); the first call compiles (seconds to minutes), later calls with the same shapes reuse it."""
     eos_id = model.config.eos_token_id if eos_id is None else eos_id
     pad_id = model.config.pad_token_id if pad_id is None else pad_id
     B, T = input_ids.shape
@@ -45,11 +52,13 @@ def generate(model, input_ids, pixel_values, attention_mask=None, token_type_ids
     if num_beams > 1:
         if do_sample:
             raise ValueError("beam search with sampling is not supported: choose num_beams=1 or do_sample=False")
-        return _beam_search(model, cache, logits, B, num_beams, max_new_tokens, length_penalty, eos_id, pad_id)
+        return _beam_search(model, cache, logits, B, num_beams, max_new_tokens, length_penalty, eos_id, pad_id,
+                            return_scores)
     step = compiled_step(model, compile, logits.device) if compile else decode_step
     gen = torch.Generator(device=logits.device).manual_seed(seed) if seed is not None else None
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=logits.device)
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    probs = torch.zeros(B, max_new_tokens, device=logits.device) if return_scores else None  # (B, L)
     for t in range(max_new_tokens):
         if do_sample:
             token = _sample(logits.float(), temperature, top_k, top_p, gen)
@@ -57,11 +66,14 @@ def generate(model, input_ids, pixel_values, attention_mask=None, token_type_ids
             token = logits.argmax(-1)
         token = token.masked_fill(done, pad_id)
         out[:, t] = token
+        if return_scores:
+            p = logits.float().softmax(-1).gather(1, token[:, None])[:, 0]  # (B,)
+            probs[:, t] = p.masked_fill(done, 0.0)
         done |= token == eos_id
         if t + 1 == max_new_tokens or bool(done.all()):  # one host sync per step: cheap next to a decoder pass
-            return out[:, :t + 1]
+            return (out[:, :t + 1], probs[:, :t + 1]) if return_scores else out[:, :t + 1]
         logits = step(model, cache, token, cache.reserve(1))
-    return out
+    return (out, probs) if return_scores else out
 
 
 def decode_step(model, cache, token: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
@@ -108,9 +120,11 @@ def _sample(logits, temperature, top_k, top_p, gen):
     return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
 
 
-def _beam_search(model, cache, logits, B, n_beams, max_new_tokens, length_penalty, eos_id, pad_id):
+def _beam_search(model, cache, logits, B, n_beams, max_new_tokens, length_penalty, eos_id, pad_id,
+                 return_scores=False):
     """Beam search with transformers' scoring: sum of log-probs / length**length_penalty, the 2 * n_beams best
     candidates per step, finished hypotheses kept in a per-row pool of n_beams, and its early-stop rule.
+    return_scores: each token's probability travels with its hypothesis (reordered, pooled as it is).
 
     Axes: B prompts, n_beams beams per prompt, V vocabulary, L = max_new_tokens; C = 2 * n_beams
     candidates per prompt and step."""
@@ -126,17 +140,26 @@ def _beam_search(model, cache, logits, B, n_beams, max_new_tokens, length_penalt
     open_rows = torch.ones(B, 1, dtype=torch.bool, device=dev)  # rows whose pool can still improve
     top_half = torch.arange(2 * n_beams, device=dev) < n_beams  # only the n_beams best candidates may finish
     rows = torch.arange(B, device=dev)[:, None]
+    if return_scores:  # (B, n_beams, L) each token's probability, beside `running` and `finished`
+        run_probs = torch.zeros(B, n_beams, max_new_tokens, device=dev)
+        fin_probs = run_probs.clone()
     for t in range(max_new_tokens):
-        scores = F.log_softmax(logits.float(), -1).view(B, n_beams, V) + run_scores[..., None]
+        log_probs = F.log_softmax(logits.float(), -1).view(B, n_beams, V)
+        scores = log_probs + run_scores[..., None]
         cand_scores, idx = scores.view(B, -1).topk(2 * n_beams)  # (B, C) best scores, flat index beam * V + token
         beam, token = idx // V, idx % V  # (B, C) each
         cand = running[rows, beam]  # (B, C, L) each candidate's tokens so far
         cand[..., t] = token
+        if return_scores:
+            cand_probs = run_probs[rows, beam]  # (B, C, L)
+            cand_probs[..., t] = log_probs.view(B, -1).gather(1, idx).exp()
         stops = (token == eos_id) | (t + 1 == max_new_tokens)  # (B, C)
         # the n_beams best candidates that go on
         live_scores = cand_scores - 1e9 * stops
         pick = live_scores.topk(n_beams).indices  # (B, n_beams) into C
         running, run_scores, src = cand[rows, pick], live_scores.gather(1, pick), beam.gather(1, pick)
+        if return_scores:
+            run_probs = cand_probs[rows, pick]
         # candidates that just finished compete for the pool of n_beams finished hypotheses
         new_fin = cand_scores / (t + 1) ** length_penalty  # (B, C)
         new_fin = new_fin - 1e9 * ~(stops & top_half) - 1e9 * ~open_rows
@@ -144,6 +167,8 @@ def _beam_search(model, cache, logits, B, n_beams, max_new_tokens, length_penalt
         keep = merged.topk(n_beams).indices  # (B, n_beams)
         fin_scores = merged.gather(1, keep)
         finished = torch.cat([finished, cand], 1)[rows, keep]
+        if return_scores:
+            fin_probs = torch.cat([fin_probs, cand_probs], 1)[rows, keep]
         fin_full = torch.cat([fin_full, stops & top_half], 1).gather(1, keep)
         worst = torch.where(fin_full, fin_scores.min(1, keepdim=True).values, torch.full_like(fin_scores, -1e9))
         open_rows &= (run_scores[:, :1] / (t + 1) ** length_penalty > worst).any(-1, keepdim=True)
@@ -153,4 +178,6 @@ def _beam_search(model, cache, logits, B, n_beams, max_new_tokens, length_penalt
         logits = decode_step(model, cache, running[..., t].reshape(-1), cache.reserve(1))
     best = finished[:, 0]  # (B, L), pool sorted best first
     length = int(((best == eos_id).cumsum(-1) == 0).sum(-1).add(1).clamp(max=t + 1).max())
+    if return_scores:
+        return best[:, :length], fin_probs[:, 0, :length]
     return best[:, :length]

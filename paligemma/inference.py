@@ -25,19 +25,31 @@ def batches(items: list, size: int):
         yield i, items[i:i + size]
 
 
-def caption_batch(model, processor, images: list, prompts, seed=None, **generate_kwargs) -> list[str]:
-    """One forward batch: images (PIL or paths) and a prompt (or one per image) -> their captions."""
+def caption_batch(model, processor, images: list, prompts, seed=None, loc_scores=False, **generate_kwargs) -> list:
+    """One forward batch: images (PIL or paths) and a prompt (or one per image: the processor pads each
+    row on the left, so rows of different prompts decode together) -> their captions; loc_scores: ->
+    (caption, [probability of each <locNNNN> in it]) pairs (tasks/confidence.py)."""
     inputs = processor(images, [prompts] * len(images) if isinstance(prompts, str) else prompts)
-    kwargs = generate_kwargs if seed is None else dict(generate_kwargs, seed=seed)
-    tokens = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, **kwargs)
-    return processor.batch_decode(tokens)
+    kwargs = dict(generate_kwargs, **({} if seed is None else {"seed": seed}))
+    if loc_scores:
+        kwargs["return_scores"] = True
+    out = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, **kwargs)
+    if not loc_scores:
+        return processor.batch_decode(out)
+    from .tasks.confidence import loc_probabilities
+    tokens, probs = (t.cpu() for t in out)
+    return [(processor.decode(t), loc_probabilities(processor.tokenizer, t, p)) for t, p in zip(tokens, probs)]
 
 
 def caption(model, processor, images, prompt="caption en", batch_size=8, seed=None, **generate_kwargs):
-    """Yield one caption per image, in order; with a sampling `seed`, the batch starting at image i
-    samples with seed + i (so a caption does not depend on how many batches came before)."""
+    """Yield one caption per image, in order (prompt: one for all, or a list with one per image); with
+    a sampling `seed`, the batch starting at image i samples with seed + i (so a caption does not
+    depend on how many batches came before)."""
+    if not isinstance(prompt, str) and len(prompt) != len(images):
+        raise ValueError(f"{len(images)} images but {len(prompt)} prompts: one prompt, or one per image")
     for i, chunk in batches(images, batch_size):
-        yield from caption_batch(model, processor, chunk, prompt, None if seed is None else seed + i,
+        prompts = prompt if isinstance(prompt, str) else prompt[i:i + len(chunk)]
+        yield from caption_batch(model, processor, chunk, prompts, None if seed is None else seed + i,
                                  **generate_kwargs)
 
 

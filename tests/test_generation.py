@@ -133,3 +133,42 @@ def test_top_p_boundary_matches_transformers():
     assert int(allowed.sum()) == 2
     draws = torch.stack([_sample(logits, 1.0, None, 0.5, torch.Generator().manual_seed(s)) for s in range(200)], 1)
     assert torch.equal(torch.zeros_like(allowed).scatter(1, draws, True), allowed)
+
+
+def probabilities_by_hand(model, inputs, tokens, eos=1):
+    """Each new token's probability from one uncached forward over prompt + the new tokens: softmax of the
+    logits at the position before it, 0 after the row's <eos>."""
+    n = tokens.shape[1]
+    ids = torch.cat([inputs["input_ids"], tokens], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens)], 1)
+    types = torch.cat([inputs["token_type_ids"], torch.ones_like(tokens)], 1)
+    logits = model(ids, inputs["pixel_values"], mask, types)[:, -n - 1:-1].float()  # (B, n, V)
+    probs = logits.softmax(-1).gather(2, tokens[..., None])[..., 0]
+    after_eos = (tokens == eos).cumsum(1) - (tokens == eos).long() > 0
+    return probs.masked_fill(after_eos, 0.0)
+
+
+def check_scores(ours, inputs, stops=True, **kwargs):
+    kwargs.setdefault("max_new_tokens", 10)
+    tokens, probs = ours.generate(**inputs, return_scores=True, **kwargs)
+    assert torch.equal(tokens, ours.generate(**inputs, **kwargs))
+    assert probs.shape == tokens.shape and probs.dtype == torch.float32
+    assert (tokens == 1).any() or not stops  # a row stops: its zeros after <eos> are checked too
+    torch.testing.assert_close(probs, probabilities_by_hand(ours, inputs, tokens), atol=1e-5, rtol=1e-4)
+    assert (probs[tokens != 0] > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+def test_scores_are_the_models_token_probabilities(pair, mode):
+    """return_scores: the probability of each generated token equals a hand computation from the model's
+    logits (temperature 1, whatever the sampling temperature), and the tokens are those of return_scores=False."""
+    if mode == "greedy":
+        check_scores(pair[0], batch(N_IMG, **GREEDY), max_new_tokens=20)
+    else:
+        check_scores(pair[0], batch(N_IMG, **GREEDY), stops=False, do_sample=True, temperature=1.7, top_k=20, seed=4)
+
+
+def test_beam_scores_are_the_hypothesis_token_probabilities(beam_pair):
+    """Beam search: each token of the returned hypothesis has its probability given that hypothesis' own
+    earlier tokens (the beams were reordered and pooled with their probabilities)."""
+    check_scores(beam_pair[0], batch(N_IMG, **BEAMS), num_beams=3)

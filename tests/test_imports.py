@@ -27,7 +27,8 @@ LAYERS = [
     ["paligemma.inference", "paligemma.caption", "paligemma.verify", "paligemma.probe", "paligemma.probe.hooking",
      "paligemma.probe.groups", "paligemma.probe.recording", "paligemma.probe.knockout", "paligemma.probe.patching",
      "paligemma.probe.report", "paligemma.probe.__main__", "paligemma.tasks.boxes", "paligemma.tasks.answers",
-     "paligemma.tasks.average_precision", "paligemma.tasks.vqvae", "paligemma.tasks.segmentation"],
+     "paligemma.tasks.average_precision", "paligemma.tasks.vqvae", "paligemma.tasks.segmentation",
+     "paligemma.tasks.confidence"],
     # the fine-tuning application
     ["paligemma.tasks", "paligemma.tasks.registry", "paligemma.captioning", "paligemma.captioning.wordnet", "paligemma.captioning.metrics",
      "paligemma.captioning.meteor_java", "paligemma.captioning.resampled_cider", "paligemma.captioning.bootstrap",
@@ -35,7 +36,8 @@ LAYERS = [
      "paligemma.captioning.synthetic", "paligemma.captioning.results", "paligemma.captioning.precision",
      "paligemma.captioning.run_folder",
      "paligemma.captioning.training",
-     "paligemma.captioning.validation"],
+     "paligemma.captioning.validation",
+     "paligemma.tasks.evaluation"],
 ]
 LORA = ["lora.layer", "lora.inject", "lora.peft_format", "lora"]
 

@@ -1,0 +1,143 @@
+"""A split's answers scored by its task, as evaluate.py reports them: which task, its metrics, what each
+answer parsed to (for predictions.jsonl), and the answers drawn on their images.
+
+    task     chosen by                   metrics (metrics.json keys)
+    caption  prefix "caption/describe"   BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (evaluate.py's own caption path)
+    detect   prefix "detect ..."         mAP@0.5, mAP (COCO @[.5:.95]), per_class, dropped
+    answer   prefix "answer ..."         VQA accuracy, exact match, ANLS
+    exact    --metric exact only         exact match
+    ocr      prefix "ocr"                ANLS, CER, exact match
+    segment  prefix "segment ..."        miou, boxacc/0.5, boxacc/0.75, invalid, total, dropped
+
+The task comes from each example's prompt (its own prefix, or the run's --prompt) through
+registry.task_of, unless --metric names it; a split whose prompts ask for two tasks is refused (score
+each task on its own). Detection and segmentation references are each example's first reference,
+parsed the same way as the answers (a segmentation reference mask is its own <seg> codes decoded by
+the same VQ-VAE: the mask the model is trained to write).
+"""
+from pathlib import Path
+
+from PIL import Image
+
+from .answers import exact_match, score_answers, score_ocr
+from .average_precision import average_precision
+from .boxes import draw, parse_detections
+from .registry import task_of
+from .vqvae import SOURCE
+
+METRIC_FLAG = {"captions": "caption", "detection": "detect", "vqa": "answer", "exact": "exact", "ocr": "ocr",
+               "segmentation": "segment"}  # evaluate.py --metric -> task
+VAE_HELP = f"the VQ-VAE that turns <seg> codes into masks, big_vision's {SOURCE}"
+
+
+def task_of_split(prompts: list[str], names: list[str], metric: str | None = None) -> str:
+    """The one task of a split, from --metric or from every example's prompt; names: each example's image,
+    to say which prompt is unreadable or which two tasks are mixed."""
+    if metric:
+        return METRIC_FLAG[metric]
+    first = {}  # task -> the first example asking for it
+    for prompt, name in zip(prompts, names):
+        try:
+            first.setdefault(task_of(prompt), name)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    if len(first) > 1:
+        raise ValueError("the split mixes tasks: " + ", ".join(f"{t} (e.g. {n})" for t, n in first.items())
+                         + "; evaluate one task at a time, or choose the metric with --metric")
+    return next(iter(first), "caption")
+
+
+def image_sizes(paths) -> list[tuple[int, int]]:
+    """(width, height) of each image file, read from its header."""
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(im.size)
+    return out
+
+
+def _reference(task: str, text: str, name: str, width: int, height: int, decoder):
+    """An example's first reference, parsed like an answer; a reference that does not parse is named."""
+    if task == "detect":
+        parsed = parse_detections(text, width, height)
+        if parsed.dropped:
+            raise ValueError(f"{name}: {parsed.dropped} malformed piece(s) in the reference {text[:80]!r} (expected "
+                             "four <loc> tokens and a label per object, separated by ' ; ')")
+        return parsed
+    from .segmentation import parse_segmentations
+    parsed = parse_segmentations(text, width, height, decoder)
+    if not parsed or parsed.dropped or not parsed[0].mask.any():
+        why = "; ".join(parsed.reasons) or ("no object" if not parsed else "its mask decodes to no pixel")
+        raise ValueError(f"{name}: the reference {text[:80]!r} is no segmentation answer ({why})")
+    return parsed
+
+
+def parse_references(task: str, references: list[list[str]], names: list[str], sizes, decoder=None) -> list:
+    """Each example's first reference as boxes (detect) or segments (segment); one that does not parse is named."""
+    if task == "segment" and decoder is None:
+        raise ValueError(f"a segmentation set needs --vae PATH: {VAE_HELP}")
+    return [_reference(task, r[0], n, w, h, decoder) for r, n, (w, h) in zip(references, names, sizes)]
+
+
+def score_split(task: str, predictions: list[str], references: list[list[str]], names: list[str],
+                sizes=None, loc_probs=None, decoder=None) -> tuple[dict, list, list]:
+    """-> (metrics, parsed predictions, parsed references), one entry per example (parsed: None for
+    text tasks). sizes: (width, height) per image (detect, segment); loc_probs: per example the
+    probability of each <loc> of its answer (detect; None: every box scores 1.0); decoder: a
+    MaskDecoder (segment)."""
+    if task == "answer":
+        return score_answers(predictions, references), [None] * len(predictions), [None] * len(predictions)
+    if task == "ocr":
+        return score_ocr(predictions, references), [None] * len(predictions), [None] * len(predictions)
+    if task == "exact":
+        n = len(predictions)
+        return ({"exact match": sum(map(exact_match, predictions, references)) / n if n else None},
+                [None] * n, [None] * n)
+    if task not in ("detect", "segment"):
+        raise ValueError(f"score_split: no metric for task {task!r}")
+    refs = parse_references(task, references, names, sizes, decoder)
+    if task == "detect":
+        loc_probs = loc_probs or [None] * len(predictions)
+        preds = [parse_detections(p, w, h, lp) for p, (w, h), lp in zip(predictions, sizes, loc_probs)]
+        metrics = average_precision(preds, refs)
+    else:
+        from .segmentation import parse_segmentations, score_segmentations
+        preds = [parse_segmentations(p, w, h, decoder) for p, (w, h) in zip(predictions, sizes)]
+        metrics = score_segmentations(preds, [(r[0].box, r[0].mask) for r in refs])
+    return {**metrics, "dropped": sum(p.dropped for p in preds)}, preds, refs
+
+
+def row_fields(task: str, parsed) -> dict:
+    """What predictions.jsonl adds to a row: the parsed boxes (pixels x0, y0, x1, y1) with their scores,
+    or the segments with their mask's pixel count, and the number of malformed pieces dropped."""
+    if parsed is None:
+        return {}
+    if task == "detect":
+        return dict(boxes=[dict(label=d.label, box=list(d.box), score=d.score) for d in parsed], dropped=parsed.dropped)
+    return dict(segments=[dict(label=s.label, box=list(s.box), pixels=int(s.mask.sum())) for s in parsed],
+                dropped=parsed.dropped, reasons=parsed.reasons)
+
+
+def task_table(results: dict) -> str:
+    """Markdown table of a task's scores, one row per model: the numbers (per_class is in metrics.json)."""
+    names = [k for k, v in next(iter(results.values())).items() if v is None or isinstance(v, (int, float))]
+    cell = lambda v: "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    return "\n".join(lines + [f"| {label} | " + " | ".join(cell(r[n]) for n in names) + " |"
+                              for label, r in results.items()])
+
+
+def draw_split(folder: Path, task: str, images: list, predictions: list, references: list):
+    """Each image with its predicted boxes (and the reference's, in white) or masks, as folder/<name>.png
+    (written whole: a file is there complete or not at all); images of one name get a number."""
+    from ..atomic import atomic_file
+    from .segmentation import draw_segmentations
+    seen = {}
+    for path, pred, ref in zip(images, predictions, references):
+        stem = Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        name = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
+        with Image.open(path) as im:
+            picture = draw(im, pred, ref) if task == "detect" else draw_segmentations(im, pred)
+        with atomic_file(Path(folder) / f"{name}.png", "wb") as f:
+            picture.save(f, "PNG")
