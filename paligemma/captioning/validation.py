@@ -35,34 +35,27 @@ def spread(examples: list, n: int) -> list:
 def caption_and_score(model, processor, examples, prompt: str, batch_size: int = 32, with_meteor: bool = False,
                       task: str = "caption", max_new_tokens: int = MAX_NEW_TOKENS):
     """(scores, health, predictions) of greedy answers for `examples`, each under its own prefix (or
-    `prompt`), scored as `task`. Predictions are keyed by image path, and by image path and prefix
-    where an image has several rows (VQA's questions)."""
+    `prompt`), scored as `task`; a detection box scores the model's mean probability of its four <loc>
+    tokens (tasks/confidence.py), as evaluate.py ranks them. Predictions are keyed by image path, and
+    by image path and prefix where an image has several rows (VQA's questions)."""
+    from ..inference import caption
     from ..tasks.registry import score_texts
     from .metrics import health, score_all
     model.eval()
-    texts = answers(model, processor, examples, prompt, batch_size, max_new_tokens)
+    prompts = [prompt if e.prefix is None else e.prefix for e in examples]
+    detect = task == "detect"
+    out = list(caption(model, processor, [e.image for e in examples], prompts[0] if len(set(prompts)) == 1 else prompts,
+                       batch_size, max_new_tokens=max_new_tokens, **({"loc_scores": True} if detect else {})))
+    texts, loc_probs = ([t for t, _ in out], [p for _, p in out]) if detect else (out, None)
     keys = [str(e.image) for e in examples]
     if len(set(keys)) < len(keys):
         keys = [f"{e.image} | {e.prefix}" for e in examples]
     preds, refs = dict(zip(keys, texts)), {k: e.captions for k, e in zip(keys, examples)}
     if task == "caption":
         scores = score_all(preds, refs, with_meteor=with_meteor)
-    else:  # detection boxes are all scored 1.0 here: the order of the examples breaks ties
-        scores = flat(score_texts(task, texts, [e.captions for e in examples]))
+    else:
+        scores = flat(score_texts(task, texts, [e.captions for e in examples], loc_probs=loc_probs))
     return scores, health(preds, refs), preds
-
-
-def answers(model, processor, examples, prompt: str, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers in the examples' order; examples that share a prompt are batched together."""
-    from ..inference import caption
-    prompts = [prompt if e.prefix is None else e.prefix for e in examples]
-    texts = [None] * len(examples)
-    for p in dict.fromkeys(prompts):
-        rows = [i for i, q in enumerate(prompts) if q == p]
-        for i, t in zip(rows, caption(model, processor, [examples[i].image for i in rows], p, batch_size,
-                                      max_new_tokens=max_new_tokens)):
-            texts[i] = t
-    return texts
 
 
 def flat(scores: dict) -> dict:

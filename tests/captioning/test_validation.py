@@ -51,3 +51,28 @@ def test_a_task_without_a_training_metric_is_refused_by_name():
     from paligemma.captioning.validation import Validation
     with pytest.raises(ValueError, match="train.py cannot score a 'segment' set yet .*caption, detect"):
         Validation(None, [], "segment cat", 8, 0, task="segment")
+
+
+def test_answers_are_generated_under_each_rows_prefix_and_boxes_ranked_by_their_loc_probabilities(monkeypatch):
+    """The shared prefix of a detection set (not the run's --prompt) goes to generation, rows of several
+    prompts go as a list, and a box's score is the mean of its four <loc> probabilities."""
+    from pathlib import Path
+    from paligemma import inference
+    from paligemma.captioning.data import Example
+    from paligemma.captioning.validation import caption_and_score
+    box, wrong = "<loc0000><loc0000><loc0512><loc0512> plane", "<loc0512><loc0512><loc1023><loc1023> plane"
+    asked = []
+
+    def fake_caption(model, processor, images, prompt, batch_size, max_new_tokens, loc_scores=False):
+        asked.append(prompt)
+        answers = [(wrong, [0.1] * 4), (box, [0.9] * 4)]  # the wrong box first in file order, but less sure
+        return iter(answers if loc_scores else [t for t, _ in answers])
+    monkeypatch.setattr(inference, "caption", fake_caption)
+    model = type("M", (), {"eval": lambda self: None})()
+    rows = [Example(Path("a.png"), [box], prefix="detect plane"), Example(Path("b.png"), [box], prefix="detect plane")]
+    scores, _, _ = caption_and_score(model, None, rows, "caption en", task="detect")
+    assert asked == ["detect plane"]
+    # ranked by score: the hit first -> precision 1 up to recall 0.5: AP@0.5 = 51 / 101; in file order it is 0.5 * 51 / 101
+    assert scores["mAP@0.5"] == pytest.approx(51 / 101)
+    caption_and_score(model, None, [rows[0], Example(Path("b.png"), ["x"])], "caption en", task="answer")
+    assert asked[-1] == ["detect plane", "caption en"]
