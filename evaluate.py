@@ -41,6 +41,7 @@ from paligemma.captioning import results as store
 from paligemma.captioning import wordnet
 from paligemma.captioning.data import DataError, csv_rows, fingerprint, load_examples, read_jsonl, read_text
 from paligemma.captioning.metrics import health, score_all
+from paligemma.tasks.registry import names_task
 
 
 def parse_args(argv=None):
@@ -151,12 +152,9 @@ def prompt_of(example, args) -> str:
 def check_task(args, examples):
     """Before the first answer: the task of the split (args.task), what it needs (--vae for masks), and
     its references readable as boxes or masks."""
-    try:
-        args.task = task_of_split([prompt_of(e, args) for e in examples], [str(e.image) for e in examples], args.metric)
-    except ValueError:
-        if any(e.prefix is not None for e in examples):
-            raise
-        args.task = "caption"  # a --prompt of one's own ("rsicd caption"): captions, as before tasks existed
+    args.task = task_of_split([e.prefix for e in examples], args.prompt, [str(e.image) for e in examples], args.metric)
+    if args.task == "caption" and not args.metric and not names_task(args.prompt) and \
+            any(e.prefix is None for e in examples):
         print(f"--prompt {args.prompt!r} names no PaliGemma task: scored as captions (--metric chooses another)",
               file=sys.stderr)
     if args.task == "segment" and not args.vae:

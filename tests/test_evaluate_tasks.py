@@ -297,7 +297,7 @@ def test_mixed_tasks_and_bad_flags_are_named(tmp_path, rows_loader):
     data, preds = answer_set(tmp_path, "ocr", [(["HELLO"], "HELL0")])
     rows = read_jsonl(data) + [dict(image="0.png", prefix="answer en what?", suffix="x", split="test")]
     mixed = write_rows(tmp_path, rows, "mixed.jsonl")
-    with pytest.raises(ValueError, match=r"mixes tasks: ocr \(e\.g\. .*0\.png\), answer"):
+    with pytest.raises(ValueError, match=r"mixes tasks: ocr \(e\.g\. .*0\.png: 'ocr'\), answer"):
         score_file(str(mixed), preds, tmp_path / "m")
     with pytest.raises(ValueError, match="--draw draws boxes and masks: .* is a ocr set"):
         score_file(data, preds, tmp_path / "d", "--draw", str(tmp_path / "pics"))

@@ -256,27 +256,19 @@ def check_answer(where: str, text: str, prefix: str | None):
 
 
 def run_task(prompt: str, *splits: list[Example]) -> str:
-    """The one task of a run, from task_of of every row's prefix (the run's --prompt for rows without
-    one): "caption", "detect", "answer", "ocr" or "segment". Rows without a prefix under a prompt that
-    names no task are captions, as every run was before rows had prompts. Rows of several tasks are
-    refused: one metric picks OUT/best and scores the test split."""
-    from ..tasks.registry import FIRST_WORD, task_of
-    first = {}  # task -> the first example asking for it
-    for e in (e for examples in splits for e in examples):
-        words = prompt.split()
-        if e.prefix is None and not (words and words[0].lower() in FIRST_WORD):
-            task = "caption"
-        else:
-            try:
-                task = task_of(prompt if e.prefix is None else e.prefix)
-            except ValueError as err:
-                raise DataError(f"{e.image}: {err}") from None
-        first.setdefault(task, e)
-    if len(first) > 1:
-        named = ", ".join(f"{t} (e.g. {e.image.name}: {e.prefix or prompt!r})" for t, e in first.items())
-        raise DataError(f"rows of {len(first)} tasks in one run: {named}. Train one task per run (its metric picks "
-                        "OUT/best and scores the test split): split the file by task")
-    return next(iter(first), "caption")
+    """The one task of a run (tasks.registry.task_of_rows over every row of its splits): "caption",
+    "detect", "answer", "ocr" or "segment"; rows of several tasks are refused: one metric picks
+    OUT/best and scores the test split."""
+    from ..tasks.registry import task_of_rows
+    rows = [e for examples in splits for e in examples]
+    try:
+        return task_of_rows([e.prefix for e in rows], prompt, [e.image.name for e in rows])
+    except ValueError as e:
+        why = str(e)
+        if why.startswith("rows of"):  # "rows of 2 tasks: ..." -> what to do about it
+            why = why.replace(" tasks: ", " tasks in one run: ", 1) + (". Train one task per run (its metric picks "
+                                                                       "OUT/best and scores the test split): split the file by task")
+        raise DataError(why) from None
 
 
 def fingerprint(examples: list[Example]) -> list[list[str]]:

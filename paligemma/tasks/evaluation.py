@@ -22,7 +22,7 @@ from PIL import Image
 from .answers import exact_match, score_answers, score_ocr
 from .average_precision import average_precision
 from .boxes import draw, parse_detections
-from .registry import task_of
+from .registry import task_of_rows
 from .vqvae import SOURCE
 
 METRIC_FLAG = {"captions": "caption", "detection": "detect", "vqa": "answer", "exact": "exact", "ocr": "ocr",
@@ -30,21 +30,19 @@ METRIC_FLAG = {"captions": "caption", "detection": "detect", "vqa": "answer", "e
 VAE_HELP = f"the VQ-VAE that turns <seg> codes into masks, big_vision's {SOURCE}"
 
 
-def task_of_split(prompts: list[str], names: list[str], metric: str | None = None) -> str:
-    """The one task of a split, from --metric or from every example's prompt; names: each example's image,
-    to say which prompt is unreadable or which two tasks are mixed."""
+def task_of_split(prefixes: list, prompt: str, names: list[str], metric: str | None = None) -> str:
+    """The one task of a split, from --metric or from its rows (registry.task_of_rows: each row's prefix,
+    or the run's prompt); names: each example's image, to say which prompt is unreadable or which two
+    tasks are mixed."""
     if metric:
         return METRIC_FLAG[metric]
-    first = {}  # task -> the first example asking for it
-    for prompt, name in zip(prompts, names):
-        try:
-            first.setdefault(task_of(prompt), name)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-    if len(first) > 1:
-        raise ValueError("the split mixes tasks: " + ", ".join(f"{t} (e.g. {n})" for t, n in first.items())
-                         + "; evaluate one task at a time, or choose the metric with --metric")
-    return next(iter(first), "caption")
+    try:
+        return task_of_rows(prefixes, prompt, names)
+    except ValueError as e:
+        if str(e).startswith("rows of"):
+            raise ValueError(f"the split mixes tasks: {str(e).split(': ', 1)[1]}; evaluate one task at a time, or "
+                             "choose the metric with --metric") from None
+        raise
 
 
 def image_sizes(paths) -> list[tuple[int, int]]:

@@ -21,6 +21,33 @@ def task_of(prefix: str) -> str:
     return FIRST_WORD[words[0].lower()]
 
 
+def names_task(prompt: str) -> bool:
+    """Whether the prompt's first word is one of PaliGemma's task prefixes."""
+    words = prompt.split() if isinstance(prompt, str) else []
+    return bool(words) and words[0].lower() in FIRST_WORD
+
+
+def task_of_rows(prefixes, prompt: str, names) -> str:
+    """The one task of a set of rows: task_of of each row's prefix, or of the run's `prompt` for rows
+    without one (prefix None). Rows without a prefix under a prompt that names no task ("rsicd caption")
+    are captions, as every run was before rows had prompts. Rows of two tasks are refused, naming an
+    example of each (names: each row's image): one metric scores a run and picks its best model."""
+    free = not names_task(prompt)
+    first = {}  # task -> (the first row asking for it, its prompt)
+    for prefix, name in zip(prefixes, names):
+        if prefix is None and free:
+            task = "caption"
+        else:
+            try:
+                task = task_of(prompt if prefix is None else prefix)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        first.setdefault(task, (name, prompt if prefix is None else prefix))
+    if len(first) > 1:
+        raise ValueError(f"rows of {len(first)} tasks: " + ", ".join(f"{t} (e.g. {n}: {p!r})" for t, (n, p) in first.items()))
+    return next(iter(first), "caption")
+
+
 def score_captions(predictions: list[str], references: list[list[str]], with_meteor: bool = True) -> dict:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (captioning/metrics.py), over lists instead of dicts."""
     from ..captioning.metrics import score_all
