@@ -117,9 +117,12 @@ def detection_scene(rng: random.Random, size: int = 64, object_size: int = 16, g
 # `python train.py --demo detect`'s scenes. Each kind has its own colour and a scene holds one kind, so the
 # label can be read off the pixels at a glance; a tiny model from scratch reads the label first, and only
 # then learns to look where the objects are (with a colour and kind per object, 900 steps showed no use
-# of the image at all). Corners on a 16 px grid: 4 x 4 places, each box edge one of five <loc> values.
-# (`spacing=16`, a free cell between objects, is no help: with it, seed 0 had not escaped the prior at 900 steps.)
-DEMO_SCENE = {"grid": 16, "colours": {"building": "red", "plane": "white", "tank": "yellow"}, "same_kind": True}
+# of the image at all). One 32 x 32 px object per scene (4 x 4 patches), corners on a 16 px grid: 3 x 3
+# places, each box edge one of four <loc> values. With 16 px objects (1 to 3, or 1 alone) the model sat on
+# the answer prior (the same boxes for every image) for 200-400 steps or never left it; 32 px objects
+# escape it by step ~150-350 (notes/demo.md). (`spacing=16`, a free cell between objects, was no help.)
+DEMO_SCENE = {"grid": 16, "object_size": 32, "max_objects": 1,
+              "colours": {"building": "red", "plane": "white", "tank": "yellow"}, "same_kind": True}
 
 
 def make_detection_dataset(folder: str | Path, n_train: int = 1200, n_val: int = 100, n_test: int = 100,

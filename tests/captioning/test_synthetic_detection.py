@@ -53,19 +53,29 @@ def test_dataset_rows_and_suffix_round_trip(tmp_path):
             0, 128, 256, 384, 512, 639, 767, 895, 1023}
 
 
-def test_demo_scenes_have_one_kind_in_its_colour_and_spacing_keeps_objects_apart():
-    """DEMO_SCENE (`train.py --demo detect`): one kind per scene, drawn in its kind's colour (the label
-    readable off the pixels); with spacing=16 a free cell between objects."""
+def test_demo_scenes_have_one_object_in_its_kinds_colour():
+    """DEMO_SCENE (`train.py --demo detect`): one 32 px object per scene, corners on the 16 px grid (3 x 3
+    places), drawn in its kind's colour (the label readable off the pixels)."""
     from paligemma.captioning.synthetic import COLOURS, DEMO_SCENE
+    rng, places, kinds = random.Random(0), set(), set()
+    for _ in range(200):
+        img, objects = detection_scene(rng, **DEMO_SCENE)
+        a = np.asarray(img, dtype=int)
+        assert len(objects) == 1
+        kind, (x0, y0, x1, y1) = objects[0]
+        assert x0 % 16 == 0 == y0 % 16 and (x1 - x0, y1 - y0) == (32, 32)
+        colour = np.array(COLOURS[DEMO_SCENE["colours"][kind]])
+        assert (np.abs(a[y0:y1, x0:x1] - colour).max(-1) == 0).sum() >= 150  # drawn in its kind's colour
+        places.add((x0, y0))
+        kinds.add(kind)
+    assert places == {(x, y) for x in (0, 16, 32) for y in (0, 16, 32)} and len(kinds) == 3
+
+
+def test_spacing_keeps_objects_apart():
+    """spacing=16: a free cell between objects (with it, neighbouring squares never merge into one bar)."""
     rng, counts = random.Random(0), set()
     for _ in range(200):
-        img, objects = detection_scene(rng, **DEMO_SCENE, spacing=16)
-        a = np.asarray(img, dtype=int)
-        assert len({k for k, _ in objects}) == 1
-        for kind, (x0, y0, x1, y1) in objects:
-            assert x0 % 16 == 0 == y0 % 16 and (x1 - x0, y1 - y0) == (16, 16)
-            colour = np.array(COLOURS[DEMO_SCENE["colours"][kind]])
-            assert (np.abs(a[y0:y1, x0:x1] - colour).max(-1) == 0).sum() >= 40  # drawn in its kind's colour
+        _, objects = detection_scene(rng, grid=16, same_kind=True, spacing=16)
         for i, (_, a_) in enumerate(objects):
             for _, b in objects[:i]:  # a gap of at least 16 px along one axis
                 assert max(b[0] - a_[2], a_[0] - b[2], b[1] - a_[3], a_[1] - b[3]) >= 16
