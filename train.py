@@ -43,7 +43,7 @@ from paligemma.processor import Processor
 # What `--demo detect` changes from the caption demo's defaults (flags given on the command line still win):
 # detection answers are longer (four <loc> tokens and a label per object), so it trains longer.
 DEMOS = {"caption": {"out": "runs/demo"},
-         "detect": {"out": "runs/demo-detect", "steps": 900, "lr": 3e-3, "eval_every": 100, "val_captions": 50}}
+         "detect": {"out": "runs/demo-detect", "steps": 600, "lr": 3e-3, "eval_every": 100, "val_captions": 50}}
 
 
 def parse_args(argv=None):
