@@ -9,9 +9,9 @@ keeps its own affine map from 16 levels back to floats:
 
 That is 4 bits a weight plus two compute-dtype numbers per group: 5 bits at groups of 32, 4.5 at 64,
 4.25 at 128. Asymmetric (a zero per group), unlike NF4's absmax: weights of a group that are not
-centred on 0 lose no level. On CPU, decode rows (<= 16) go to `torch._weight_int4pack_mm_for_cpu`,
-which multiplies by the packed codes directly (no dense copy); prefill, other devices and gradients
-dequantize and call F.linear (LoRA over an int4 base works that way, but QLoRA's recipe is NF4: int4 is for inference).
+centred on 0 lose no level. On CPU, `torch._weight_int4pack_mm_for_cpu` multiplies by the packed
+codes directly (no dense copy), at every row count (measured faster than dequantizing, also for a
+prefill); other devices and gradients dequantize and call F.linear (LoRA over an int4 base works that way, but QLoRA's recipe is NF4: int4 is for inference).
 
 The codes are stored in the order torch's CPU kernel reads them (`_convert_weight_to_int4pack_for_cpu`,
 which `quantize_weight` calls), not re-packed on every call; `unpack` reads that order back. It is
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dequantize import FUSED_ROWS, dense_forward
+from .dequantize import dense_forward
 
 GROUPS = (32, 64, 128)  # sizes torch's kernel takes (256 too: too coarse for 4 bits here)
 GROUP = 64  # the default, chosen by measurement (benchmarks/NOTES.md, change 12)
@@ -105,9 +105,10 @@ class Int4Linear(nn.Module):
             and not (torch.is_grad_enabled() and x.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused(x) or x.numel() // self.in_features > FUSED_ROWS:
-            # training (the kernel has no backward), other devices and dtypes; and prefill, where the fused
-            # kernel is ~3x slower than dequantizing once and one bf16 matmul (notes/quant-NOTES.md)
+        if not self.fused(x):
+            # training (the kernel has no backward), other devices and dtypes. Not prefill: the fused kernel
+            # is ~2.5x slower than a bf16 matmul at 268 rows, but dequantizing alone (unpacking torch's
+            # layout) took 4x longer than the fused kernel (notes/quant-NOTES.md, benchmarks/kernels.py)
             return dense_forward(self, x)
         rows = x.reshape(-1, x.shape[-1])
         if self.qweight.shape[1] * 2 != self.in_features:

@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from paligemma import PaliGemma
+from paligemma import int4
 from paligemma import quantize as Q
 from paligemma.captioning.synthetic import BACKGROUNDS, COLOURS, PLACES, tiny_config
 from paligemma.captioning.training import lr_at
@@ -40,9 +41,11 @@ from paligemma.tokenizer import Tokenizer, train_tokenizer
 PROMPT = "caption en"
 N_TRAIN, N_TEST = 256, 64
 STEPS, BATCH, LR = 400, 32, 3e-3
-MIN_TOKENS = 0.97  # quantized: worst 99.5 %; broken: best 96 % (scales x1.25, caught by the other two)
-MIN_IDENTICAL = 0.9  # quantized: worst 96.9 %; broken: best 73 %
-MAX_KL = {"int8": 1e-4, "nf4": 1e-2}  # quantized: worst 4e-6 and 1.9e-3; broken: least 0.16
+# int8 and nf4: quantized worst 99.5 % tokens, 96.9 % identical, KL 4e-6 / 1.9e-3; broken best 96 %, 73 %, KL 0.16
+# int4: see the docstring (TODO: measured margins)
+MIN_TOKENS = {"int8": 0.97, "nf4": 0.97, "int4": 0.95}
+MIN_IDENTICAL = {"int8": 0.9, "nf4": 0.9, "int4": 0.9}
+MAX_KL = {"int8": 1e-4, "nf4": 1e-2, "int4": 5e-2}
 
 
 def square_scene(rng: random.Random, size: int = 64):
@@ -134,11 +137,41 @@ def trained(tmp_path_factory):
     return model, ref
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def passes(r: dict, mode: str) -> bool:
+    return r["tokens"] >= MIN_TOKENS[mode] and r["identical"] >= MIN_IDENTICAL[mode] and r["kl"] <= MAX_KL[mode]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
 def test_quantized_captions_stay_those_of_the_unquantized_model(trained, mode):
     model, ref = trained
     r = ref.compare(Q.quantize(copy.deepcopy(model), mode))
-    assert r["tokens"] >= MIN_TOKENS and r["identical"] >= MIN_IDENTICAL and r["kl"] <= MAX_KL[mode], r
+    assert passes(r, mode), r
+    if mode == "int8":  # the issue's bar: fbgemm's 8-bit activations included, not one caption changes
+        assert r["identical"] == 1.0, r
+
+
+def rolled_scales(w, group=int4.GROUP):
+    """int4 with each group's scale taken from the group before it (an off-by-one in the group index)."""
+    parts = int4.quantize_weight(w, group)
+    parts["scales_and_zeros"] = parts["scales_and_zeros"].clone()
+    parts["scales_and_zeros"][..., 0] = parts["scales_and_zeros"][..., 0].roll(1, 0)
+    return parts
+
+
+def swapped_nibbles(w, group=int4.GROUP):
+    """int4 with the two codes of every byte swapped (rows i and i + 32 of each block, in torch's layout)."""
+    parts = int4.quantize_weight(w, group)
+    parts["qweight"] = (parts["qweight"] << 4) | (parts["qweight"] >> 4)
+    return parts
+
+
+@pytest.mark.parametrize("broken", [rolled_scales, swapped_nibbles])
+def test_thresholds_catch_a_broken_int4(trained, broken, monkeypatch):
+    model, ref = trained
+    monkeypatch.setattr(Q.Int4Linear, "quantize_weight", staticmethod(broken))
+    r = ref.compare(Q.quantize(copy.deepcopy(model), "int4"))
+    assert not passes(r, "int4"), r
+    assert sum((r["tokens"] < MIN_TOKENS["int4"], r["identical"] < MIN_IDENTICAL["int4"], r["kl"] > MAX_KL["int4"])) >= 2, r
 
 
 def test_int8_is_closer_than_nf4(trained):
