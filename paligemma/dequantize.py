@@ -7,8 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FUSED_ROWS = 16  # the fused decode kernels are matrix-vector kernels: past 16 rows dequantizing + one matmul wins
-
 
 def dense_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Dequantize to the compute dtype (autocast's, if on), then one matmul."""

@@ -11,7 +11,8 @@ That is 4 bits a weight plus two compute-dtype numbers per group: 5 bits at grou
 4.25 at 128. Asymmetric (a zero per group), unlike NF4's absmax: weights of a group that are not
 centred on 0 lose no level. On CPU, `torch._weight_int4pack_mm_for_cpu` multiplies by the packed
 codes directly (no dense copy), at every row count (measured faster than dequantizing, also for a
-prefill); other devices and gradients dequantize and call F.linear (LoRA over an int4 base works that way, but QLoRA's recipe is NF4: int4 is for inference).
+prefill); other devices and gradients dequantize and call F.linear (LoRA over an int4 base works that
+way, but QLoRA's recipe is NF4: int4 is for inference).
 
 The codes are stored in the order torch's CPU kernel reads them (`_convert_weight_to_int4pack_for_cpu`,
 which `quantize_weight` calls), not re-packed on every call; `unpack` reads that order back. It is

@@ -7,9 +7,10 @@ Three formats, each weight stored small and turned back into a dense weight (or 
 kernel) when a layer runs.
 
 - int8 (LLM.int8's per-channel absmax, without its outlier split): one float scale per output row,
-  W[o, :] ~= scale[o] * q[o, :], q in [-127, 127]. Half the bytes of bf16. On CPU, decode steps run
-  through fbgemm's int8 x uint8 kernel (activations rounded to 8 bits per call: FbgemmInt8), prefill
-  dequantizes once and runs one bf16 matmul (notes/quant-NOTES.md).
+  W[o, :] ~= scale[o] * q[o, :], q in [-127, 127]. Half the bytes of bf16. On CPU without
+  gradients the rows run through fbgemm's int8 x uint8 kernel (activations rounded to 8 bits per call:
+  FbgemmInt8), decode and prefill alike: the fastest int8 kernel measured at 1 to 268 rows
+  (notes/quant-NOTES.md).
 - nf4 (QLoRA, Dettmers et al. 2023, section 3): the weight, flattened, is cut into blocks of 64;
   each block is divided by its absmax and every value replaced by the nearest of 16 "NormalFloat"
   levels, the quantiles of a standard normal (the shape of trained weights), stored as 4-bit
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dequantize import FUSED_ROWS, dense_forward
+from .dequantize import dense_forward
 from .gemma import TiedHead
 from .int4 import GROUP, Int4Linear
 
@@ -43,6 +44,7 @@ NF4_BLOCK = 64  # values per absmax (QLoRA's block size)
 DQ_BLOCK = 256  # absmaxes per second-level scale (QLoRA's double quantization)
 ROWS = 4096  # rows quantized at a time: the float32 temporaries stay ~32 MB at 3B widths
 NF4_CHUNK = 2 ** 20  # values dequantized at a time: 4 MB of float32 stays in cache (2.5x faster than all at once)
+FUSED_ROWS = 16  # matrix-vector kernels (torch._weight_int8pack_mm; the int8 head's): past ~16 rows a matmul wins
 
 
 def nf4_levels() -> torch.Tensor:
@@ -71,17 +73,17 @@ NF4_PAIRS_AS_ONE = NF4_PAIRS.view(torch.int64).view(-1)  # (256,): the same byte
 
 
 class FbgemmInt8:
-    """Mixin for a module with int8 `qweight` (out, in) and `scales` (out,) buffers: its decode rows
-    (<= FUSED_ROWS, CPU, no gradients) through fbgemm's dynamic int8 linear.
+    """Mixin for a module with int8 `qweight` (out, in) and `scales` (out,) buffers: rows (CPU, no
+    gradients) through fbgemm's dynamic int8 linear.
 
     fbgemm quantizes the activations on every call, per tensor, to uint8 with a zero point (scale =
     (max(x, 0) - min(x, 0)) / 255), multiplies uint8 by int8 into int32 (VPDPBUSD) and scales back to
-    float32: int8 weights read at bf16's bandwidth, 1.8x torch._weight_int8pack_mm's speed at one row
-    (benchmarks/kernels.py, notes/quant-NOTES.md). What it costs is the activations' rounding, measured
-    on captions in tests/test_quantize_quality.py. Per tensor means per row only at batch 1; at batch 8
-    the 8 rows share one scale (measured there too).
+    float32: int8 weights read at bf16's bandwidth, 1.8x torch._weight_int8pack_mm's speed at one row,
+    2.2x at 8 (benchmarks/kernels.py, notes/quant-NOTES.md). What it costs is the activations' rounding,
+    measured on captions in tests/test_quantize_quality.py (which decodes 64 rows at a time: per tensor
+    is per row only at batch 1; a batch's rows, or a prefill's tokens, share one scale).
 
-    fbgemm's packed copy is made at the first decode step and from then on holds the only copy of the
+    fbgemm's packed copy is made at the first call and from then on holds the only copy of the
     int8 weights (two would add the int8 model's size to the memory): `qweight` becomes None, `int8()`
     unpacks (linear_unpack: the same bytes back, tested), and state_dict(), load_state_dict() and
     `.to()` / casts put the buffer back first; the packed object is no tensor, `.to()` would not see it.
