@@ -375,3 +375,23 @@ def test_a_replaced_forward_or_a_pre_hook_on_a_hook_point_is_used(pair):
             handle.remove()
         assert torch.equal(ours(**inputs), plain)
     assert not torch.allclose(plain, zeroed, atol=1e-3)
+
+
+def test_a_global_pre_hook_alone_sees_every_hook_point(pair):
+    """register_module_forward_pre_hook with no forward hook beside it (a profiler that only timestamps
+    module starts): it too must make every hook point run nn.Module's call, with run_with_cache's values."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+    from paligemma.hookpoint import HookPoint
+    ours, _ = pair
+    inputs = padded("left")
+    names = {m: n for n, m in ours.named_modules() if isinstance(m, HookPoint)}
+    _, cache = probe.run_with_cache(ours, **inputs)
+    before = {}
+    handle = register_module_forward_pre_hook(lambda m, args: before.__setitem__(names[m], args[0]) if m in names else None)
+    try:
+        with torch.no_grad():
+            ours(**inputs)
+    finally:
+        handle.remove()
+    assert set(before) == set(names.values())
+    assert all(torch.equal(before[n], cache[n]) for n in names.values())
