@@ -30,7 +30,7 @@ LAYERS = [
      "paligemma.tasks.average_precision", "paligemma.tasks.vqvae", "paligemma.tasks.segmentation"],
     # the fine-tuning application
     ["paligemma.tasks", "paligemma.tasks.registry", "paligemma.captioning", "paligemma.captioning.wordnet", "paligemma.captioning.metrics",
-     "paligemma.captioning.meteor_java", "paligemma.captioning.resampled_cider", "paligemma.captioning.bootstrap",
+     "paligemma.captioning.meteor_java", "paligemma.captioning.resampled_cider", "paligemma.captioning.bootstrap", "paligemma.captioning.scorer",
      "paligemma.captioning.data", "paligemma.captioning.distributed", "paligemma.captioning.curves",
      "paligemma.captioning.synthetic", "paligemma.captioning.results", "paligemma.captioning.precision",
      "paligemma.captioning.run_folder",
