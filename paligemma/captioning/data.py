@@ -29,8 +29,9 @@ IMAGE_DIRS = ("images", "resized", "imgs", ".")
 @dataclass
 class Example:
     image: Path
-    captions: list[str]
+    captions: list[str]  # the references: RISC's captions, or a row's suffix (one or several)
     split: str = ""
+    prefix: str | None = None  # the row's own prompt ("detect plane ; ship"); None: the run's --prompt
 
 
 @dataclass

@@ -11,13 +11,13 @@ from ..tokenizer import LOC_TOKENS, SEG_TOKENS
 from .answers import anls, character_error_rate, exact_match, normalize_answer, score_answers, score_ocr, vqa_accuracy
 from .average_precision import average_precision
 from .boxes import Detection, Detections, detect_prompt, detection_text, draw, loc_tokens, parse_detections
-from .registry import METRICS, TASKS, score, task_of
+from .registry import METRICS, TASKS, score, score_texts, task_of
 from .segmentation import (Segmentation, Segmentations, box_iou, draw_segmentations, parse_segmentations,
                            score_segmentations, segment_tokens)
 from .vqvae import MaskDecoder, MaskEncoder
 
 __all__ = ["loc_tokens", "parse_detections", "detect_prompt", "detection_text", "draw", "Detection", "Detections",
            "LOC_TOKENS", "SEG_TOKENS", "average_precision", "vqa_accuracy", "exact_match", "normalize_answer", "anls",
-           "character_error_rate", "score_answers", "score_ocr", "task_of", "score", "METRICS", "TASKS",
+           "character_error_rate", "score_answers", "score_ocr", "task_of", "score", "score_texts", "METRICS", "TASKS",
            "MaskDecoder", "MaskEncoder", "Segmentation", "Segmentations", "parse_segmentations", "segment_tokens",
            "score_segmentations", "box_iou", "draw_segmentations"]

@@ -32,3 +32,19 @@ def test_each_task_is_scored_by_its_metric():
         "caption": "CIDEr-D", "detect": "mAP@0.5", "answer": "VQA accuracy", "ocr": "ANLS"}
     with pytest.raises(ValueError, match="no metric for task 'count'"):
         score("count", [], [])
+
+
+def test_score_texts_parses_detections_into_boxes_at_any_scale():
+    """Texts -> boxes -> mAP. Hand count: ship has two references (one found, IoU 1) and plane one
+    (found), so AP@0.5 is 1 for plane and 101-point-interpolated 0.5 for ship (precision 1 up to recall
+    0.5, then nothing): 51/101. The pixel size does not move IoU; a malformed piece is counted."""
+    from paligemma.tasks import detection_text, score_texts
+    scene = detection_text([("ship", (1, 2, 30, 40)), ("plane", (5, 5, 9, 9))], 64, 64)
+    other = detection_text([("ship", (1, 1, 5, 5))], 64, 64)
+    for sizes in ([(64, 64)] * 2, None, [(640, 100)] * 2):
+        got = score_texts("detect", [scene, "<loc0001> ship"], [[scene], [other]], sizes)
+        assert got["per_class"]["plane"]["AP@0.5"] == pytest.approx(1.0)
+        assert got["per_class"]["ship"]["AP@0.5"] == pytest.approx(51 / 101)
+        assert got["mAP@0.5"] == pytest.approx((1 + 51 / 101) / 2)
+        assert got["dropped"] == 1
+    assert score_texts("answer", ["Two"], [["2", "two", "2"]]) == score("answer", ["Two"], [["2", "two", "2"]])
