@@ -502,7 +502,7 @@ def test_evaluate_compares_the_quantized_model(tiny_run, tmp_path):
     import evaluate
     model, data = tiny_run
     results = evaluate.main(["--model", model, "--data", data, "--out", str(tmp_path), "--split", "test",
-                             "--max-samples", "4", "--max-new-tokens", "6", "--compare", "int8"])
+                             "--max-samples", "4", "--max-new-tokens", "6", "--compare", "int8", "--meteor", "nltk"])
     assert [n.split(": ")[0] for n in results] == ["A", "B"] and list(results)[1].endswith("(int8)")
     rows = [json.loads(l) for l in open(tmp_path / "predictions.jsonl")]
     assert len(rows) == 8
