@@ -337,10 +337,11 @@ def test_a_later_model_failing_keeps_the_first_models_captions_and_resume_makes_
 def test_scoring_failure_loses_no_caption(tiny_run, tmp_path, monkeypatch):
     model, data = tiny_run
     run(model, data, tmp_path / "clean", "--max-samples", "5")
-    monkeypatch.setattr(evaluate, "score_all", lambda *a, **k: 1 / 0)
+    real = evaluate.Scorer.score
+    monkeypatch.setattr(evaluate.Scorer, "score", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         run(model, data, tmp_path / "e", "--max-samples", "5")
-    monkeypatch.undo()
+    monkeypatch.setattr(evaluate.Scorer, "score", real)  # not undo(): the no_java fixture's patch stays
     from paligemma import PaliGemma
     monkeypatch.setattr(PaliGemma, "generate", lambda *a, **k: 1 / 0)  # resuming must caption nothing
     run(model, data, tmp_path / "e", "--max-samples", "5", "--resume")
