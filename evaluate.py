@@ -5,6 +5,7 @@
     python evaluate.py --predictions preds.jsonl --data ... --out DIR   # score captions made elsewhere
 
     python evaluate.py ... --resume                    # continue an evaluation that stopped (same arguments)
+    python evaluate.py ... --meteor java --bootstrap 1000   # the defaults where Java is here: METEOR 1.5, 95 % intervals
 
 Writes OUT/predictions.jsonl, OUT/predictions.csv and OUT/metrics.json. Before the first caption it
 checks what can fail later: the data, every model and adapter (without loading two models), the
@@ -39,8 +40,9 @@ from paligemma.tasks.evaluation import (METRIC_FLAG, VAE_HELP, draw_split, image
 from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, one_line, run
 from paligemma.captioning import results as store
 from paligemma.captioning import wordnet
+from paligemma.captioning.scorer import Scorer, choose_meteor, table
 from paligemma.captioning.data import DataError, csv_rows, fingerprint, load_examples, read_jsonl, read_text
-from paligemma.captioning.metrics import health, score_all
+from paligemma.captioning.metrics import health
 from paligemma.tasks.registry import names_task
 
 
@@ -72,6 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="sampling: keep the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0, help="sampling: nucleus mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--meteor", choices=["java", "nltk", "auto"], default="auto", help="METEOR 1.5 by "
+                   "pycocoevalcap's jar (as papers report it; needs Java and `pip install .[coco]`), nltk's, or "
+                   "auto: the jar where it can run, else nltk (metrics.json's protocol names the one used)")
+    p.add_argument("--bootstrap", type=NON_NEGATIVE, default=1000, metavar="N", help="95 %% intervals over images "
+                   "from N resamples (0: none); --compare adds B - A's paired interval")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--quantize", choices=["int8", "int4", "nf4"], help="quantize --model's linear weights (quantize.py)")
@@ -193,12 +200,12 @@ def score_task(examples, preds, args, loc_probs=None, draw_to=None) -> tuple[dic
     return result, rows
 
 
-def score(examples, preds, args, with_meteor: bool, loc_probs=None, draw_to=None) -> tuple[dict, list[dict]]:
+def score(examples, preds, args, scorer: Scorer, name: str, loc_probs=None, draw_to=None) -> tuple[dict, list[dict]]:
     if args.task != "caption":
         return score_task(examples, preds, args, loc_probs, draw_to)
     refs = {str(e.image): (e.captions[:1] if args.references == "first" else e.captions) for e in examples}
     by_image = {str(e.image): p for e, p in zip(examples, preds)}
-    result = score_all(by_image, refs, with_meteor=with_meteor)
+    result = scorer.score(name, by_image, refs)
     result["health"] = health(by_image, refs)
     rows = [dict(image=str(e.image), prompt=prompt_of(e, args), prediction=p, references=e.captions)
             for e, p in zip(examples, preds)]
@@ -240,16 +247,6 @@ def check_loadable(model: str, adapter: str | None):
         with torch.device("meta"):
             net = PaliGemma(PaliGemmaConfig.from_json(folder / "config.json"))
         lora.load(net, adapter)
-
-
-def table(results: dict, left_out: dict | None = None) -> str:
-    """Markdown table of the scores; `left_out`: metric -> why it is not there (shown in its column)."""
-    names = [k for k in next(iter(results.values())) if k != "health"] + list(left_out or {})
-    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for label, r in results.items():
-        lines.append(f"| {label} | " + " | ".join(f"{r[n]:.4f}" if n in r else f"left out ({left_out[n]})"
-                                                  for n in names) + " |")
-    return "\n".join(lines)
 
 
 def write_outputs(out: Path, results: dict, rows: dict, protocol: dict):
@@ -302,9 +299,9 @@ def main(argv=None):
     for model_name, adapter, _ in dict.fromkeys(runs.values()):  # before the first caption: every row loads
         check_loadable(model_name, adapter)
     given = read_predictions(args.predictions, examples) if args.predictions else None
-    meteor = wordnet.available()
-    left_out = {} if meteor else {"METEOR": "no WordNet"}
-    if not meteor:
+    meteor, why = choose_meteor(args.meteor) if args.task == "caption" else (None, None)  # no JVM for boxes
+    left_out = {"METEOR": why} if why else {}
+    if why:
         print(f"METEOR left out: {wordnet.INSTALL}", file=sys.stderr)
     refs_bytes = sum(len(c) + 4 for e in examples for c in e.captions)
     store.free_space_check(out, 3 * max(1, len(runs)) * (refs_bytes + len(examples) * (300 + 8 * args.max_new_tokens))
@@ -319,7 +316,8 @@ def main(argv=None):
     if took_over:
         print(took_over, file=sys.stderr)
     try:
-        return evaluate(args, out, examples, skipped, runs, given, meteor, left_out)
+        with Scorer(meteor, args.bootstrap) as scorer:  # one JVM for every row
+            return evaluate(args, out, examples, skipped, runs, given, scorer, left_out)
     except BaseException:
         if runs and (out / store.PARTIAL / "captions.jsonl").exists():
             print(f"evaluate.py: the captions made so far are kept in {out / store.PARTIAL}: run the same command "
@@ -334,12 +332,12 @@ def draw_folder(args, label: str, runs: dict):
     return None if not args.draw else Path(args.draw) / label if len(runs) > 1 else Path(args.draw)
 
 
-def evaluate(args, out, examples, skipped, runs, given, meteor, left_out):
+def evaluate(args, out, examples, skipped, runs, given, scorer, left_out):
     done = store.start(out, plan_of(args, examples, runs), args.resume)
     results, rows = {}, {}
     if given is not None:
         name = f"predictions: {args.predictions}"
-        results[name], rows[name] = score(examples, given, args, meteor, draw_to=draw_folder(args, name, runs))
+        results[name], rows[name] = score(examples, given, args, scorer, name, draw_to=draw_folder(args, name, runs))
     for label, (model_name, adapter, quantize) in runs.items():
         name = f"{label}: {model_name}" + (f" + {adapter}" if adapter else "") + (f" ({quantize})" if quantize else "")
         made = done.get(name, [])
@@ -353,17 +351,20 @@ def evaluate(args, out, examples, skipped, runs, given, meteor, left_out):
         if [r["image"] for r in made] != [str(e.image) for e in examples]:
             raise store.ResultsError(f"{out / store.PARTIAL}: the captions of {name} do not follow the split's "
                                      "images: rerun with --overwrite")
-        results[name], rows[name] = score(examples, [r["prediction"] for r in made], args, meteor,
+        results[name], rows[name] = score(examples, [r["prediction"] for r in made], args, scorer, name,
                                           [r.get("loc_probs") for r in made], draw_folder(args, label, runs))
+    if args.task == "caption":  # the scorer keeps per-image statistics of caption rows only
+        scorer.add_paired(results)
     protocol = dict(data=str(args.data), split=args.split, images=len(examples), references=args.references,
                     prompt=args.prompt, num_beams=args.num_beams, do_sample=args.do_sample,
                     max_new_tokens=args.max_new_tokens, skipped=skipped.reasons,
                     tokenisation="lower-case, punctuation dropped (approximates pycocoevalcap's PTB tokenizer)",
-                    meteor="nltk meteor_score (WordNet 3.0), not the Java Meteor 1.5" if meteor
-                    else f"left out: no WordNet ({wordnet.INSTALL})")
+                    **scorer.protocol())
+    if left_out:
+        protocol["meteor"] = f"left out: no WordNet ({wordnet.INSTALL})"
     if args.task != "caption":
-        for caption_only in ("references", "tokenisation", "meteor"):
-            del protocol[caption_only]
+        for caption_only in ("references", "tokenisation", "meteor", "ci95"):
+            protocol.pop(caption_only, None)
         protocol.update(task=args.task, chosen_by="--metric" if args.metric else "the rows' prompts")
     store.seal(out, lambda folder: write_outputs(folder, results, rows, protocol))
     print(table(results, left_out) if args.task == "caption" else task_table(results))

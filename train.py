@@ -308,24 +308,33 @@ def finish(args, out: Path, par, best, score_test, test, skipped, losses: list, 
 
 def report(args, out: Path, *, after, last: int, best, score_test, test, skipped, losses, metric="CIDEr-D",
            task="caption"):
-    """Test metrics before, at the last step and at the best step; output health; the overfit verdict; curves."""
+    """Test metrics before, at the last step and at the best step (captions with 95 % intervals over the
+    test images: evaluate.py's bootstrap); output health; the overfit verdict; curves."""
     from paligemma.captioning import curves
+    from paligemma.captioning.scorer import Scorer, cell
     scores, out_health, preds = after
     full, log = args.full, out / "metrics.jsonl"
+    refs = {str(e.image): e.captions for e in test[:args.eval_samples]}
+    scorer = Scorer("nltk" if "METEOR" in scores else None) if task == "caption" else None  # its METEOR
     columns = {"before": next((json.loads(l)["test_before"] for l in open(log) if "test_before" in l), {}),
                f"last (step {last})": scores}
+    ci95 = {f"last (step {last})": scorer.score("last", preds, refs)["ci95"]} if scorer else {}
     if best.step and best.step != last:  # OUT/best as a user loads it
         from paligemma.inference import load_for_inference
         base, adapter = (out / "best", None) if full else (args.model, out / "best")
         best_model, _ = load_for_inference(str(base), adapter and str(adapter), args.dtype, args.device,
                                           args.quantize)
-        columns[f"best (step {best.step})"] = score_test(best_model)[0]
+        best_scores, _, best_preds = score_test(best_model)
+        columns[f"best (step {best.step})"] = best_scores
+        if scorer:
+            ci95[f"best (step {best.step})"] = scorer.score("best", best_preds, refs)["ci95"]
         del best_model
     append_jsonl(log, {"step": last, "test_after": scores, "health": out_health, "best_step": best.step,
-                       "test_best": list(columns.values())[-1]})
-    print("\n| metric | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
+                       "test_best": list(columns.values())[-1], "test_ci95": ci95})
+    print("\n| metric [95 % interval] | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
     for k in scores:
-        print(f"| {k} | " + " | ".join(f"{c.get(k, float('nan')):.4f}" for c in columns.values()) + " |")
+        print(f"| {k} | " + " | ".join(cell(c.get(k, float("nan")), ci95.get(name, {}).get(k))
+                                      for name, c in columns.items()) + " |")
     if "METEOR" not in scores and task == "caption":
         print("| METEOR | " + " | ".join("left out (no WordNet)" for _ in columns) + " |")
     if best.step:

@@ -219,7 +219,7 @@ def step_bytes(model) -> int:
     lm = model.language_model
     tensors = list(lm.model.layers.state_dict().values()) + list(lm.model.norm.state_dict().values())
     head = lm.lm_head  # TiedHead or PackedHead: the bf16 table's bytes; Int8Head: its int8 copy
-    tensors += [head.qweight, head.scales] if isinstance(head, Int8Head) else [lm.model.embed_tokens.weight]
+    tensors += [head.int8(), head.scales] if isinstance(head, Int8Head) else [lm.model.embed_tokens.weight]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -8,7 +8,8 @@ not from the 32 MB cache (2 copies: 440 MB of bf16, 220 MB of int8, ~120 MB of i
 row count: median time of a pass over `--reps` interleaved rounds (every kernel once per round, so
 that a neighbour's load hits all of them alike), the weight bytes read per second, the ratio to bf16
 F.linear, and the relative error of the output against the float32 product with the unquantized
-weights. Rows: 1 (batch-1 decode), 8 (batch-8 decode), 268 (a prefill: 256 image tokens + 12).
+weights. Rows: 1 (batch-1 decode), 8 (batch-8 decode), 16 (the routing boundary), 268
+(prefill: 256 image tokens + 12), 2144 (a batch-8 prefill; `--rows 2144`).
 """
 import argparse
 import statistics
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paligemma.int4 import quantize_weight  # noqa: E402
+from paligemma.int4 import Int4Linear, quantize_weight  # noqa: E402
 from paligemma.packing import PackedLinear  # noqa: E402
 
 D, FF, HEADS, KV, HEAD_DIM = 2048, 16384, 8, 1, 256  # Gemma-2B's decoder, PaliGemma-3B's
@@ -40,11 +41,12 @@ def int8_rows(w):
 
 class Kernel:
     """prepare(w bf16 (N, K)) -> state; run(state, x (M, K) bf16) -> (M, N); bytes(state): what a call reads."""
-    rows = (1, 8, 268)  # row counts it runs at
-
     def __init__(self, name, prepare, run, bytes_, rows=None):
         self.name, self.prepare, self.run, self.bytes = name, prepare, run, bytes_
-        self.rows = rows or Kernel.rows
+        self.rows = rows  # the row counts it runs at (None: all)
+
+    def runs_at(self, rows: int) -> bool:
+        return self.rows is None or rows in self.rows
 
 
 def fbgemm(reduce_range: bool):
@@ -53,7 +55,7 @@ def fbgemm(reduce_range: bool):
     def prepare(w):
         q, s = int8_rows(w)
         qw = torch._make_per_channel_quantized_tensor(q, s.double(), torch.zeros(len(s), dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(qw, None), nbytes(q, s)
+        return torch.ops.quantized.linear_prepack(qw, None), nbytes(q, s), s.bfloat16()
     return Kernel(f"int8 fbgemm dynamic (activations per tensor{', 7-bit' if reduce_range else ''})", prepare,
                   lambda st, x: torch.ops.quantized.linear_dynamic(x.float(), st[0], reduce_range).to(x.dtype),
                   lambda st: st[1])
@@ -79,6 +81,19 @@ def int4_prepare(group):
     return prepare
 
 
+def int4_layer(w):
+    layer = Int4Linear(w.shape[1], w.shape[0], False, dtype=w.dtype)
+    for k, v in quantize_weight(w).items():
+        setattr(layer, k, v)
+    return layer
+
+
+def fbgemm_dequantize(st, x):
+    """The int8 weight back out of fbgemm's packed form (linear_unpack), times its scales, then bf16 F.linear."""
+    q = torch.ops.quantized.linear_unpack(st[0])[0].int_repr()
+    return F.linear(x, q.to(x.dtype) * st[2][:, None])
+
+
 def int_mm(st, x):
     """int8 x int8 -> int32 (torch._int_mm, M > 16), activations per row."""
     xf = x.float()
@@ -98,14 +113,21 @@ def kernels(compile_: bool) -> list[Kernel]:
           Kernel("bf16 oneDNN-packed (packing.py)", lambda w: PackedLinear(w).eval(), lambda p, x: p(x),
                  lambda p: 2 * p.in_features * p.out_features),
           Kernel("int8 torch._weight_int8pack_mm (today's)", lambda w: (lambda q, s: (q, s.to(w.dtype)))(*int8_rows(w)),
-                 lambda st, x: torch._weight_int8pack_mm(x, st[0], st[1]), lambda st: nbytes(*st)),
+                 lambda st, x: torch._weight_int8pack_mm(x, st[0], st[1]), lambda st: nbytes(*st), rows=(1, 8, 16)),
+          Kernel("int8 dequantize + bf16 F.linear (today's prefill)", lambda w: (lambda q, s: (q, s.to(w.dtype)))(*int8_rows(w)),
+                 lambda st, x: F.linear(x, st[0].to(x.dtype) * st[1][:, None]), lambda st: nbytes(*st), rows=(16, 268, 2144)),
+          Kernel("int8 fbgemm unpack + dequantize + bf16 F.linear", fbgemm(False).prepare, fbgemm_dequantize,
+                 lambda st: st[1], rows=(16, 268, 2144)),
+          Kernel("int4 dequantize + bf16 F.linear (groups of 64)", int4_layer, lambda m, x: F.linear(x, m.dequantize()),
+                 lambda m: nbytes(m.qweight, m.scales_and_zeros), rows=(16, 268, 2144)),
           fbgemm(False), fbgemm(True),
           Kernel("int8 oneDNN qlinear (activations per tensor)", onednn_prepare, onednn_run, lambda st: st[3]),
           Kernel("int8 x int8 torch._int_mm (activations per row)", lambda w: int8_rows(w), int_mm,
-                 lambda st: nbytes(*st), rows=(268,))]
+                 lambda st: nbytes(*st), rows=(268, 2144))]
     for g in (32, 64, 128):
         ks.append(Kernel(f"int4 torch._weight_int4pack_mm_for_cpu, groups of {g}", int4_prepare(g),
-                         lambda st, x, g=g: torch._weight_int4pack_mm_for_cpu(x, st[0], g, st[1]), lambda st: nbytes(*st)))
+                         lambda st, x, g=g: torch._weight_int4pack_mm_for_cpu(x, st[0], g, st[1]), lambda st: nbytes(*st),
+                         rows=None if g == 64 else (1, 8, 16)))
     if compile_:
         fn = torch.compile(compiled_int8, dynamic=False)
         ks.append(Kernel("int8 torch.compile'd dequantize-and-reduce", lambda w: (lambda q, s: (q, s.to(w.dtype)))(*int8_rows(w)),
@@ -116,7 +138,7 @@ def kernels(compile_: bool) -> list[Kernel]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, nargs="+", default=[2])
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 268])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 268])
     p.add_argument("--copies", type=int, default=2, help="copies of a decoder layer's weights, rotated")
     p.add_argument("--reps", type=int, default=5, help="interleaved rounds (3 at 268 rows)")
     p.add_argument("--compile", action="store_true", help="also a torch.compile'd int8 kernel (needs a C++ compiler)")
@@ -135,7 +157,7 @@ def main():
             for M in args.rows:
                 xs = [torch.randn(M, w.shape[1], generator=g).bfloat16() for w in weights]
                 refs = [F.linear(x.float(), w.float()) for x, w in zip(xs, weights)]
-                active = [k for k in ks if M in k.rows]
+                active = [k for k in ks if k.runs_at(M)]
                 times = {k.name: [] for k in active}
                 for k in active:  # warm-up (and torch.compile's compilation)
                     for st, x in zip(states[k.name], xs):

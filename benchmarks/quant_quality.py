@@ -1,6 +1,6 @@
-"""Greedy captions of a split, unquantized vs int8 vs NF4: how much does quantization change them?
+"""Greedy captions of a split, unquantized vs int8 vs int4 vs NF4: how much does quantization change them?
 
-    python benchmarks/quant_quality.py --model RUN/final --data RUN/data [--modes int8 nf4] [--out FILE.md]
+    python benchmarks/quant_quality.py --model RUN/final --data RUN/data [--modes int8 int4 nf4] [--out FILE.md]
 
 Per format, against the unquantized model's own captions: the share of identical captions, the share
 of equal tokens (position by position over the longer of the two token sequences), and each
@@ -45,7 +45,7 @@ def cider(processor, tokens, examples) -> float:
     return cider_d(hyps, refs)
 
 
-def compare(model_dir, data, modes=("int8", "nf4"), split="test", dtype="bfloat16", prompt="caption en",
+def compare(model_dir, data, modes=("int8", "int4", "nf4"), split="test", dtype="bfloat16", prompt="caption en",
             batch_size=16, max_new_tokens=24, max_samples=None) -> dict:
     """{dtype: {...}, "int8": {...}, ..., "float32": {...}}: CIDEr-D of each, agreement of each with the
     unquantized `dtype` model's captions."""
@@ -71,7 +71,8 @@ def main():
     p.add_argument("--model", required=True, help="checkpoint folder (e.g. a train.py run's OUT/final)")
     p.add_argument("--data", required=True, help="captions CSV/JSONL or folder")
     p.add_argument("--split", default="test", help="split to caption")
-    p.add_argument("--modes", nargs="+", default=["int8", "nf4"], choices=["int8", "nf4"], help="formats to compare")
+    p.add_argument("--modes", nargs="+", default=["int8", "int4", "nf4"], choices=["int8", "int4", "nf4"],
+                   help="formats to compare")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="unquantized weights dtype")
     p.add_argument("--max-samples", type=int, help="first N images of the split")
     p.add_argument("--threads", type=int, default=2, help="torch threads")

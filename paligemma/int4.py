@@ -10,8 +10,9 @@ keeps its own affine map from 16 levels back to floats:
 That is 4 bits a weight plus two compute-dtype numbers per group: 5 bits at groups of 32, 4.5 at 64,
 4.25 at 128. Asymmetric (a zero per group), unlike NF4's absmax: weights of a group that are not
 centred on 0 lose no level. On CPU, `torch._weight_int4pack_mm_for_cpu` multiplies by the packed
-codes directly (no dense copy); elsewhere, and with gradients, the layer dequantizes and calls
-F.linear (LoRA over an int4 base works that way, but QLoRA's recipe is NF4: int4 is for inference).
+codes directly (no dense copy), at every row count (measured faster than dequantizing, also for a
+prefill); other devices and gradients dequantize and call F.linear (LoRA over an int4 base works that
+way, but QLoRA's recipe is NF4: int4 is for inference).
 
 The codes are stored in the order torch's CPU kernel reads them (`_convert_weight_to_int4pack_for_cpu`,
 which `quantize_weight` calls), not re-packed on every call; `unpack` reads that order back. It is
@@ -106,7 +107,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fused(x):
-            return dense_forward(self, x)  # training (the kernel has no backward), other devices and dtypes
+            # training (the kernel has no backward), other devices and dtypes. Not prefill: the fused kernel
+            # is ~2.5x slower than a bf16 matmul at 268 rows, but dequantizing alone (unpacking torch's
+            # layout) took 4x longer than the fused kernel (notes/quant-NOTES.md, benchmarks/kernels.py)
+            return dense_forward(self, x)
         rows = x.reshape(-1, x.shape[-1])
         if self.qweight.shape[1] * 2 != self.in_features:
             rows = F.pad(rows, (0, 2 * self.qweight.shape[1] - self.in_features))  # zero columns of the padded groups

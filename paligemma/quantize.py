@@ -7,9 +7,10 @@ Three formats, each weight stored small and turned back into a dense weight (or 
 kernel) when a layer runs.
 
 - int8 (LLM.int8's per-channel absmax, without its outlier split): one float scale per output row,
-  W[o, :] ~= scale[o] * q[o, :], q in [-127, 127]. Half the bytes of bf16. On CPU the fused
-  `torch._weight_int8pack_mm` multiplies by q and scales in one pass (no dense copy): a decode step
-  reads half the bytes (measured in benchmarks/NOTES.md).
+  W[o, :] ~= scale[o] * q[o, :], q in [-127, 127]. Half the bytes of bf16. On CPU without
+  gradients the rows run through fbgemm's int8 x uint8 kernel (activations rounded to 8 bits per call:
+  FbgemmInt8), decode and prefill alike: the fastest int8 kernel measured at 1 to 268 rows
+  (notes/quant-NOTES.md).
 - nf4 (QLoRA, Dettmers et al. 2023, section 3): the weight, flattened, is cut into blocks of 64;
   each block is divided by its absmax and every value replaced by the nearest of 16 "NormalFloat"
   levels, the quantiles of a standard normal (the shape of trained weights), stored as 4-bit
@@ -27,6 +28,9 @@ What stays unquantized, and why:
   logits (Int8Head), as packing.py adds a packed one;
 - LoRA's `lora_A` / `lora_B`: they are what trains (float32).
 """
+import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +44,7 @@ NF4_BLOCK = 64  # values per absmax (QLoRA's block size)
 DQ_BLOCK = 256  # absmaxes per second-level scale (QLoRA's double quantization)
 ROWS = 4096  # rows quantized at a time: the float32 temporaries stay ~32 MB at 3B widths
 NF4_CHUNK = 2 ** 20  # values dequantized at a time: 4 MB of float32 stays in cache (2.5x faster than all at once)
-FUSED_ROWS = 16  # torch._weight_int8pack_mm is a matrix-vector kernel: past ~16 rows dequantizing wins (NOTES.md)
+FUSED_ROWS = 16  # matrix-vector kernels (torch._weight_int8pack_mm; the int8 head's): past ~16 rows a matmul wins
 
 
 def nf4_levels() -> torch.Tensor:
@@ -68,11 +72,96 @@ NF4_PAIRS = torch.stack([NF4.repeat_interleave(16), NF4.repeat(16)], dim=1)  # (
 NF4_PAIRS_AS_ONE = NF4_PAIRS.view(torch.int64).view(-1)  # (256,): the same bytes, 8 per item
 
 
-class Int8Linear(nn.Module):
+class FbgemmInt8:
+    """Mixin for a module with int8 `qweight` (out, in) and `scales` (out,) buffers: rows (CPU, no
+    gradients) through fbgemm's dynamic int8 linear.
+
+    fbgemm quantizes the activations on every call, per tensor, to uint8 with a zero point (scale =
+    (max(x, 0) - min(x, 0)) / 255), multiplies uint8 by int8 into int32 (VPDPBUSD) and scales back to
+    float32: int8 weights read at bf16's bandwidth, 1.8x torch._weight_int8pack_mm's speed at one row,
+    2.2x at 8 (benchmarks/kernels.py, notes/quant-NOTES.md). What it costs is the activations' rounding,
+    measured on captions in tests/test_quantize_quality.py (which decodes 64 rows at a time: per tensor
+    is per row only at batch 1; a batch's rows, or a prefill's tokens, share one scale).
+
+    fbgemm's packed copy is made at the first call and from then on holds the only copy of the
+    int8 weights (two would add the int8 model's size to the memory): `qweight` becomes None, `int8()`
+    unpacks (linear_unpack: the same bytes back, tested), and state_dict(), load_state_dict() and
+    `.to()` / casts put the buffer back first; the packed object is no tensor, `.to()` would not see it.
+
+    torch.ops.quantized.linear_prepack / linear_dynamic are the ops under torch.ao's eager dynamic
+    quantization, which torch marks deprecated (moving to torchao). On a torch without them, what
+    replaces them: torchao's Int8DynamicActivationInt8WeightConfig (the same math: int8 weights per
+    row, activations per tensor at run time), or oneDNN's torch.ops.onednn.qlinear_pointwise, which
+    inductor's x86 quantization uses (measured level with fbgemm at 8 rows, 1.8x slower at 1).
+    `fbgemm_ready` is the one place that decides; where it says no, torch._weight_int8pack_mm runs.
+    """
+    _fbgemm = None  # fbgemm's packed weights, once made
+
+    def int8(self) -> torch.Tensor:
+        """(out, in) int8: the buffer, or unpacked from fbgemm's copy (a new tensor)."""
+        if self._fbgemm is None:
+            return self.qweight
+        return torch.ops.quantized.linear_unpack(self._fbgemm)[0].int_repr()
+
+    def decode_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, in) in the scales' dtype -> (rows, out), through fbgemm where it can run."""
+        if not fbgemm_ready():
+            return torch._weight_int8pack_mm(x, self.qweight, self.scales)  # reads int8 at half bf16's bandwidth
+        if self._fbgemm is None:
+            with warnings.catch_warnings():  # torch.ao's deprecation notice, answered in the docstring
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+                q = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.float(),
+                                                            torch.zeros(len(self.scales), dtype=torch.long), 0)
+            self._fbgemm = torch.ops.quantized.linear_prepack(q, None)
+            self._buffers["qweight"] = None  # fbgemm's copy is the only one now
+        return torch.ops.quantized.linear_dynamic(x.float(), self._fbgemm, reduce_range()).to(x.dtype)
+
+    def unpack(self) -> torch.Tensor:
+        """Put the int8 weights back into the `qweight` buffer (and drop fbgemm's copy); -> qweight."""
+        if self._fbgemm is not None:
+            self._buffers["qweight"], self._fbgemm = self.int8(), None
+        return self.qweight
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), ...: the buffer must be there to be moved
+        self.unpack()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        packed = self._fbgemm is not None
+        if packed:
+            self._buffers["qweight"] = self.int8()  # in place, so that the keys keep their order
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if packed:
+            self._buffers["qweight"] = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.unpack()
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+@functools.cache
+def fbgemm_ready() -> bool:
+    """fbgemm's ops are there and the quantized engine is x86's (which runs linear on fbgemm)."""
+    return hasattr(torch.ops.quantized, "linear_dynamic") and torch.backends.quantized.engine in ("x86", "fbgemm")
+
+
+@functools.cache
+def reduce_range() -> bool:
+    """7-bit activations where the CPU has no VNNI: without it fbgemm adds pairs of uint8 x int8 products
+    in int16 (VPMADDUBSW), which two 8-bit products can overflow; VNNI adds them in int32."""
+    return not torch.cpu._is_vnni_supported()
+
+
+class Int8Linear(FbgemmInt8, nn.Module):
     """y = x (scale * q)^T + b with q int8 (out, in) and one scale per output row.
 
     Scales are stored in the compute dtype and q is rounded against the stored scale, so that
-    `dequantize()` is exactly the weight this layer computes with (the tests rely on it).
+    `dequantize()` is exactly the weight this layer computes with on the dense path (the tests rely on
+    it). On CPU without gradients every row count goes through fbgemm (FbgemmInt8: activations
+    rounded to 8 bits too): it was the fastest int8 kernel at 1, 8, 16 and 268 rows, and dequantizing
+    for a bf16 matmul would need the int8 weights unpacked from fbgemm's copy, which alone took longer
+    than the whole fbgemm prefill (benchmarks/kernels.py, notes/quant-NOTES.md). Where fbgemm is not
+    there: <= FUSED_ROWS rows torch._weight_int8pack_mm, more dequantize + one matmul.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype=torch.bfloat16, device=None):
@@ -97,16 +186,15 @@ class Int8Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out, in) weight this layer computes with (a new tensor)."""
-        w = self.qweight.to(self.scales.dtype) * self.scales[:, None]
+        w = self.int8().to(self.scales.dtype) * self.scales[:, None]
         return w if dtype is None else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows <= FUSED_ROWS and fused_int8(x, self.scales) and not (torch.is_grad_enabled() and x.requires_grad):
-            y = torch._weight_int8pack_mm(x.reshape(rows, self.in_features), self.qweight, self.scales)
-            y = y.view(*x.shape[:-1], self.out_features)  # (…, out)
+        if decodes(x, self.scales) and (rows <= FUSED_ROWS or fbgemm_ready()):
+            y = self.decode_rows(x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)  # (…, out)
             return y if self.bias is None else y + self.bias
-        return dense_forward(self, x)  # prefill, training (the kernel has no backward), other devices
+        return dense_forward(self, x)  # training (the kernels have no backward), other devices; prefill without fbgemm
 
     @property
     def weight(self) -> torch.Tensor:
@@ -122,9 +210,10 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def fused_int8(x: torch.Tensor, scales: torch.Tensor) -> bool:
-    """torch's fused int8-weight matmul: CPU, activations in the scales' dtype."""
-    return x.device.type == "cpu" and x.dtype == scales.dtype and x.dtype in (torch.bfloat16, torch.float32)
+def decodes(x: torch.Tensor, scales: torch.Tensor) -> bool:
+    """The int8 decode kernels apply: CPU, activations in the scales' dtype, no gradient wanted."""
+    return x.device.type == "cpu" and x.dtype == scales.dtype and x.dtype in (torch.bfloat16, torch.float32) \
+        and not (torch.is_grad_enabled() and x.requires_grad)
 
 
 class NF4Linear(nn.Module):
@@ -282,12 +371,12 @@ def int8_head(model: nn.Module):
     lm.lm_head = Int8Head(lm.lm_head, lm.model.embed_tokens.weight)
 
 
-class Int8Head(TiedHead):
+class Int8Head(FbgemmInt8, TiedHead):
     """The tied head from its own int8 copy of the embedding table (V, D), for decoding: at 3B the head
     is a fifth of each step's bytes, and int8 halves them. The copy is held in buffers that are not
-    saved (`model.to()` moves them; state_dict() still has no head key). Prefill and training (many
-    rows, or gradients) use the table passed in, as TiedHead does: the fused kernel pays off only for
-    a few rows."""
+    saved (`model.to()` moves them; state_dict() still has no head key). Decode rows go through fbgemm
+    (FbgemmInt8), soft-capped after, as TiedHead caps; prefill and training (many rows, or gradients)
+    use the table passed in, as TiedHead does."""
 
     def __init__(self, head: TiedHead, embedding: torch.Tensor):
         super().__init__(head.softcap)
@@ -297,8 +386,8 @@ class Int8Head(TiedHead):
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         rows = h.numel() // h.shape[-1]
-        if rows <= FUSED_ROWS and fused_int8(h, self.scales) and not (torch.is_grad_enabled() and h.requires_grad):
-            logits = torch._weight_int8pack_mm(h.reshape(rows, -1), self.qweight, self.scales)
+        if rows <= FUSED_ROWS and decodes(h, self.scales):
+            logits = self.decode_rows(h.reshape(rows, -1))  # (rows, V)
             return self.cap(logits.view(*h.shape[:-1], -1))  # (..., V)
         return super().forward(h, weight)
 

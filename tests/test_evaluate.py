@@ -13,6 +13,26 @@ from paligemma.captioning.data import DataError, load_examples
 from paligemma.captioning.metrics import tokenize
 
 
+@pytest.fixture(autouse=True)
+def no_java(request, monkeypatch):
+    """--meteor auto falls back to nltk here: the JVM takes ~20 s to start, once per evaluate.main; the
+    tests that take the `real_java` fixture run the jar."""
+    if "real_java" not in request.fixturenames:
+        from paligemma.captioning import meteor_java
+        monkeypatch.setattr(meteor_java, "unavailable", lambda *a, **k: "Java METEOR: off in tests/test_evaluate.py")
+
+
+@pytest.fixture
+def real_java():
+    from paligemma.captioning import meteor_java
+    if not meteor_java.available():
+        pytest.skip(f"Java METEOR cannot run here: {meteor_java.unavailable()}")
+
+
+def without_paired(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "paired"}
+
+
 def run(model, data, out, *extra):
     return evaluate.main(["--model", model, "--data", data, "--out", str(out), "--split", "test",
                           "--batch-size", "3", "--max-new-tokens", "8", *extra])
@@ -124,7 +144,7 @@ def test_compare_base_and_adapter(tiny_run, tmp_path):
     tuned = run(model, data, tmp_path / "t", "--adapter", str(tmp_path / "adapter"), "--max-samples", "4")
     a, b = list(both)
     assert a.startswith("A: ") and b.startswith("B: ") and b.endswith("adapter")
-    assert both[a] == next(iter(base.values())) and both[b] == next(iter(tuned.values()))
+    assert both[a] == next(iter(base.values())) and without_paired(both[b]) == next(iter(tuned.values()))
     rows = read_jsonl(tmp_path / "c" / "predictions.jsonl")
     assert [r["model"] for r in rows] == [a] * 4 + [b] * 4
     assert [r["prediction"] for r in rows[:4]] != [r["prediction"] for r in rows[4:]]
@@ -317,10 +337,11 @@ def test_a_later_model_failing_keeps_the_first_models_captions_and_resume_makes_
 def test_scoring_failure_loses_no_caption(tiny_run, tmp_path, monkeypatch):
     model, data = tiny_run
     run(model, data, tmp_path / "clean", "--max-samples", "5")
-    monkeypatch.setattr(evaluate, "score_all", lambda *a, **k: 1 / 0)
+    real = evaluate.Scorer.score
+    monkeypatch.setattr(evaluate.Scorer, "score", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         run(model, data, tmp_path / "e", "--max-samples", "5")
-    monkeypatch.undo()
+    monkeypatch.setattr(evaluate.Scorer, "score", real)  # not undo(): the no_java fixture's patch stays
     from paligemma import PaliGemma
     monkeypatch.setattr(PaliGemma, "generate", lambda *a, **k: 1 / 0)  # resuming must caption nothing
     run(model, data, tmp_path / "e", "--max-samples", "5", "--resume")
@@ -416,8 +437,8 @@ def test_without_wordnet_meteor_is_left_out_and_said(tiny_run, tmp_path, monkeyp
     from paligemma.captioning import wordnet
     model, data = tiny_run
     monkeypatch.setattr(wordnet, "available", lambda: False)
-    result = next(iter(run(model, data, tmp_path / "e", "--max-samples", "3").values()))
-    assert "METEOR" not in result and {"BLEU-4", "ROUGE-L", "CIDEr-D"} <= set(result)
+    result = next(iter(run(model, data, tmp_path / "e", "--max-samples", "3").values()))  # auto: no Java, no WordNet
+    assert "METEOR" not in result and "METEOR" not in result["ci95"] and {"BLEU-4", "ROUGE-L", "CIDEr-D"} <= set(result)
     printed = capsys.readouterr()
     assert "left out (no WordNet)" in printed.out and "METEOR left out: METEOR needs WordNet" in printed.err
     protocol = json.loads((tmp_path / "e" / "metrics.json").read_text())["protocol"]
@@ -504,7 +525,7 @@ def test_compare_int8_keeps_the_adapter(tiny_run, tmp_path):
     both = run(model, data, tmp_path / "c", "--adapter", adapter, "--compare", "int8", "--max-samples", "3")
     alone = run(model, data, tmp_path / "q", "--adapter", adapter, "--quantize", "int8", "--max-samples", "3")
     assert list(both) == [f"A: {model} + {adapter}", f"B: {model} + {adapter} (int8)"]
-    assert both[f"B: {model} + {adapter} (int8)"] == next(iter(alone.values()))
+    assert without_paired(both[f"B: {model} + {adapter} (int8)"]) == next(iter(alone.values()))
     rows = read_jsonl(tmp_path / "c" / "predictions.jsonl")
     assert [r["prediction"] for r in rows[3:]] == [r["prediction"] for r in read_jsonl(tmp_path / "q" / "predictions.jsonl")]
 
@@ -530,3 +551,82 @@ def test_prediction_csv_lines_are_counted_across_quoted_newlines(tiny_run, tmp_p
     with pytest.raises(DataError, match=rf"p.csv:6: a second prediction for {a} \(the first is on line 2\)"):
         evaluate.main(["--predictions", str(tmp_path / "p.csv"), "--data", data, "--split", "val",
                        "--out", str(tmp_path / "e")])
+
+
+METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"]
+
+
+def scored_predictions(data, tmp_path, seed=2):
+    """16 validation images with perturbed references as predictions, the flags that score them, and
+    the scorers' inputs (image -> prediction, image -> references) as evaluate.py builds them."""
+    examples, _ = load_examples(data, "val")
+    preds = write_predictions(tmp_path / "p.jsonl", examples, random.Random(seed))
+    common = ["--predictions", str(tmp_path / "p.jsonl"), "--data", data, "--split", "val"]
+    return common, {str(e.image): p for e, p in zip(examples, preds)}, {str(e.image): e.captions for e in examples}
+
+
+def test_intervals_are_the_bootstrap_of_the_scored_captions(tiny_run, tmp_path, capsys):
+    """--bootstrap N: every metric's ci95 in metrics.json and in the printed table, the percentile
+    bootstrap of these captions (bootstrap.py, seed 0); --bootstrap 0: the same values, no intervals."""
+    from paligemma.captioning import bootstrap
+    _, data = tiny_run
+    common, preds, refs = scored_predictions(data, tmp_path)
+    row = next(iter(evaluate.main(common + ["--out", str(tmp_path / "e"), "--bootstrap", "300"]).values()))
+    saved = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert saved[next(k for k in saved if k != "protocol")]["ci95"] == row["ci95"]
+    expected = bootstrap.intervals(bootstrap.measure(preds, refs, meteor="nltk"), n=300, seed=0)
+    assert list(row["ci95"]) == METRICS and row["ci95"] == expected
+    assert all(lo < hi for lo, hi in row["ci95"].values())  # 16 different images: never a point
+    printed = capsys.readouterr().out
+    for k in METRICS:
+        assert f"{row[k]:.4f} [{row['ci95'][k][0]:.4f}, {row['ci95'][k][1]:.4f}]" in printed
+    assert saved["protocol"]["meteor"].startswith("nltk meteor_score")  # auto without Java: named
+    assert "300 resamples, seed 0" in saved["protocol"]["ci95"]
+    off = next(iter(evaluate.main(common + ["--out", str(tmp_path / "o"), "--bootstrap", "0"]).values()))
+    assert off == {k: v for k, v in row.items() if k != "ci95"}
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["protocol"]["ci95"].startswith("not computed")
+    assert "[" not in capsys.readouterr().out.split("output health")[0]
+
+
+def test_compare_rows_gain_the_paired_bootstrap(tiny_run, tmp_path, capsys):
+    """--compare base on a model without adapter: identical captions, so B - A is exactly 0 with the
+    interval [0, 0] on every metric and B never beats A; the block is bootstrap.paired of the rows'
+    captions, and the table prints it."""
+    from paligemma.captioning import bootstrap
+    model, data = tiny_run
+    both = run(model, data, tmp_path / "c", "--compare", "base", "--max-samples", "5", "--bootstrap", "200")
+    a, b = both
+    assert "paired" not in both[a] and both[b]["paired"]["against"] == a
+    assert list(both[b]["paired"])[1:] == METRICS
+    for k in METRICS:
+        assert both[b]["paired"][k] == {"difference": 0.0, "ci95": [0.0, 0.0], "b_beats_a": 0.0}, k
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())[b]["paired"] == both[b]["paired"]
+    assert "| B - A, paired | +0.0000 [+0.0000, +0.0000], beats in 0.0 % |" in capsys.readouterr().out
+    # two different rows: the block is the paired bootstrap of their captions
+    rows = read_jsonl(tmp_path / "c" / "predictions.jsonl")
+    refs = {r["image"]: r["references"] for r in rows}
+    corpus = [bootstrap.measure({r["image"]: r["prediction"] for r in rows if r["model"] == m}, refs, meteor="nltk")
+              for m in (a, b)]
+    assert bootstrap.paired(*corpus, n=200, seed=0) == {k: v for k, v in both[b]["paired"].items() if k != "against"}
+
+
+def test_meteor_java_where_java_is_missing_is_refused_before_any_caption(tiny_run, tmp_path, generations):
+    model, data = tiny_run
+    with pytest.raises(ValueError, match="--meteor java: Java METEOR: off in tests/test_evaluate.py"):
+        run(model, data, tmp_path / "e", "--meteor", "java")
+    assert generations["calls"] == 0 and not (tmp_path / "e").exists()
+
+
+def test_meteor_java_is_pycocoevalcaps_and_named(tiny_run, tmp_path, real_java):
+    """--meteor auto, where Java is here: the jar's METEOR, equal to pycocoevalcap's Meteor().compute_score
+    on the same (tokenised) captions, with an interval, and the protocol names Meteor 1.5."""
+    from pycocoevalcap.meteor.meteor import Meteor
+    _, data = tiny_run
+    common, preds, refs = scored_predictions(data, tmp_path, seed=3)
+    row = next(iter(evaluate.main(common + ["--out", str(tmp_path / "e"), "--bootstrap", "100"]).values()))
+    from paligemma.captioning.metrics import tokenised_inputs
+    h, r = tokenised_inputs(preds, refs)
+    assert row["METEOR"] == pytest.approx(Meteor().compute_score(r, h)[0], rel=1e-12)
+    assert row["ci95"]["METEOR"][0] < row["ci95"]["METEOR"][1]
+    protocol = json.loads((tmp_path / "e" / "metrics.json").read_text())["protocol"]
+    assert protocol["meteor"].startswith("Meteor 1.5 (pycocoevalcap's meteor-1.5.jar")

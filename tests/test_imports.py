@@ -31,7 +31,7 @@ LAYERS = [
      "paligemma.tasks.segmentation", "paligemma.tasks.confidence"],
     # the fine-tuning application
     ["paligemma.tasks", "paligemma.tasks.registry", "paligemma.tasks.readout", "paligemma.caption", "paligemma.captioning", "paligemma.captioning.wordnet", "paligemma.captioning.metrics",
-     "paligemma.captioning.meteor_java", "paligemma.captioning.resampled_cider", "paligemma.captioning.bootstrap",
+     "paligemma.captioning.meteor_java", "paligemma.captioning.resampled_cider", "paligemma.captioning.bootstrap", "paligemma.captioning.scorer",
      "paligemma.captioning.data", "paligemma.captioning.distributed", "paligemma.captioning.curves",
      "paligemma.captioning.synthetic", "paligemma.captioning.results", "paligemma.captioning.precision",
      "paligemma.captioning.run_folder",

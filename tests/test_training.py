@@ -185,6 +185,11 @@ def test_best_model_and_early_stop(tiny_run, tmp_path, monkeypatch, capsys):
     assert not all(torch.equal(kept[k], v) for k, v in torch.load(saves / "8" / "state.pt", weights_only=True)["model"].items())
     assert "best: step 4 (val CIDEr-D 0.5000)" in printed and "| best (step 4) |" in printed
     assert "test_best" in records[-1] and records[-1]["best_step"] == 4
+    # the final table's 95 % intervals (evaluate.py's bootstrap), logged and printed for the last and best models
+    ci = records[-1]["test_ci95"]
+    assert list(ci) == ["last (step 8)", "best (step 4)"] and all(lo <= hi for c in ci.values() for lo, hi in c.values())
+    lo, hi = ci["best (step 4)"]["CIDEr-D"]
+    assert f"{records[-1]['test_best']['CIDEr-D']:.4f} [{lo:.4f}, {hi:.4f}] |" in printed
 
 
 def test_kill_inside_a_checkpoint_swap_loses_nothing(tiny_run, tmp_path, monkeypatch, capsys):

@@ -125,6 +125,16 @@ def intervals(c: Corpus, n: int = 1000, seed: int = 0) -> dict:
     return {k: interval(v) for k, v in values(c, resample_counts(len(c.images), n, seed)).items()}
 
 
+def mean_intervals(per_item: dict, n: int = 1000, seed: int = 0) -> dict:
+    """Any score that is a mean over items (VQA accuracy, ANLS, a per-image mean): name -> per-item
+    values (N,) -> name -> [lo, hi], resampled as `intervals` draws the images (same seed, same draws)."""
+    sizes = {k: len(v) for k, v in per_item.items()}
+    if len(set(sizes.values())) != 1 or 0 in sizes.values():
+        raise ValueError(f"mean_intervals: every score needs one value per item, the same items, got {sizes}")
+    weights = resample_counts(next(iter(sizes.values())), n, seed)
+    return {k: interval(weights @ np.asarray(v, dtype=np.float64) / weights.sum(1)) for k, v in per_item.items()}
+
+
 def paired(a: Corpus, b: Corpus, n: int = 1000, seed: int = 0) -> dict:
     """B against A on the same resampled images: name -> {'difference': B - A on the corpus,
     'ci95': [lo, hi] of B - A, 'b_beats_a': share of resamples where B scores higher}."""

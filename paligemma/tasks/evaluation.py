@@ -127,15 +127,13 @@ def task_table(results: dict) -> str:
 
 def draw_split(folder: Path, task: str, images: list, predictions: list, references: list):
     """Each image with its predicted boxes (and the reference's, in white) or masks, as folder/<name>.png
-    (written whole: a file is there complete or not at all); images of one name get a number."""
+    (written whole: a file is there complete or not at all); named as the caption command names its
+    drawings (readout.drawing_paths: images of one name get a number, an input is never written over)."""
     from ..atomic import atomic_file
+    from .readout import drawing_paths
     from .segmentation import draw_segmentations
-    seen = {}
-    for path, pred, ref in zip(images, predictions, references):
-        stem = Path(path).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        name = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
+    for path, out, pred, ref in zip(images, drawing_paths(images, folder), predictions, references):
         with Image.open(path) as im:
             picture = draw(im, pred, ref) if task == "detect" else draw_segmentations(im, pred)
-        with atomic_file(Path(folder) / f"{name}.png", "wb") as f:
+        with atomic_file(out, "wb") as f:
             picture.save(f, "PNG")

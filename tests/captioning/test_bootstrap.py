@@ -105,6 +105,24 @@ def test_mean_metric_interval_matches_a_hand_written_bootstrap():
     assert got == pytest.approx([percentile(0.025), percentile(0.975)], rel=1e-12)
 
 
+def test_mean_intervals_of_any_per_item_score_match_a_hand_written_bootstrap():
+    """A generic mean-decomposable score (e.g. VQA accuracy, 0/1 per question): the loop over
+    rng.integers draws, the mean of each resample, numpy's percentile; and the same draws as the captions'."""
+    rng = np.random.default_rng(2)
+    correct, anls = (rng.random(57) < 0.6).astype(float), rng.random(57)
+    loop = np.random.default_rng(9)
+    means = [correct[loop.integers(0, 57, 57)].mean() for _ in range(300)]
+    got = bootstrap.mean_intervals({"accuracy": correct, "ANLS": anls}, n=300, seed=9)
+    assert got["accuracy"] == pytest.approx(list(np.percentile(means, [2.5, 97.5])), rel=1e-12)
+    assert got["accuracy"][0] < correct.mean() < got["accuracy"][1]
+    preds, refs = caption_pairs(57, seed=1)
+    rouge = bootstrap.measure(preds, refs, meteor=None).rouge
+    assert bootstrap.mean_intervals({"r": rouge}, 300, 9)["r"] == bootstrap.intervals(
+        bootstrap.measure(preds, refs, meteor=None), 300, 9)["ROUGE-L"]
+    with pytest.raises(ValueError, match="one value per item"):
+        bootstrap.mean_intervals({"a": correct, "b": anls[:10]})
+
+
 def test_seeded_runs_are_reproducible():
     c = bootstrap.measure(*generated(60, seed=0), meteor=None)
     assert bootstrap.intervals(c, n=100, seed=3) == bootstrap.intervals(c, n=100, seed=3)
