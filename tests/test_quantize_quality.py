@@ -30,10 +30,11 @@ Broken on purpose (monkeypatched, same seeds), for the thresholds to have someth
   codes dequantized with a uniform 16-level table instead of NF4's: 85-94 %, 14-64 %, 0.21-0.44;
 - int4 with the nibbles of a byte swapped: 0-14 % tokens, 0 % identical, KL 5.0-5.4 (fails all three);
   each group with the scale of the group before it: 98.0-99.8 % tokens, 87.5-98.4 % identical, KL
-  0.0024 / 0.019 / 0.034 (seeds 2 / 0 / 1: neighbouring groups have similar ranges, so only the KL
-  threshold catches it, and on seed 2 by only 1.2x; the test uses seed 0, 9.6x); the scale of the same
-  group of the next row: 94-98 % tokens, 58-89 % identical, KL 0.026-0.17; scales x1.25: 93-97 %,
-  52-80 %, KL 0.08-0.33.
+  0.0024 / 0.019 / 0.034 on the branch's runs, and KL 3.4e-5 on a fresh clone's (seed 0, 2 threads):
+  neighbouring groups have near-equal ranges, so no quality threshold can be sure to catch that slip,
+  and the test no longer uses it; every other group at twice its scale (the test's "wrong group
+  scale"): 87.3 % tokens, 51.6 % identical, KL 0.85 (fresh clone, seed 0), caught by all three;
+  scales x1.25: 93-97 %, 52-80 %, KL 0.08-0.33.
 """
 import copy
 import random
@@ -56,7 +57,7 @@ N_TRAIN, N_TEST = 256, 64
 STEPS, BATCH, LR = 400, 32, 3e-3
 # quantized worst / broken best (docstring): tokens int8 99.8 %, nf4 99.5 %, int4 99.8 % / 96 % (int8 scales
 # x1.25; caught by the other two); identical 98.4 %, 96.9 %, 98.4 % / 73 %; KL int8 1.9e-4 (fbgemm),
-# nf4 1.9e-3, int4 1.6e-4 / int8 broken 0.16, int4 broken at seed 0 (what the test runs) 0.019
+# nf4 1.9e-3, int4 1.6e-4 / int8 broken 0.16, int4 broken (twice a group's scale, seed 0) 0.85
 MIN_TOKENS = {"int8": 0.97, "nf4": 0.97, "int4": 0.95}  # int4: the issue's bar
 MIN_IDENTICAL = {"int8": 0.9, "nf4": 0.9, "int4": 0.9}
 MAX_KL = {"int8": 2e-3, "nf4": 1e-2, "int4": 2e-3}  # >= 10x over the worst quantized, >= 9x under the broken
@@ -171,11 +172,14 @@ def test_weight_only_int8_keeps_every_caption(trained, monkeypatch):
     assert r["identical"] == 1.0 and r["tokens"] == 1.0, r
 
 
-def rolled_scales(w, group=int4.GROUP):
-    """int4 with each group's scale taken from the group before it (an off-by-one in the group index)."""
+def wrong_group_scale(w, group=int4.GROUP):
+    """int4 whose every other group dequantizes with twice its scale (a group's scale computed over the
+    wrong range). (A neighbouring group's scale instead, an off-by-one in the group index, moved the
+    logits by a KL of 3e-5 on a fresh clone: this model's neighbouring groups have near-equal ranges,
+    so that slip is harmless here and cannot be caught by any quality threshold.)"""
     parts = int4.quantize_weight(w, group)
     parts["scales_and_zeros"] = parts["scales_and_zeros"].clone()
-    parts["scales_and_zeros"][..., 0] = parts["scales_and_zeros"][..., 0].roll(1, 0)
+    parts["scales_and_zeros"][::2, ..., 0] *= 2
     return parts
 
 
@@ -186,14 +190,14 @@ def swapped_nibbles(w, group=int4.GROUP):
     return parts
 
 
-@pytest.mark.parametrize("broken", [rolled_scales, swapped_nibbles])
+@pytest.mark.parametrize("broken", [wrong_group_scale, swapped_nibbles])
 def test_thresholds_catch_a_broken_int4(trained, broken, monkeypatch):
     model, ref = trained
     monkeypatch.setattr(Q.Int4Linear, "quantize_weight", staticmethod(broken))
     r = ref.compare(Q.quantize(copy.deepcopy(model), "int4"))
-    assert not passes(r, "int4"), r
-    if broken is swapped_nibbles:  # caught by all three; a neighbour's scale by the KL only (docstring)
-        assert r["tokens"] < MIN_TOKENS["int4"] and r["identical"] < MIN_IDENTICAL["int4"], r
+    # measured (seed 0, fresh clone, 2 threads): twice the scale 87.3 % tokens, 51.6 % identical, KL 0.85;
+    # swapped nibbles 14.3 %, 0 %, KL 4.9: each caught by all three thresholds
+    assert r["tokens"] < MIN_TOKENS["int4"] and r["identical"] < MIN_IDENTICAL["int4"] and r["kl"] > MAX_KL["int4"], r
 
 
 def test_int8_is_closer_than_nf4(trained, monkeypatch):
