@@ -39,7 +39,7 @@ def caption_and_score(model, processor, examples, prompt: str, batch_size: int =
     tokens (tasks/confidence.py), as evaluate.py ranks them. Predictions are keyed by image path, and
     by image path and prefix where an image has several rows (VQA's questions)."""
     from ..inference import caption
-    from ..tasks.registry import score_texts
+    from ..tasks.evaluation import score_texts
     from .metrics import health, score_all
     model.eval()
     prompts = [prompt if e.prefix is None else e.prefix for e in examples]

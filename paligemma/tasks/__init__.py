@@ -11,7 +11,8 @@ from ..tokenizer import LOC_TOKENS, SEG_TOKENS
 from .answers import anls, character_error_rate, exact_match, normalize_answer, score_answers, score_ocr, vqa_accuracy
 from .average_precision import average_precision
 from .boxes import Detection, Detections, detect_prompt, detection_text, draw, loc_tokens, parse_detections
-from .registry import METRICS, TASKS, score, score_texts, task_of
+from .registry import METRICS, TASKS, score, task_of
+from .evaluation import score_texts
 from .segmentation import (Segmentation, Segmentations, box_iou, draw_segmentations, parse_segmentations,
                            score_segmentations, segment_tokens)
 from .vqvae import MaskDecoder, MaskEncoder

@@ -105,6 +105,17 @@ def score_split(task: str, predictions: list[str], references: list[list[str]], 
     return {**metrics, "dropped": sum(p.dropped for p in preds)}, preds, refs
 
 
+def score_texts(task: str, predictions: list[str], references: list[list[str]], sizes=None, loc_probs=None) -> dict:
+    """Generated texts scored as `task`, one entry per example, without image files (train.py's
+    validation): score_split with every image at `sizes` or 1 x 1 (IoU does not change when both axes
+    are scaled, so detection scores do not depend on it); captions by their metrics."""
+    if task not in ("detect", "answer", "ocr"):
+        from .registry import score
+        return score(task, predictions, references)
+    n = len(predictions)
+    return score_split(task, predictions, references, [str(i) for i in range(n)], sizes or [(1, 1)] * n, loc_probs)[0]
+
+
 def row_fields(task: str, parsed) -> dict:
     """What predictions.jsonl adds to a row: the parsed boxes (pixels x0, y0, x1, y1) with their scores,
     or the segments with their mask's pixel count, and the number of malformed pieces dropped."""

@@ -76,18 +76,3 @@ def score(task: str, predictions, references) -> dict:
         raise ValueError(f"no metric for task {task!r}; scored tasks: {sorted(METRICS)}")
     return METRICS[task][0](predictions, references)
 
-
-def score_texts(task: str, predictions: list[str], references: list[list[str]], sizes=None, loc_probs=None) -> dict:
-    """Generated texts scored as `task`, one entry per example. Detection texts (predictions and each
-    example's first reference) are parsed into boxes first; `sizes` [(width, height)] puts them in
-    pixels (IoU does not change when both axes are scaled, so the scores do not depend on it) and
-    `loc_probs` [per-<loc> probabilities] gives each predicted box its score (1.0 without it). The
-    result says how many predicted pieces were malformed ("dropped")."""
-    if task != "detect":
-        return score(task, predictions, references)
-    from .boxes import parse_detections
-    sizes = sizes or [(1, 1)] * len(predictions)
-    loc_probs = loc_probs or [None] * len(predictions)
-    preds = [parse_detections(p, w, h, probs) for p, (w, h), probs in zip(predictions, sizes, loc_probs)]
-    refs = [parse_detections(r[0], w, h) for r, (w, h) in zip(references, sizes)]
-    return {**score("detect", preds, refs), "dropped": sum(p.dropped for p in preds)}
