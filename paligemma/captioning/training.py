@@ -108,14 +108,21 @@ def shuffled_image_losses(model, batch: dict) -> tuple[float, float]:
 
 
 def make_trainable(model, full: bool, *, lora_targets="all", r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                   rslora: bool = False, train_modules=()):
-    """Full fine-tuning: every weight, in float32 master copies (autocast computes in bf16). LoRA: the
-    adapter layers named by `lora_targets` (--lora), plus whole `train_modules` (--train-modules), in
-    float32; the rest stays frozen."""
+                   rslora: bool = False, train_modules=(), freeze=()):
+    """Full fine-tuning: every weight but the modules named in `freeze` (--freeze), in float32 master
+    copies (autocast computes in bf16). LoRA: the adapter layers named by `lora_targets` (--lora), plus
+    whole `train_modules` (--train-modules), in float32; the rest stays frozen."""
     import lora
     if full:
         for p in model.parameters():
             p.requires_grad_(True)
+        for name in freeze:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"--freeze {name}: no such module (e.g. vision_tower, multi_modal_projector, "
+                                 "language_model.model.layers.0)") from None
+            module.requires_grad_(False)
         model.float()
         return
     try:

@@ -236,3 +236,24 @@ def test_the_run_task_comes_from_the_prefixes_and_mixed_tasks_are_refused():
         run_task("caption en", [cap], [det])
     with pytest.raises(DataError, match=r"c.png: prefix 'find x': cannot tell the task"):
         run_task("caption en", [Example(Path("c.png"), ["x"], prefix="find x")])
+
+
+def test_full_fine_tuning_with_a_frozen_tower_steps_only_the_rest(pg1_dir):
+    """--freeze vision_tower: an optimizer step over the trainable parameters moves the decoder and the
+    projector and leaves every vision weight bit for bit; a module that does not exist is named."""
+    from paligemma import PaliGemma
+    model = PaliGemma.from_pretrained(pg1_dir)
+    make_trainable(model, True, freeze=["vision_tower"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and len(params) < len(before)
+    ids = torch.tensor([[model.config.image_token_index] * model.config.vision.num_patches + [2, 5, 6, 7]])
+    pixels = torch.randn(1, 3, model.config.vision.image_size, model.config.vision.image_size)
+    model(ids, pixels).float().logsumexp(-1).mean().backward()
+    torch.optim.SGD(params, lr=1.0).step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(not n.startswith("vision_tower.") for n in moved)
+    assert any(n.startswith("multi_modal_projector.") for n in moved)
+    assert any(n.startswith("language_model.") for n in moved)
+    with pytest.raises(ValueError, match=r"^--freeze vision_towr: no such module"):
+        make_trainable(PaliGemma.from_pretrained(pg1_dir), True, freeze=["vision_towr"])
