@@ -43,16 +43,6 @@ def _entries(m, copies: int):
     return m.image[index], copy, m.hits[:, index]
 
 
-def _first_reaching(tp: np.ndarray, need: np.ndarray) -> np.ndarray:
-    """tp (R, U) nondecreasing integer rows, need (R, P) -> (R, P): the first column where tp >= need (U: none).
-    Integers, so rows are stacked into one sorted array exactly (row r offset by r * step)."""
-    R, U = tp.shape
-    step = int(max(tp.max(initial=0), need.max(initial=0))) + 1
-    offset = np.arange(R, dtype=np.int64)[:, None] * step
-    at = np.searchsorted((tp + offset).ravel(), (need + offset).ravel(), side="left").reshape(need.shape)
-    return at - np.arange(R)[:, None] * U
-
-
 def _needed(n_refs: np.ndarray) -> np.ndarray:
     """(B,) references -> (B, 101): the fewest true positives whose recall k / n (in float64, as
     precision_at_recall divides) reaches each recall point."""
@@ -61,6 +51,32 @@ def _needed(n_refs: np.ndarray) -> np.ndarray:
     while (short := k / n < RECALL_POINTS).any():
         k += short
     return k.astype(np.int64)
+
+
+def _rows_precision(row: np.ndarray, weight: np.ndarray, hits: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """The entries present in some resamples, concatenated (row: (M,) their resample, ascending; weight (M,);
+    hits (T, M)) and need (R, 101) for those R resamples -> (R, T, 101) interpolated precision.
+
+    Integer cumulative sums restart at each row; the first position reaching each recall point is one
+    searchsorted over all rows (integers, each row offset by r * step: exact); the best precision from
+    there to the row's end is a max over segments (np.maximum.reduceat) between consecutive starts,
+    then a running max from the last segment back."""
+    R, M, T = len(need), len(row), len(hits)
+    start = np.searchsorted(row, np.arange(R + 1))  # (R + 1,) where each row's entries begin
+    restart = lambda c: c[..., 1:] - np.repeat(c[..., start[:-1]], np.diff(start), axis=-1)  # sums within rows
+    drawn = restart(np.cumsum(np.append(0, weight)))  # (M,) detections ranked so far in the row
+    tp = restart(np.cumsum(np.concatenate([np.zeros((T, 1), np.int64), weight * hits], 1), axis=1))  # (T, M)
+    precision = tp / (drawn + np.spacing(1))  # tp / (tp + fp + eps), as precision_at_recall
+    step = int(max(tp.max(initial=0), need.max(initial=0))) + 1
+    offset = np.arange(R, dtype=np.int64) * step
+    out = np.zeros((R, T, len(RECALL_POINTS)))
+    for t in range(T):
+        at = np.searchsorted(tp[t] + offset[row], need + offset[:, None], side="left")  # (R, 101) first reaching
+        bounds = np.concatenate([np.minimum(at, start[1:, None]), start[1:, None]], axis=1)  # (R, 102)
+        seg = np.maximum.reduceat(np.append(precision[t], 0.0), bounds.ravel()).reshape(R, -1)[:, :-1]
+        seg[bounds[:, :-1] == bounds[:, 1:]] = 0.0  # an empty segment (reduceat returns the element there)
+        out[:, t] = np.maximum.accumulate(seg[:, ::-1], axis=1)[:, ::-1]
+    return out
 
 
 def class_precision(m, counts: np.ndarray) -> np.ndarray:
@@ -72,22 +88,13 @@ def class_precision(m, counts: np.ndarray) -> np.ndarray:
     weight = np.where(copy < 0, drawn, drawn > copy)  # a run: its count; one copy: drawn that often or not
     need = _needed(counts @ m.references)
     out = np.zeros((B, T, len(RECALL_POINTS)))
-    if not len(image):
-        return out
-    rows = max(1, CHUNK // (T * len(image)))
-    for lo in range(0, B, rows):
-        w = weight[lo:lo + rows, None, :]  # (b, 1, U)
-        tp = np.cumsum(w * hits, axis=2)  # (b, T, U) integers
-        fp = np.cumsum(w * ~hits, axis=2)
-        precision = tp / (tp + fp + np.spacing(1))
-        precision = np.maximum.accumulate(precision[..., ::-1], axis=2)[..., ::-1]  # best at this recall or beyond
-        b = len(tp)
-        at = _first_reaching(tp.reshape(b * T, -1), np.repeat(need[lo:lo + rows], T, axis=0))  # (b T, 101)
-        flat = precision.reshape(b * T, -1)
-        ok = at < flat.shape[1]
-        got = np.zeros(at.shape)
-        got[ok] = flat[np.nonzero(ok)[0], at[ok]]
-        out[lo:lo + rows] = got.reshape(b, T, -1)
+    present = np.cumsum((weight > 0).sum(1))  # (B,) entries present up to each resample
+    lo = 0
+    while lo < B:  # a chunk of resamples holding about CHUNK / T present entries
+        hi = max(lo + 1, int(np.searchsorted(present, present[lo] + CHUNK // T)))
+        row, entry = np.nonzero(weight[lo:hi])
+        out[lo:hi] = _rows_precision(row, weight[lo:hi][row, entry], hits[:, entry], need[lo:hi])
+        lo = hi
     return out
 
 
