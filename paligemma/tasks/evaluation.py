@@ -124,8 +124,14 @@ def score_texts(task: str, predictions: list[str], references: list[list[str]], 
     if task not in ("detect", "answer", "ocr"):
         from .registry import score
         return score(task, predictions, references)
+    return measure_texts(task, predictions, references, sizes, loc_probs).scores
+
+
+def measure_texts(task: str, predictions: list[str], references: list[list[str]], sizes=None, loc_probs=None):
+    """score_texts of a detection / question / OCR set, as measure_split's Statistics (.scores: the metrics)."""
     n = len(predictions)
-    return score_split(task, predictions, references, [str(i) for i in range(n)], sizes or [(1, 1)] * n, loc_probs)[0]
+    return measure_split(task, predictions, references, [str(i) for i in range(n)], sizes or [(1, 1)] * n,
+                         loc_probs)[0]
 
 
 def row_fields(task: str, parsed) -> dict:

@@ -57,23 +57,24 @@ def _rows_precision(row: np.ndarray, weight: np.ndarray, hits: np.ndarray, need:
     """The entries present in some resamples, concatenated (row: (M,) their resample, ascending; weight (M,);
     hits (T, M)) and need (R, 101) for those R resamples -> (R, T, 101) interpolated precision.
 
-    Integer cumulative sums restart at each row; the first position reaching each recall point is one
-    searchsorted over all rows (integers, each row offset by r * step: exact); the best precision from
-    there to the row's end is a max over segments (np.maximum.reduceat) between consecutive starts,
-    then a running max from the last segment back."""
-    R, M, T = len(need), len(row), len(hits)
+    Cumulative sums run over all rows at once, so they are sorted: the first position of row r reaching
+    k true positives is the first overall reaching k + (the sum before row r), one searchsorted of
+    integers (exact). The best precision from there to the row's end is a max over the segments
+    between consecutive starts (np.maximum.reduceat), then a running max from the last segment back."""
+    R, T = len(need), len(hits)
     start = np.searchsorted(row, np.arange(R + 1))  # (R + 1,) where each row's entries begin
-    restart = lambda c: c[..., 1:] - np.repeat(c[..., start[:-1]], np.diff(start), axis=-1)  # sums within rows
-    drawn = restart(np.cumsum(np.append(0, weight)))  # (M,) detections ranked so far in the row
-    tp = restart(np.cumsum(np.concatenate([np.zeros((T, 1), np.int64), weight * hits], 1), axis=1))  # (T, M)
-    precision = tp / (drawn + np.spacing(1))  # tp / (tp + fp + eps), as precision_at_recall
-    step = int(max(tp.max(initial=0), need.max(initial=0))) + 1
-    offset = np.arange(R, dtype=np.int64) * step
+    first, end = start[:-1], start[1:, None]
+    drawn = np.cumsum(weight)
+    drawn = drawn - np.append(0, drawn)[first][row]  # (M,) detections ranked so far in the row
+    found = np.cumsum(weight * hits, axis=1)  # (T, M) true positives so far, all rows
+    before = np.concatenate([np.zeros((T, 1), np.int64), found], 1)[:, first]  # (T, R) before each row
     out = np.zeros((R, T, len(RECALL_POINTS)))
     for t in range(T):
-        at = np.searchsorted(tp[t] + offset[row], need + offset[:, None], side="left")  # (R, 101) first reaching
-        bounds = np.concatenate([np.minimum(at, start[1:, None]), start[1:, None]], axis=1)  # (R, 102)
-        seg = np.maximum.reduceat(np.append(precision[t], 0.0), bounds.ravel()).reshape(R, -1)[:, :-1]
+        precision = (found[t] - before[t][row]) / (drawn + np.spacing(1))  # tp / (tp + fp + eps), as COCO
+        at = np.searchsorted(found[t], need + before[t][:, None], side="left")  # (R, 101) first reaching
+        at = np.clip(at, first[:, None], end)  # need 0: the row's first entry; end: none
+        bounds = np.concatenate([at, end], axis=1)  # (R, 102)
+        seg = np.maximum.reduceat(np.append(precision, 0.0), bounds.ravel()).reshape(R, -1)[:, :-1]
         seg[bounds[:, :-1] == bounds[:, 1:]] = 0.0  # an empty segment (reduceat returns the element there)
         out[:, t] = np.maximum.accumulate(seg[:, ::-1], axis=1)[:, ::-1]
     return out
