@@ -17,7 +17,8 @@ and --resume continues; the finished set replaces an old one (--overwrite) only 
 Any PaliGemma task: each row's own prefix (or --prompt) says which (`detect ...`: mAP@0.5 and COCO
 mAP, boxes scored by the model's confidence in their <loc> tokens; `answer ...`: VQA accuracy and
 exact match; `ocr`: ANLS and CER; `segment ...`: mean mask IoU and box accuracy; captions: BLEU,
-METEOR, ROUGE-L, CIDEr-D), or --metric chooses (paligemma/tasks/evaluation.py):
+METEOR, ROUGE-L, CIDEr-D), or --metric chooses (paligemma/tasks/evaluation.py); every metric with its
+95 % interval over images and, under --compare, B - A's paired one (paligemma/tasks/resampling.py):
 
     python evaluate.py --model M --data boxes.jsonl --draw pics/   # a detection set: mAP, boxes drawn
     python evaluate.py --model M --data masks.jsonl --vae vae-oid.npz   # a segmentation set: mIoU, box accuracy
@@ -78,7 +79,7 @@ def parse_args(argv=None):
                    "pycocoevalcap's jar (as papers report it; needs Java and `pip install .[coco]`), nltk's, or "
                    "auto: the jar where it can run, else nltk (metrics.json's protocol names the one used)")
     p.add_argument("--bootstrap", type=NON_NEGATIVE, default=1000, metavar="N", help="95 %% intervals over images "
-                   "from N resamples (0: none); --compare adds B - A's paired interval")
+                   "from N resamples, for every metric of every task (0: none); --compare adds B - A's paired interval")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--quantize", choices=["int8", "int4", "nf4"], help="quantize --model's linear weights (quantize.py)")

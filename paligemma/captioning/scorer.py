@@ -9,6 +9,9 @@ evaluate.py and train.py call this, so that both print the same table:
         s.add_paired(rows := {"A": a, "B": b})        # B gains "paired": B - A on the same images
     print(table(rows))
 
+A task row (detection, VQA, OCR, segmentation) comes as tasks/evaluation.measure_split's statistics:
+`s.score_task("A", statistics)`, resampled with the same draws (tasks/resampling.py).
+
 The METEOR implementation is chosen once, before any caption is made (asking for Java where it
 cannot run fails then, not after hours of captioning); one JVM serves every row (it takes ~20 s to
 load its paraphrase table); each row's per-image statistics are kept so that a paired comparison

@@ -13,7 +13,8 @@ The task comes from each example's prompt (its own prefix, or the run's --prompt
 registry.task_of, unless --metric names it; a split whose prompts ask for two tasks is refused (score
 each task on its own). Detection and segmentation references are each example's first reference,
 parsed the same way as the answers (a segmentation reference mask is its own <seg> codes decoded by
-the same VQ-VAE: the mask the model is trained to write).
+the same VQ-VAE: the mask the model is trained to write). measure_split keeps the per-item statistics
+the metrics come from, for their 95 % intervals (resampling.py).
 """
 from pathlib import Path
 

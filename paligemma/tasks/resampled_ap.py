@@ -24,13 +24,12 @@ import numpy as np
 
 from .average_precision import IOU_THRESHOLDS, RECALL_POINTS
 
-CHUNK = 2 ** 24  # resamples x thresholds x ranked entries held at once (~130 MB of float64)
+CHUNK = 2 ** 23  # thresholds x resamples x ranked entries held at once (int64: 64 MB an array)
 
 
 def _entries(m, copies: int):
     """The ranked entries of one class: (image (U,), copy (U,) or -1 for a whole run, hits (T, U)),
     ranked by score, then image, then copy, then rank in the image (the resampled list's stable order)."""
-    D = len(m.scores)
     # a detection sharing its score with another of its image: its copies interleave with that one's
     key = np.stack([m.image.astype(float), m.scores], 1)
     _, inverse, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
@@ -39,7 +38,6 @@ def _entries(m, copies: int):
     copy = np.concatenate([np.full(int((~tied).sum()), -1), np.tile(np.arange(copies), int(tied.sum()))])
     order = np.lexsort((index, np.maximum(copy, 0), m.image[index], -m.scores[index]))
     index, copy = index[order], copy[order]
-    assert len(index) == D + (copies - 1) * int(tied.sum())
     return m.image[index], copy, m.hits[:, index]
 
 
@@ -85,17 +83,14 @@ def class_precision(m, counts: np.ndarray) -> np.ndarray:
     (precision_at_recall's, for each resampled image list)."""
     B, T = len(counts), len(IOU_THRESHOLDS)
     image, copy, hits = _entries(m, int(counts.max(initial=1)))
-    drawn = counts[:, image]  # (B, U)
-    weight = np.where(copy < 0, drawn, drawn > copy)  # a run: its count; one copy: drawn that often or not
     need = _needed(counts @ m.references)
     out = np.zeros((B, T, len(RECALL_POINTS)))
-    present = np.cumsum((weight > 0).sum(1))  # (B,) entries present up to each resample
-    lo = 0
-    while lo < B:  # a chunk of resamples holding about CHUNK / T present entries
-        hi = max(lo + 1, int(np.searchsorted(present, present[lo] + CHUNK // T)))
-        row, entry = np.nonzero(weight[lo:hi])
-        out[lo:hi] = _rows_precision(row, weight[lo:hi][row, entry], hits[:, entry], need[lo:hi])
-        lo = hi
+    rows = max(1, CHUNK // (T * max(len(image), 1)))
+    for lo in range(0, B, rows):
+        drawn = counts[lo:lo + rows, image]  # (b, U)
+        weight = np.where(copy < 0, drawn, drawn > copy)  # a run: its count; one copy: drawn that often or not
+        row, entry = np.nonzero(weight)  # the entries each resample draws, resample by resample
+        out[lo:lo + rows] = _rows_precision(row, weight[row, entry], hits[:, entry], need[lo:lo + rows])
     return out
 
 
