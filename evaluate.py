@@ -188,7 +188,8 @@ def mask_decoder(path):
     return MaskDecoder.from_npz(path) if path else None
 
 
-def score_task(examples, preds, args, scorer: Scorer, name: str, loc_probs=None, draw_to=None) -> tuple[dict, list[dict]]:
+def score_task(examples, preds, args, scorer: Scorer, name: str, loc_probs=None,
+               draw_to=None) -> tuple[dict, list[dict]]:
     """A detection / question / OCR / segmentation split scored by its task, with 95 % intervals when
     resampling (tasks/resampling.py); rows carry the parsed answers."""
     names = [str(e.image) for e in examples]
