@@ -17,7 +17,8 @@ and --resume continues; the finished set replaces an old one (--overwrite) only 
 Any PaliGemma task: each row's own prefix (or --prompt) says which (`detect ...`: mAP@0.5 and COCO
 mAP, boxes scored by the model's confidence in their <loc> tokens; `answer ...`: VQA accuracy and
 exact match; `ocr`: ANLS and CER; `segment ...`: mean mask IoU and box accuracy; captions: BLEU,
-METEOR, ROUGE-L, CIDEr-D), or --metric chooses (paligemma/tasks/evaluation.py):
+METEOR, ROUGE-L, CIDEr-D), or --metric chooses (paligemma/tasks/evaluation.py); every metric with its
+95 % interval over images and, under --compare, B - A's paired one (paligemma/tasks/resampling.py):
 
     python evaluate.py --model M --data boxes.jsonl --draw pics/   # a detection set: mAP, boxes drawn
     python evaluate.py --model M --data masks.jsonl --vae vae-oid.npz   # a segmentation set: mIoU, box accuracy
@@ -35,8 +36,8 @@ from tqdm import tqdm
 
 from paligemma.atomic import atomic_file, lock_folder, unlock_folder
 from paligemma.inference import caption, load_for_inference
-from paligemma.tasks.evaluation import (METRIC_FLAG, VAE_HELP, draw_split, image_sizes, parse_references, row_fields,
-                                        score_split, task_table, task_of_split)
+from paligemma.tasks.evaluation import (METRIC_FLAG, VAE_HELP, draw_split, image_sizes, measure_split, parse_references,
+                                        row_fields, task_of_split)
 from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, one_line, run
 from paligemma.captioning import results as store
 from paligemma.captioning import wordnet
@@ -78,7 +79,7 @@ def parse_args(argv=None):
                    "pycocoevalcap's jar (as papers report it; needs Java and `pip install .[coco]`), nltk's, or "
                    "auto: the jar where it can run, else nltk (metrics.json's protocol names the one used)")
     p.add_argument("--bootstrap", type=NON_NEGATIVE, default=1000, metavar="N", help="95 %% intervals over images "
-                   "from N resamples (0: none); --compare adds B - A's paired interval")
+                   "from N resamples, for every metric of every task (0: none); --compare adds B - A's paired interval")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--quantize", choices=["int8", "int4", "nf4"], help="quantize --model's linear weights (quantize.py)")
@@ -187,12 +188,15 @@ def mask_decoder(path):
     return MaskDecoder.from_npz(path) if path else None
 
 
-def score_task(examples, preds, args, loc_probs=None, draw_to=None) -> tuple[dict, list[dict]]:
-    """A detection / question / OCR / segmentation split scored by its task; rows carry the parsed answers."""
+def score_task(examples, preds, args, scorer: Scorer, name: str, loc_probs=None,
+               draw_to=None) -> tuple[dict, list[dict]]:
+    """A detection / question / OCR / segmentation split scored by its task, with 95 % intervals when
+    resampling (tasks/resampling.py); rows carry the parsed answers."""
     names = [str(e.image) for e in examples]
     sizes = image_sizes(names) if args.task in ("detect", "segment") else None
-    result, parsed, refs = score_split(args.task, preds, [e.captions for e in examples], names, sizes, loc_probs,
-                                       mask_decoder(args.vae) if args.task == "segment" else None)
+    stats, parsed, refs = measure_split(args.task, preds, [e.captions for e in examples], names, sizes, loc_probs,
+                                        mask_decoder(args.vae) if args.task == "segment" else None)
+    result = scorer.score_task(name, stats)
     rows = [dict(image=n, prompt=prompt_of(e, args), prediction=p, references=e.captions, **row_fields(args.task, q))
             for n, e, p, q in zip(names, examples, preds, parsed)]
     if draw_to:
@@ -202,7 +206,7 @@ def score_task(examples, preds, args, loc_probs=None, draw_to=None) -> tuple[dic
 
 def score(examples, preds, args, scorer: Scorer, name: str, loc_probs=None, draw_to=None) -> tuple[dict, list[dict]]:
     if args.task != "caption":
-        return score_task(examples, preds, args, loc_probs, draw_to)
+        return score_task(examples, preds, args, scorer, name, loc_probs, draw_to)
     refs = {str(e.image): (e.captions[:1] if args.references == "first" else e.captions) for e in examples}
     by_image = {str(e.image): p for e, p in zip(examples, preds)}
     result = scorer.score(name, by_image, refs)
@@ -353,21 +357,20 @@ def evaluate(args, out, examples, skipped, runs, given, scorer, left_out):
                                      "images: rerun with --overwrite")
         results[name], rows[name] = score(examples, [r["prediction"] for r in made], args, scorer, name,
                                           [r.get("loc_probs") for r in made], draw_folder(args, label, runs))
-    if args.task == "caption":  # the scorer keeps per-image statistics of caption rows only
-        scorer.add_paired(results)
+    scorer.add_paired(results)
     protocol = dict(data=str(args.data), split=args.split, images=len(examples), references=args.references,
                     prompt=args.prompt, num_beams=args.num_beams, do_sample=args.do_sample,
                     max_new_tokens=args.max_new_tokens, skipped=skipped.reasons,
                     tokenisation="lower-case, punctuation dropped (approximates pycocoevalcap's PTB tokenizer)",
-                    **scorer.protocol())
+                    **scorer.protocol(args.task))
     if left_out:
         protocol["meteor"] = f"left out: no WordNet ({wordnet.INSTALL})"
     if args.task != "caption":
-        for caption_only in ("references", "tokenisation", "meteor", "ci95"):
+        for caption_only in ("references", "tokenisation"):
             protocol.pop(caption_only, None)
         protocol.update(task=args.task, chosen_by="--metric" if args.metric else "the rows' prompts")
     store.seal(out, lambda folder: write_outputs(folder, results, rows, protocol))
-    print(table(results, left_out) if args.task == "caption" else task_table(results))
+    print(table(results, left_out))
     for name, r in filter(lambda item: "health" in item[1], results.items()):
         print(f"output health ({name}): " + ", ".join(f"{k} {v:.3f}" for k, v in r["health"].items()))
     names = list(rows)

@@ -319,26 +319,26 @@ def finish(args, out: Path, par, best, score_test, test, skipped, losses: list, 
 
 def report(args, out: Path, *, after, last: int, best, score_test, test, skipped, losses, metric="CIDEr-D",
            task="caption"):
-    """Test metrics before, at the last step and at the best step (captions with 95 % intervals over the
-    test images: evaluate.py's bootstrap); output health; the overfit verdict; curves."""
+    """Test metrics before, at the last step and at the best step (with 95 % intervals over the test
+    images: evaluate.py's bootstrap, for captions and task metrics); output health; the overfit verdict; curves."""
     from paligemma.captioning import curves
     from paligemma.captioning.scorer import Scorer, cell
-    scores, out_health, preds = after
+    scores, out_health, preds, stats = after
     full, log = args.full, out / "metrics.jsonl"
     refs = {str(e.image): e.captions for e in test[:args.eval_samples]}
-    scorer = Scorer("nltk" if "METEOR" in scores else None) if task == "caption" else None  # its METEOR
+    scorer = Scorer("nltk" if "METEOR" in scores else None)  # its METEOR (captions)
+    measured = lambda name, p, s: (scorer.score(name, p, refs) if s is None else scorer.score_task(name, s))["ci95"]
     columns = {"before": next((json.loads(l)["test_before"] for l in open(log) if "test_before" in l), {}),
                f"last (step {last})": scores}
-    ci95 = {f"last (step {last})": scorer.score("last", preds, refs)["ci95"]} if scorer else {}
+    ci95 = {f"last (step {last})": measured("last", preds, stats)}
     if best.step and best.step != last:  # OUT/best as a user loads it
         from paligemma.inference import load_for_inference
         base, adapter = (out / "best", None) if full else (args.model, out / "best")
         best_model, _ = load_for_inference(str(base), adapter and str(adapter), args.dtype, args.device,
                                           args.quantize)
-        best_scores, _, best_preds = score_test(best_model)
+        best_scores, _, best_preds, best_stats = score_test(best_model)
         columns[f"best (step {best.step})"] = best_scores
-        if scorer:
-            ci95[f"best (step {best.step})"] = scorer.score("best", best_preds, refs)["ci95"]
+        ci95[f"best (step {best.step})"] = measured("best", best_preds, best_stats)
         del best_model
     append_jsonl(log, {"step": last, "test_after": scores, "health": out_health, "best_step": best.step,
                        "test_best": list(columns.values())[-1], "test_ci95": ci95})

@@ -1,5 +1,5 @@
 """Mutation run (issue #16): plant realistic one-line bugs, one at a time, in a scratch copy of the
-project and run the tests that should notice. Not part of CI: a full run of the 175 takes ~2-3 hours on
+project and run the tests that should notice. Not part of CI: a full run of the 179 takes ~2-3 hours on
 2 cores (most mutants run one test file in 5-30 s; the slow ones run train.py).
 
     python benchmarks/mutants.py                    # every mutant
@@ -37,6 +37,7 @@ BOXES, AP, ANSWERS, SEG, VAE = (f"tests/tasks/test_{n}.py" for n in ("boxes", "a
 ANSWERS, SEG = (ANSWERS, "tests/tasks/test_answers_edges.py"), (SEG, "tests/tasks/test_segmentation_edges.py")
 QUANT, PREC, PROBE = "tests/test_quantize.py", "tests/captioning/test_precision.py", "tests/test_probe.py"
 CAPTRAIN = ("tests/captioning/test_training.py", "tests/captioning/test_run_folder.py")
+RESAMPLING = "tests/tasks/test_resampling.py"
 INFER = "tests/test_inference.py"  # with the caption / evaluate tests that go through it
 
 
@@ -328,7 +329,7 @@ MUTANTS = [
     Mutant("ap_unstable_rank_in_image", "paligemma/tasks/average_precision.py",
            'order = np.argsort(-s, kind="mergesort")[:MAX_DETECTIONS]', "order = np.argsort(-s)[:MAX_DETECTIONS]", (AP,)),
     Mutant("ap_unstable_rank_across_images", "paligemma/tasks/average_precision.py",
-           'order = np.argsort(-s, kind="mergesort")\n', "order = np.argsort(-s)\n", (AP,)),
+           'order = np.argsort(-m.scores, kind="mergesort")', "order = np.argsort(-m.scores)", (AP,)),
     Mutant("ap_precision_not_monotone", "paligemma/tasks/average_precision.py",
            "precision = np.maximum.accumulate(precision[::-1])[::-1]", "precision = precision", (AP,)),
     Mutant("ap_recall_points_right", "paligemma/tasks/average_precision.py", 'side="left"', 'side="right"', (AP,)),
@@ -351,10 +352,21 @@ MUTANTS = [
            "return 1 - d if d <= threshold else 0.0", ANSWERS),
     Mutant("anls_over_reference_length", "paligemma/tasks/answers.py", "/ max(len(ref), len(answer))", "/ len(ref)",
            ANSWERS),
-    Mutant("cer_over_prediction_length", "paligemma/tasks/answers.py", "chars = sum(len(refs[0]) for refs in references)",
-           "chars = sum(len(p) for p in predictions)", ANSWERS),
+    Mutant("cer_over_prediction_length", "paligemma/tasks/answers.py", "[len(refs[0]) for refs in references]",
+           "[len(p) for p in predictions]", ANSWERS),
     Mutant("exact_match_no_strip", "paligemma/tasks/answers.py", "return float(answer.strip() in {r.strip() for r in references})",
            "return float(answer in set(references))", ANSWERS),
+    # --- task intervals (paligemma/tasks/resampled_ap.py, resampling.py) ---
+    Mutant("resampled_ap_ties_not_interleaved", "paligemma/tasks/resampled_ap.py",
+           "tied = counts[inverse.reshape(-1)] > 1", "tied = counts[inverse.reshape(-1)] > 99", (RESAMPLING,)),
+    Mutant("resampled_ap_need_zero_from_previous_row", "paligemma/tasks/resampled_ap.py",
+           "at = np.clip(at, first[:, None], end)", "at = np.minimum(at, end)", (RESAMPLING,)),
+    Mutant("resampled_ap_recall_points_right", "paligemma/tasks/resampled_ap.py", 'need + before[t][:, None], side="left"',
+           'need + before[t][:, None], side="right"', (RESAMPLING,)),
+    Mutant("resampling_cer_mean_of_ratios", "paligemma/tasks/resampling.py",
+           "out[k] = counts @ np.asarray(num, dtype=np.float64) / (counts @ np.asarray(den, dtype=np.float64))",
+           "out[k] = counts @ (np.asarray(num, dtype=np.float64) / np.asarray(den, dtype=np.float64)) / counts.sum(1)",
+           (RESAMPLING,)),
     # --- segmentation (paligemma/tasks/segmentation.py) ---
     Mutant("seg_pixel_box_rounded", "paligemma/tasks/segmentation.py",
            "return int(x0 * width), int(y0 * height), int(x1 * width), int(y1 * height)",
@@ -365,7 +377,8 @@ MUTANTS = [
            SEG),
     Mutant("seg_iou_over_reference", "paligemma/tasks/segmentation.py", "float(inter / (ref_mask.sum() + mask.sum() - inter))",
            "float(inter / ref_mask.sum())", SEG),
-    Mutant("seg_boxacc_strict", "paligemma/tasks/segmentation.py", "hits[t] += t <= iou", "hits[t] += t < iou", SEG),
+    Mutant("seg_boxacc_strict", "paligemma/tasks/segmentation.py", "hits[t].append(float(t <= iou))",
+           "hits[t].append(float(t < iou))", SEG),
     Mutant("seg_empty_box_not_invalid", "paligemma/tasks/segmentation.py", "        invalid += _empty_box(box)\n", "",
            SEG),
     Mutant("seg_last_code_accepted", "paligemma/tasks/segmentation.py", "if max(seg) >= entries:", "if max(seg) > entries:",

@@ -153,11 +153,12 @@ def run(model, data, out, *extra):
                           "--batch-size", "3", "--max-new-tokens", "40", *extra])
 
 
-def test_detection_scored_like_pycocotools_with_loc_token_box_scores(detection_set, forced, tmp_path):
+def test_detection_scored_like_pycocotools_with_loc_token_box_scores(detection_set, forced, tmp_path, capsys):
     """mAP@0.5, mAP and per-class APs in metrics.json equal pycocotools on the boxes and scores of
     predictions.jsonl; each box's score is the mean probability of its four <loc> tokens computed by
     hand from the model's logits; each row's own prefix reached the model (batches mix two prompts);
-    --draw writes each image with its boxes."""
+    --draw writes each image with its boxes; the 95 % intervals in metrics.json and the table are
+    those of average_precision recomputed on each resampled image list (the captions' draws)."""
     from tests.tasks.test_average_precision import coco_reference  # skips without pycocotools
     model, data = detection_set
     examples = examples_of(data)
@@ -184,6 +185,16 @@ def test_detection_scored_like_pycocotools_with_loc_token_box_scores(detection_s
     for label, (c50, c) in per_class.items():
         assert scores["per_class"][label]["AP@0.5"] == pytest.approx(c50, abs=1e-6)
         assert scores["per_class"][label]["AP"] == pytest.approx(c, abs=1e-6)
+    from paligemma.captioning.bootstrap import resample_draws
+    from paligemma.tasks import average_precision
+    lists = np.sort(resample_draws(7, 1000, 0))  # each resample's images in file order
+    again = [average_precision([preds[i] for i in d], [refs[i] for i in d]) for d in lists]
+    for k in ("mAP@0.5", "mAP"):
+        want = np.percentile([a[k] for a in again], [2.5, 97.5])
+        assert saved[name]["ci95"][k] == pytest.approx(list(want), abs=1e-9)
+    assert set(saved[name]["ci95"]) == {"mAP@0.5", "mAP"} and saved["protocol"]["ci95"].startswith("percentile")
+    lo, hi = saved[name]["ci95"]["mAP@0.5"]
+    assert f"{scores['mAP@0.5']:.4f} [{lo:.4f}, {hi:.4f}]" in capsys.readouterr().out and lo < hi
     # --draw: every image, enlarged 4x (64 -> 256 px), a predicted box's edge in its label's colour
     assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == sorted(e.image.stem + ".png" for e in examples)
     label, (x0, y0, x1, y1), _ = preds[0][0]
@@ -209,6 +220,11 @@ def test_compare_and_resume_on_a_detection_set(detection_set, forced, tmp_path, 
     whole = run(model, data, tmp_path / "whole")
     both = run(model, data, tmp_path / "cmp", "--compare", "base", "--draw", str(tmp_path / "pics"))
     assert [r["mAP@0.5"] for r in both.values()] == [next(iter(whole.values()))["mAP@0.5"]] * 2
+    a, b = both.values()  # the same answers: B - A is exactly 0 on every resample
+    assert "paired" not in a and b["paired"]["against"] == next(iter(both))
+    paired = {k: v["ci95"] for k, v in b["paired"].items() if k != "against"}
+    assert paired == {"mAP@0.5": [0.0, 0.0], "mAP": [0.0, 0.0]}
+    assert json.loads((tmp_path / "cmp" / "metrics.json").read_text())[next(iter(reversed(both)))] == b
     assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["A", "B"]
 
     append = evaluate.store.append
@@ -282,7 +298,7 @@ def test_questions_scored_by_vqa_accuracy_and_exact_match(tmp_path, rows_loader)
     scores = score_file(data, preds, tmp_path / "e")
     assert scores["VQA accuracy"] == pytest.approx((3 / 4 + 0) / 2) and scores["exact match"] == 0.5
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["protocol"]["task"] == "answer"
-    assert score_file(data, preds, tmp_path / "x", "--metric", "exact") == {"exact match": 0.5}
+    assert score_file(data, preds, tmp_path / "x", "--metric", "exact", "--bootstrap", "0") == {"exact match": 0.5}
 
 
 def test_ocr_scored_by_anls_and_cer(tmp_path, rows_loader):

@@ -27,7 +27,7 @@ LAYERS = [
     ["paligemma.inference", "paligemma.verify", "paligemma.probe", "paligemma.probe.hooking",
      "paligemma.probe.groups", "paligemma.probe.recording", "paligemma.probe.knockout", "paligemma.probe.patching",
      "paligemma.probe.report", "paligemma.probe.locations", "paligemma.probe.__main__", "paligemma.tasks.boxes",
-     "paligemma.tasks.answers", "paligemma.tasks.average_precision", "paligemma.tasks.vqvae",
+     "paligemma.tasks.answers", "paligemma.tasks.average_precision", "paligemma.tasks.resampled_ap", "paligemma.tasks.vqvae",
      "paligemma.tasks.segmentation", "paligemma.tasks.confidence"],
     # the fine-tuning application
     ["paligemma.tasks", "paligemma.tasks.registry", "paligemma.tasks.readout", "paligemma.caption", "paligemma.captioning", "paligemma.captioning.wordnet", "paligemma.captioning.metrics",
@@ -37,7 +37,7 @@ LAYERS = [
      "paligemma.captioning.run_folder",
      "paligemma.captioning.training",
      "paligemma.captioning.validation",
-     "paligemma.tasks.evaluation"],
+     "paligemma.tasks.resampling", "paligemma.tasks.evaluation"],
 ]
 LORA = ["lora.layer", "lora.inject", "lora.peft_format", "lora"]
 

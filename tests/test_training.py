@@ -159,8 +159,8 @@ def test_best_model_and_early_stop(tiny_run, tmp_path, monkeypatch, capsys):
     real = validation.caption_and_score
 
     def scored(*a, **k):
-        scores, health, preds = real(*a, **k)
-        return dict(scores, **{"CIDEr-D": next(scripted)}), health, preds
+        scores, health, preds, stats = real(*a, **k)
+        return dict(scores, **{"CIDEr-D": next(scripted)}), health, preds, stats
     monkeypatch.setattr(validation, "caption_and_score", scored)
     saves, save = tmp_path / "saves", train.save_train_state
 
@@ -390,8 +390,8 @@ def test_best_survives_a_crash_and_early_stop_between_saves_checkpoints(tiny_run
         score = next(scripted)
         if score is Crash:
             raise Crash("killed during the last step's evaluation")
-        scores, health, preds = real(*a, **k)
-        return dict(scores, **{"CIDEr-D": score}), health, preds
+        scores, health, preds, stats = real(*a, **k)
+        return dict(scores, **{"CIDEr-D": score}), health, preds, stats
     monkeypatch.setattr(validation, "caption_and_score", scored)
     out = tmp_path / "run"
     common = ["--finetune", "full", "--eval-every", "2", "--save-every", "5", "--early-stop", "2", "--eval-samples", "2",
@@ -450,6 +450,10 @@ def test_a_detection_set_is_validated_and_scored_by_map(detection_run, tmp_path,
     assert {f"AP@0.5 {k}" for k in ("building", "plane", "tank")} <= set(after)  # the test split's classes
     assert "task: detect (prefixes such as 'detect building ; plane ; tank')" in printed
     assert "| mAP@0.5 |" in printed and "METEOR" not in printed and (out / "detections.png").exists()
+    ci = records[-1]["test_ci95"]["last (step 4)"]  # the task's intervals, as evaluate.py's (tasks/resampling.py)
+    assert set(ci) == {"mAP@0.5", "mAP"} and all(lo <= hi for lo, hi in ci.values())
+    lo, hi = ci["mAP@0.5"]
+    assert f"| {after['mAP@0.5']:.4f} [{lo:.4f}, {hi:.4f}] |" in printed
 
 
 def test_mixed_tasks_in_one_run_are_refused_in_one_line(detection_run, tmp_path):

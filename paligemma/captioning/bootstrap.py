@@ -143,6 +143,11 @@ def paired(a: Corpus, b: Corpus, n: int = 1000, seed: int = 0) -> dict:
     if a.meteor_kind != b.meteor_kind:
         raise ValueError(f"A's METEOR is {a.meteor_kind}, B's {b.meteor_kind}: compare one implementation")
     weights = resample_counts(len(a.images), n, seed)
-    va, vb, sa, sb = values(a, weights), values(b, weights), scores(a), scores(b)
-    return {k: {"difference": sb[k] - sa[k], "ci95": interval(vb[k] - va[k]),
+    return paired_block(values(a, weights), values(b, weights), scores(a), scores(b))
+
+
+def paired_block(va: dict, vb: dict, sa: dict, sb: dict, interval_of=interval) -> dict:
+    """name -> A's and B's values on the same resamples (B,), and their corpus values -> name ->
+    {'difference', 'ci95', 'b_beats_a'} (tasks/resampling.py's paired too)."""
+    return {k: {"difference": sb[k] - sa[k], "ci95": interval_of(vb[k] - va[k]),
                 "b_beats_a": float(np.mean(vb[k] > va[k]))} for k in va}

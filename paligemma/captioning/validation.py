@@ -34,12 +34,14 @@ def spread(examples: list, n: int) -> list:
 
 def caption_and_score(model, processor, examples, prompt: str, batch_size: int = 32, with_meteor: bool = False,
                       task: str = "caption", max_new_tokens: int = MAX_NEW_TOKENS):
-    """(scores, health, predictions) of greedy answers for `examples`, each under its own prefix (or
-    `prompt`), scored as `task`; a detection box scores the model's mean probability of its four <loc>
+    """(scores, health, predictions, statistics) of greedy answers for `examples`, each under its own prefix
+    (or `prompt`), scored as `task`; a detection box scores the model's mean probability of its four <loc>
     tokens (tasks/confidence.py), as evaluate.py ranks them. Predictions are keyed by image path, and
-    by image path and prefix where an image has several rows (VQA's questions)."""
+    by image path and prefix where an image has several rows (VQA's questions). statistics: a task's
+    per-item statistics, for its intervals (tasks/resampling.py; None for captions, which the Scorer
+    measures from the predictions)."""
     from ..inference import caption
-    from ..tasks.evaluation import score_texts
+    from ..tasks.evaluation import measure_texts
     from .metrics import health, score_all
     model.eval()
     prompts = [prompt if e.prefix is None else e.prefix for e in examples]
@@ -52,10 +54,9 @@ def caption_and_score(model, processor, examples, prompt: str, batch_size: int =
         keys = [f"{e.image} | {e.prefix}" for e in examples]
     preds, refs = dict(zip(keys, texts)), {k: e.captions for k, e in zip(keys, examples)}
     if task == "caption":
-        scores = score_all(preds, refs, with_meteor=with_meteor)
-    else:
-        scores = flat(score_texts(task, texts, [e.captions for e in examples], loc_probs=loc_probs))
-    return scores, health(preds, refs), preds
+        return score_all(preds, refs, with_meteor=with_meteor), health(preds, refs), preds, None
+    stats = measure_texts(task, texts, [e.captions for e in examples], loc_probs=loc_probs)
+    return flat(stats.scores), health(preds, refs), preds, stats
 
 
 def flat(scores: dict) -> dict:
@@ -106,7 +107,7 @@ class Validation:
         preds = {}
         if self.captioned:
             t0 = time.time()
-            scores, _, preds = caption_and_score(model, self.processor, self.captioned, self.prompt, self.batch_size,
+            scores, _, preds, _ = caption_and_score(model, self.processor, self.captioned, self.prompt, self.batch_size,
                                                  task=self.task, max_new_tokens=self.max_new_tokens)
             record[self.key] = scores[self.metric]
             if self.second in scores:

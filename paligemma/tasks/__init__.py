@@ -2,10 +2,12 @@
 
 boxes.py              detection answers: boxes <-> <locNNNN> tokens, parsing, drawing
 average_precision.py  mAP@0.5 and COCO mAP@[.5:.95], per class, equal to pycocotools
+resampled_ap.py       the same mAPs on a thousand bootstrap resamples of the images at once
 answers.py            VQA accuracy, exact match, ANLS, character error rate
 vqvae.py              the mask VQ-VAE (big_vision's vae-oid.npz): sixteen <seg> codes <-> a 64 x 64 mask
 segmentation.py       segment answers: parsed into boxes and image-sized masks, written from masks, scored, drawn
 registry.py           task_of(prefix), and the metric of each task
+resampling.py         95 % intervals and paired B - A comparisons of every task metric (the captions' draws)
 """
 from ..tokenizer import LOC_TOKENS, SEG_TOKENS
 from .answers import anls, character_error_rate, exact_match, normalize_answer, score_answers, score_ocr, vqa_accuracy

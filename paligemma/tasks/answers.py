@@ -126,30 +126,54 @@ def anls(answer: str, references, threshold: float = 0.5) -> float:
     return max(one(r) for r in references)
 
 
+def character_edits(predictions, references) -> tuple[list[int], list[int]]:
+    """Per item: Levenshtein edits to its first reference, and that reference's characters (CER's two sums)."""
+    return [levenshtein(refs[0], p) for p, refs in zip(predictions, references)], [len(refs[0]) for refs in references]
+
+
 def character_error_rate(predictions, references) -> float:
     """Corpus CER: edits to each first reference / characters of the first references."""
-    edits = sum(levenshtein(refs[0], p) for p, refs in zip(predictions, references))
-    chars = sum(len(refs[0]) for refs in references)
-    if not chars:
-        raise ValueError("character_error_rate: the references hold no characters")
-    return edits / chars
+    return ratio(*character_edits(predictions, references), "character_error_rate: the references hold no characters")
 
 
-def _mean(fn, predictions, references) -> float:
+def ratio(numerators, denominators, empty: str = "no items") -> float:
+    """sum(numerators) / sum(denominators): a corpus score from its per-item parts (a mean: denominators 1)."""
+    if not sum(denominators):
+        raise ValueError(empty)
+    return sum(numerators) / sum(denominators)
+
+
+def _items(fn, predictions, references) -> tuple[list[float], list[int]]:
+    """fn per item, as (scores, ones): the parts of their mean."""
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"{len(predictions)} predictions for {len(references)} reference sets: one each, at least one")
-    return sum(fn(p, r) for p, r in zip(predictions, references)) / len(predictions)
+    return [fn(p, r) for p, r in zip(predictions, references)], [1] * len(predictions)
+
+
+def answer_items(predictions: list[str], references: list[list[str]]) -> dict:
+    """Questions, per question: name -> (scores, weights), each metric sum(scores) / sum(weights)."""
+    return {"VQA accuracy": _items(vqa_accuracy, predictions, references),
+            "exact match": _items(exact_match, predictions, references),
+            "ANLS": _items(anls, predictions, references)}
+
+
+def ocr_items(predictions: list[str], references: list[list[str]]) -> dict:
+    """Text reading, per item: ANLS and exact match (weights 1), CER's edits over characters."""
+    return {"ANLS": _items(anls, predictions, references), "CER": character_edits(predictions, references),
+            "exact match": _items(exact_match, predictions, references)}
 
 
 def score_answers(predictions: list[str], references: list[list[str]]) -> dict:
     """Questions: {"VQA accuracy", "exact match", "ANLS"}, means over questions."""
-    return {"VQA accuracy": _mean(vqa_accuracy, predictions, references),
-            "exact match": _mean(exact_match, predictions, references),
-            "ANLS": _mean(anls, predictions, references)}
+    return scores_of(answer_items(predictions, references))
 
 
 def score_ocr(predictions: list[str], references: list[list[str]]) -> dict:
     """Text reading: {"ANLS", "CER", "exact match"}."""
-    return {"ANLS": _mean(anls, predictions, references),
-            "CER": character_error_rate(predictions, references),
-            "exact match": _mean(exact_match, predictions, references)}
+    return scores_of(ocr_items(predictions, references))
+
+
+def scores_of(items: dict) -> dict:
+    """name -> (numerators, denominators) -> name -> the corpus score."""
+    return {k: ratio(*v, f"{k}: the references hold no characters" if k == "CER" else "no items")
+            for k, v in items.items()}

@@ -18,6 +18,8 @@ Inputs, one entry per image, in file order: predictions [(label, box[, score]), 
 [(label, box), ...], boxes (x0, y0, x1, y1) in any one coordinate system (IoU does not change when
 x and y are scaled, so pixels and normalised coordinates give the same numbers).
 """
+from dataclasses import dataclass
+
 import numpy as np
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # pycocotools Params.setDetParams: 0.5, 0.55, ..., 0.95
@@ -74,27 +76,54 @@ def _boxes(items, image: int, what: str) -> np.ndarray:
     return boxes
 
 
-def average_precision(predictions, references) -> dict:
-    """-> {"mAP@0.5", "mAP", "per_class": {label: {"AP@0.5", "AP", "references", "detections"}}}; the two
-    means are None when no reference box exists."""
+@dataclass
+class ClassMatches:
+    """One class over a set of images, each image's detections ranked and matched on its own (what does not
+    change when images are drawn again: bootstrap resamples reuse it, resampled_ap.py)."""
+    scores: np.ndarray  # (D,) each image's kept detections (at most MAX_DETECTIONS) best first, images in order
+    hits: np.ndarray  # (T, D) bool: a true positive at IoU threshold t
+    image: np.ndarray  # (D,) int: the image of each detection
+    references: np.ndarray  # (N,) int: this class's reference boxes in each image
+    detections: int  # detections before the per-image cap
+
+
+def class_matches(predictions, references) -> dict:
+    """label -> ClassMatches, for every label with a reference box somewhere (sorted)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} images of predictions but {len(references)} of references")
     labels = sorted({r[0] for refs in references for r in refs})
-    per_class = {}
+    out = {}
     for label in labels:
-        scores, hits, n_refs, n_dets = [], [], 0, 0
+        scores, hits, images, n_refs, n_dets = [], [], [], [], 0
         for image, (preds, refs) in enumerate(zip(predictions, references)):
             g = _boxes([r for r in refs if r[0] == label], image, "reference")
             dets = [p for p in preds if p[0] == label]
             s = np.array([p[2] if len(p) > 2 else 1.0 for p in dets], dtype=float)
             order = np.argsort(-s, kind="mergesort")[:MAX_DETECTIONS]
-            n_refs, n_dets = n_refs + len(g), n_dets + len(dets)
+            n_refs.append(len(g))
+            n_dets += len(dets)
             scores.append(s[order])
+            images.append(np.full(len(order), image))
             hits.append(match(iou(_boxes(dets, image, "predicted")[order], g)))
-        s, h = np.concatenate(scores), np.concatenate(hits, axis=1)
-        order = np.argsort(-s, kind="mergesort")
-        p = precision_at_recall(h[:, order], n_refs)  # (T, 101)
+        out[label] = ClassMatches(np.concatenate(scores), np.concatenate(hits, axis=1), np.concatenate(images),
+                                  np.array(n_refs), n_dets)
+    return out
+
+
+def average_precision(predictions, references) -> dict:
+    """-> {"mAP@0.5", "mAP", "per_class": {label: {"AP@0.5", "AP", "references", "detections"}}}; the two
+    means are None when no reference box exists."""
+    return average_precision_of(class_matches(predictions, references))
+
+
+def average_precision_of(matches: dict) -> dict:
+    """average_precision from class_matches' label -> ClassMatches."""
+    per_class = {}
+    for label, m in matches.items():
+        order = np.argsort(-m.scores, kind="mergesort")
+        n_refs = int(m.references.sum())
+        p = precision_at_recall(m.hits[:, order], n_refs)  # (T, 101)
         per_class[label] = {"AP@0.5": float(p[0].mean()), "AP": float(p.mean()), "references": n_refs,
-                            "detections": n_dets}
+                            "detections": m.detections}
     mean = lambda key: float(np.mean([c[key] for c in per_class.values()])) if per_class else None
     return {"mAP@0.5": mean("AP@0.5"), "mAP": mean("AP"), "per_class": per_class}

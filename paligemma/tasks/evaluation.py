@@ -13,14 +13,15 @@ The task comes from each example's prompt (its own prefix, or the run's --prompt
 registry.task_of, unless --metric names it; a split whose prompts ask for two tasks is refused (score
 each task on its own). Detection and segmentation references are each example's first reference,
 parsed the same way as the answers (a segmentation reference mask is its own <seg> codes decoded by
-the same VQ-VAE: the mask the model is trained to write).
+the same VQ-VAE: the mask the model is trained to write). measure_split keeps the per-item statistics
+the metrics come from, for their 95 % intervals (resampling.py).
 """
 from pathlib import Path
 
 from PIL import Image
 
-from .answers import exact_match, score_answers, score_ocr
-from .average_precision import average_precision
+from .answers import answer_items, exact_match, ocr_items, scores_of
+from .average_precision import average_precision_of, class_matches
 from .boxes import draw, parse_detections
 from .registry import task_of_rows
 from .vqvae import SOURCE
@@ -83,26 +84,38 @@ def score_split(task: str, predictions: list[str], references: list[list[str]], 
     text tasks). sizes: (width, height) per image (detect, segment); loc_probs: per example the
     probability of each <loc> of its answer (detect; None: every box scores 1.0); decoder: a
     MaskDecoder (segment)."""
-    if task == "answer":
-        return score_answers(predictions, references), [None] * len(predictions), [None] * len(predictions)
-    if task == "ocr":
-        return score_ocr(predictions, references), [None] * len(predictions), [None] * len(predictions)
-    if task == "exact":
-        n = len(predictions)
-        return ({"exact match": sum(map(exact_match, predictions, references)) / n if n else None},
-                [None] * n, [None] * n)
+    stats, preds, refs = measure_split(task, predictions, references, names, sizes, loc_probs, decoder)
+    return stats.scores, preds, refs
+
+
+def measure_split(task: str, predictions: list[str], references: list[list[str]], names: list[str],
+                  sizes=None, loc_probs=None, decoder=None) -> tuple:
+    """score_split, with the per-item statistics its metrics come from (resampling.Statistics: .scores are
+    the metrics; resampling.intervals / paired resample them) -> (statistics, parsed predictions, parsed references)."""
+    from .resampling import statistics
+    n = len(predictions)
+    if task in ("answer", "ocr", "exact"):
+        if task == "exact":
+            items = {"exact match": (list(map(exact_match, predictions, references)), [1] * n)}
+        else:
+            items = (answer_items if task == "answer" else ocr_items)(predictions, references)
+        scores = scores_of(items) if n else {"exact match": None}
+        return statistics(scores, items, references), [None] * n, [None] * n
     if task not in ("detect", "segment"):
         raise ValueError(f"score_split: no metric for task {task!r}")
     refs = parse_references(task, references, names, sizes, decoder)
     if task == "detect":
-        loc_probs = loc_probs or [None] * len(predictions)
+        loc_probs = loc_probs or [None] * n
         preds = [parse_detections(p, w, h, lp) for p, (w, h), lp in zip(predictions, sizes, loc_probs)]
-        metrics = average_precision(preds, refs)
+        matches = class_matches(preds, refs)
+        stats = statistics(average_precision_of(matches), {}, references, matches)
     else:
-        from .segmentation import parse_segmentations, score_segmentations
+        from .segmentation import parse_segmentations, segmentation_items
         preds = [parse_segmentations(p, w, h, decoder) for p, (w, h) in zip(predictions, sizes)]
-        metrics = score_segmentations(preds, [(r[0].box, r[0].mask) for r in refs])
-    return {**metrics, "dropped": sum(p.dropped for p in preds)}, preds, refs
+        items, invalid = segmentation_items(preds, [(r[0].box, r[0].mask) for r in refs])
+        stats = statistics({**scores_of(items), "invalid": invalid, "total": n}, items, references)
+    stats.scores["dropped"] = sum(p.dropped for p in preds)
+    return stats, preds, refs
 
 
 def score_texts(task: str, predictions: list[str], references: list[list[str]], sizes=None, loc_probs=None) -> dict:
@@ -112,8 +125,14 @@ def score_texts(task: str, predictions: list[str], references: list[list[str]], 
     if task not in ("detect", "answer", "ocr"):
         from .registry import score
         return score(task, predictions, references)
+    return measure_texts(task, predictions, references, sizes, loc_probs).scores
+
+
+def measure_texts(task: str, predictions: list[str], references: list[list[str]], sizes=None, loc_probs=None):
+    """score_texts of a detection / question / OCR set, as measure_split's Statistics (.scores: the metrics)."""
     n = len(predictions)
-    return score_split(task, predictions, references, [str(i) for i in range(n)], sizes or [(1, 1)] * n, loc_probs)[0]
+    return measure_split(task, predictions, references, [str(i) for i in range(n)], sizes or [(1, 1)] * n,
+                         loc_probs)[0]
 
 
 def row_fields(task: str, parsed) -> dict:
@@ -125,15 +144,6 @@ def row_fields(task: str, parsed) -> dict:
         return dict(boxes=[dict(label=d.label, box=list(d.box), score=d.score) for d in parsed], dropped=parsed.dropped)
     return dict(segments=[dict(label=s.label, box=list(s.box), pixels=int(s.mask.sum())) for s in parsed],
                 dropped=parsed.dropped, reasons=parsed.reasons)
-
-
-def task_table(results: dict) -> str:
-    """Markdown table of a task's scores, one row per model: the numbers (per_class is in metrics.json)."""
-    names = [k for k, v in next(iter(results.values())).items() if v is None or isinstance(v, (int, float))]
-    cell = lambda v: "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    return "\n".join(lines + [f"| {label} | " + " | ".join(cell(r[n]) for n in names) + " |"
-                              for label, r in results.items()])
 
 
 def draw_split(folder: Path, task: str, images: list, predictions: list, references: list):

@@ -158,11 +158,19 @@ def score_segmentations(predictions, references, thresholds=(0.5, 0.75)) -> dict
     references: per example (box, mask) of the one reference object, box in pixels, mask (H, W) bool.
     -> {"miou", "boxacc/0.5", "boxacc/0.75", "invalid", "total"}; "invalid" counts answers with no object
     or a box under one pixel (mask IoU 0; the box still counts for box accuracy, as in the evaluator)."""
+    items, invalid = segmentation_items(predictions, references, thresholds)
+    n = len(references)
+    return {**{k: sum(v) / n for k, (v, _) in items.items()}, "invalid": invalid, "total": n}
+
+
+def segmentation_items(predictions, references, thresholds=(0.5, 0.75)) -> tuple[dict, int]:
+    """score_segmentations per example: ({"miou": (mask IoUs, ones), "boxacc/t": (hits 0 / 1, ones)}, invalid),
+    each score the mean of its values."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not references:
         raise ValueError("score_segmentations: no examples to score")
-    ious, hits, invalid = [], {t: 0 for t in thresholds}, 0
+    ious, hits, invalid = [], {t: [] for t in thresholds}, 0
     for i, (pred, (ref_box, ref_mask)) in enumerate(zip(predictions, references)):
         ref_mask = np.asarray(ref_mask, bool)
         if ref_mask.ndim != 2 or not ref_mask.any():
@@ -171,18 +179,20 @@ def score_segmentations(predictions, references, thresholds=(0.5, 0.75)) -> dict
         if not pred:
             invalid += 1
             ious.append(0.0)  # and a box IoU of 0: the evaluator scores zeroed tokens
+            for t in thresholds:
+                hits[t].append(0.0)
             continue
         box, mask = pred[0].box, np.asarray(pred[0].mask, bool)
         if mask.shape != ref_mask.shape:
             raise ValueError(f"example {i}: predicted mask {mask.shape} but reference mask {ref_mask.shape}")
         iou = box_iou(box, ref_box)
         for t in thresholds:
-            hits[t] += t <= iou
+            hits[t].append(float(t <= iou))
         inter = (mask & ref_mask).sum()
         invalid += _empty_box(box)
         ious.append(float(inter / (ref_mask.sum() + mask.sum() - inter)))
-    n = len(references)
-    return {"miou": sum(ious) / n, **{f"boxacc/{t}": hits[t] / n for t in thresholds}, "invalid": invalid, "total": n}
+    ones = [1] * len(references)
+    return {"miou": (ious, ones), **{f"boxacc/{t}": (hits[t], ones) for t in thresholds}}, invalid
 
 
 def _empty_box(box) -> bool:

@@ -70,7 +70,7 @@ def test_answers_are_generated_under_each_rows_prefix_and_boxes_ranked_by_their_
     monkeypatch.setattr(inference, "caption", fake_caption)
     model = type("M", (), {"eval": lambda self: None})()
     rows = [Example(Path("a.png"), [box], prefix="detect plane"), Example(Path("b.png"), [box], prefix="detect plane")]
-    scores, _, _ = caption_and_score(model, None, rows, "caption en", task="detect")
+    scores, _, _, stats = caption_and_score(model, None, rows, "caption en", task="detect")
     assert asked == ["detect plane"]
     # ranked by score: the hit first -> precision 1 up to recall 0.5: AP@0.5 = 51 / 101; in file order it is 0.5 * 51 / 101
     assert scores["mAP@0.5"] == pytest.approx(51 / 101)
