@@ -190,6 +190,9 @@ def read_npz(path: str | Path, part: str) -> dict[str, np.ndarray]:
     with npz:
         need = _keys(part)
         missing = [k for k in need if k not in npz.files]
+        if missing and len(missing) == len(need) - 1 and part == "encoder":  # the codebook alone: a decoder file
+            raise CheckpointError(f"{path}: holds no encoder half (encoder.0 ... encoder.10), which turns mask files "
+                                  f"into training answers (<seg> codes); the full {SOURCE} has both halves")
         if missing:
             has = sorted(npz.files)
             raise CheckpointError(f"{path}: not the mask VQ-VAE's {part} ({SOURCE}): {len(missing)} of its "
