@@ -47,9 +47,9 @@ def test_flat_scores_name_each_class_and_keep_no_none():
     assert math.isnan(flat({"mAP": None})["mAP"])
 
 
-def test_a_task_without_a_training_metric_is_refused_by_name():
+def test_a_segment_set_without_the_vae_is_refused_by_name():
     from paligemma.captioning.validation import Validation
-    with pytest.raises(ValueError, match="train.py cannot score a 'segment' set yet .*caption, detect"):
+    with pytest.raises(ValueError, match=r"train.py scores a segment set by its masks: pass --vae PATH .*vae-oid\.npz"):
         Validation(None, [], "segment cat", 8, 0, task="segment")
 
 
