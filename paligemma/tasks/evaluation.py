@@ -25,11 +25,10 @@ from .average_precision import average_precision
 from .boxes import draw, parse_detections
 from .mask_files import reference_segments
 from .registry import task_of_rows
-from .vqvae import SOURCE
+from .vqvae import VAE_HELP
 
 METRIC_FLAG = {"captions": "caption", "detection": "detect", "vqa": "answer", "exact": "exact", "ocr": "ocr",
                "segmentation": "segment"}  # evaluate.py --metric -> task
-VAE_HELP = f"the VQ-VAE that turns <seg> codes into masks, big_vision's {SOURCE}"
 
 
 def task_of_split(prefixes: list, prompt: str, names: list[str], metric: str | None = None) -> str:

@@ -148,8 +148,7 @@ def describe(objects) -> str:
 def training_answers(task: str, vae: str | None, *splits: list) -> list[list]:
     """Before any model loads: a segment set needs --vae; rows with mask files get their answers from its
     encoder half (made once, here). -> the splits, mask rows answered."""
-    from .evaluation import VAE_HELP
-    from .vqvae import MaskEncoder
+    from .vqvae import VAE_HELP, MaskEncoder
     if task == "segment" and not vae:
         first = next((e for s in splits for e in s), None)
         raise ValueError(f"a segmentation set (prompt {getattr(first, 'prefix', None)!r}, e.g. "

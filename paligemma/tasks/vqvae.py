@@ -36,6 +36,7 @@ from torch import nn
 from ..safetensors_io import CheckpointError
 
 SOURCE = "gs://big_vision/paligemma/vae-oid.npz"
+VAE_HELP = f"the VQ-VAE that turns <seg> codes into masks, big_vision's {SOURCE}"  # what --vae is, for messages
 CODES = 16  # per mask: a 4 x 4 grid
 GRID = 4
 MASK = 64   # decoded masks are MASK x MASK, the encoder takes MASK x MASK crops
