@@ -41,9 +41,8 @@ from paligemma.captioning.validation import (Best, Validation, answer_budget, ca
                                              draw_segments, save_best)
 from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, run
 from paligemma.processor import Processor
-from paligemma.tasks.evaluation import VAE_HELP
 from paligemma.tasks.mask_files import training_answers
-from paligemma.tasks.vqvae import MaskDecoder
+from paligemma.tasks.vqvae import VAE_HELP, MaskDecoder
 
 
 # What `--demo detect` changes from the caption demo's defaults (flags given on the command line still win):

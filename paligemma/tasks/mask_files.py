@@ -153,6 +153,8 @@ def training_answers(task: str, vae: str | None, *splits: list) -> list[list]:
         first = next((e for s in splits for e in s), None)
         raise ValueError(f"a segmentation set (prompt {getattr(first, 'prefix', None)!r}, e.g. "
                          f"{getattr(getattr(first, 'image', None), 'name', '?')}) needs --vae PATH: {VAE_HELP}")
+    if vae and task != "segment":
+        raise ValueError(f"--vae decodes the masks of segment sets; this is a {task} set (drop --vae)")
     if not any(e.masks for s in splits for e in s):
         return list(splits)
     encoder = MaskEncoder.from_npz(vae)

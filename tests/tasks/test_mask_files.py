@@ -129,6 +129,8 @@ def test_a_segment_set_needs_the_vae_and_its_encoder(folder, tmp_path):
     decoder_only = blocky_vae(tmp_path / "decoder.npz")
     with pytest.raises(CheckpointError, match=r"decoder\.npz: holds no encoder half .* turns mask files into training"):
         training_answers("segment", str(decoder_only), examples)
+    with pytest.raises(ValueError, match=r"--vae decodes the masks of segment sets; this is a caption set"):
+        training_answers("caption", str(decoder_only), [])
     MaskDecoder.from_npz(decoder_only)  # the decoder half alone still serves <seg> suffix rows
     seg_rows = [e.__class__(e.image, [loc(0, 0, 1023, 1023) + FULL], "", "segment roof") for e in examples]
     assert training_answers("segment", str(decoder_only), seg_rows) == [seg_rows]
