@@ -5,6 +5,7 @@ average_precision.py  mAP@0.5 and COCO mAP@[.5:.95], per class, equal to pycocot
 answers.py            VQA accuracy, exact match, ANLS, character error rate
 vqvae.py              the mask VQ-VAE (big_vision's vae-oid.npz): sixteen <seg> codes <-> a 64 x 64 mask
 segmentation.py       segment answers: parsed into boxes and image-sized masks, written from masks, scored, drawn
+mask_files.py         segment rows with a mask file per object: checked, made into training answers, references
 registry.py           task_of(prefix), and the metric of each task
 """
 from ..tokenizer import LOC_TOKENS, SEG_TOKENS
