@@ -3,7 +3,8 @@ as the references they are.
 
     {"image": "a.png", "prefix": "segment roof", "masks": [{"mask": "masks/a_0.png", "label": "roof"}], "split": "train"}
 
-Each object: `mask`, an image file (PNG) the size of the row's image, nonzero pixels inside the object;
+Each object: `mask`, an image file (PNG) the size of the row's image, nonzero pixels inside the object
+(any colour channel; alpha is ignored);
 `label`, its name; optionally `box` [x0, y0, x1, y1] in pixels (else the mask's tight box: the first
 and one past the last row and column with a pixel set). Mask paths are relative to the data file's folder
 and may not leave it. A mask row's prefix must ask for segmentation (`segment ...`): its answer is <seg>
@@ -36,10 +37,13 @@ class MaskObject(NamedTuple):
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """A mask file -> (H, W) bool, True where any channel is nonzero (a palette image: its index, as VOC's)."""
+    """A mask file -> (H, W) bool, True where any colour channel is nonzero (an alpha channel is left out: an
+    opaque RGBA export would otherwise be all object; a palette image: its index, as VOC's)."""
     try:
         with Image.open(path) as im:
             a = np.asarray(im)
+            if im.mode in ("LA", "RGBA", "PA"):
+                a = a[..., :-1]
     except FileNotFoundError:
         raise ValueError(f"mask file {path} not found") from None
     except Exception as e:  # PIL's decode errors share no base class (processor.read_image)

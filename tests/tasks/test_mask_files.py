@@ -53,10 +53,12 @@ ROOF = {"mask": "masks/roof.png", "label": "roof"}
 
 def test_boxes_are_tight_or_given(folder):
     """The roof mask's pixels: rows 5..9, columns 10..19, and one stray pixel at row 20, column 3 (saved as
-    RGB, set in the red channel only): tight box x 3..20, y 5..21 (ends exclusive). A given box is kept."""
-    save_mask(folder / "masks" / "stray.png", np.s_[5:10, 10:20], mode="RGB")
+    opaque RGBA, set in the red channel only; alpha is not the mask): tight box x 3..20, y 5..21 (ends
+    exclusive). A given box is kept."""
+    save_mask(folder / "masks" / "stray.png", np.s_[5:10, 10:20], mode="RGBA")
     a = np.asarray(Image.open(folder / "masks" / "stray.png")).copy()
-    a[20, 3] = (1, 0, 0)
+    assert (a[..., 3] == 255).all()
+    a[20, 3] = (1, 0, 0, 255)
     Image.fromarray(a).save(folder / "masks" / "stray.png")
     path = write_rows(folder / "rows.jsonl", [
         {"image": "a.png", "prefix": "segment roof", "masks": [{"mask": "masks/stray.png", "label": "roof"}]},
