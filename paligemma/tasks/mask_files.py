@@ -57,10 +57,6 @@ def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def is_mask_row(row: dict) -> bool:
-    return "masks" in row
-
-
 def read_objects(where: str, row: dict, folder: Path, image_size: tuple[int, int] | None) -> tuple[MaskObject, ...]:
     """A row's "masks" field -> its objects, each checked: the fields, and (image_size (W, H) given) the file
     read, the image's size, not empty, the box inside the image with a mask pixel in it. Errors (ValueError)
