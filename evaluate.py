@@ -22,6 +22,9 @@ METEOR, ROUGE-L, CIDEr-D), or --metric chooses (paligemma/tasks/evaluation.py); 
 
     python evaluate.py --model M --data boxes.jsonl --draw pics/   # a detection set: mAP, boxes drawn
     python evaluate.py --model M --data masks.jsonl --vae vae-oid.npz   # a segmentation set: mIoU, box accuracy
+
+A segmentation set's references are its rows' mask files where it has them (at the image's size), else
+the rows' own <seg> answers decoded by the --vae decoder.
 """
 import argparse
 import csv
@@ -44,6 +47,7 @@ from paligemma.captioning import wordnet
 from paligemma.captioning.scorer import Scorer, choose_meteor, table
 from paligemma.captioning.data import DataError, csv_rows, fingerprint, load_examples, read_jsonl, read_text
 from paligemma.captioning.metrics import health
+from paligemma.tasks.mask_files import describe
 from paligemma.tasks.registry import names_task
 
 
@@ -115,7 +119,7 @@ def predict(model, processor, examples, args, name: str, done: int, out: Path) -
     for e, text in zip(rest, tqdm(captions, total=len(rest), desc=f"captioning ({name})", mininterval=5)):
         text, probs = text if scored else (text, None)
         batch.append(dict(model=name, image=str(e.image), prompt=prompt_of(e, args), prediction=text,
-                          references=e.captions, **({"loc_probs": probs} if scored else {})))
+                          references=references_of(e), **({"loc_probs": probs} if scored else {})))
         if len(batch) == args.batch_size or len(rows) + len(batch) == len(rest):
             store.append(out, batch)
             rows, batch = rows + batch, []
@@ -152,6 +156,11 @@ def read_predictions(path, examples) -> list[str]:
     return [preds[e.image.name] for e in examples]
 
 
+def references_of(example) -> list[str]:
+    """An example's references as text: its captions or answers, or its mask files and labels."""
+    return [describe(example.masks)] if example.masks else example.captions
+
+
 def prompt_of(example, args) -> str:
     """The prompt the model is given for an example: the row's own prefix, or the run's --prompt."""
     return example.prefix if example.prefix is not None else args.prompt
@@ -165,6 +174,9 @@ def check_task(args, examples):
             any(e.prefix is None for e in examples):
         print(f"--prompt {args.prompt!r} names no PaliGemma task: scored as captions (--metric chooses another)",
               file=sys.stderr)
+    if args.task != "segment" and any(e.masks for e in examples):
+        raise ValueError(f"{args.data}: rows with mask files are segmentation references: score them with --metric "
+                         f"segmentation, not {args.metric}")
     if args.task == "segment" and not args.vae:
         raise ValueError(f"{args.data}: a segmentation set (prompt {prompt_of(examples[0], args)!r}) needs --vae PATH: "
                          f"{VAE_HELP}")
@@ -178,7 +190,8 @@ def check_task(args, examples):
         Path(args.draw).mkdir(parents=True, exist_ok=True)
     if args.task in ("detect", "segment"):
         names = [str(e.image) for e in examples]
-        parse_references(args.task, [e.captions for e in examples], names, image_sizes(names), mask_decoder(args.vae))
+        parse_references(args.task, [e.captions for e in examples], names, image_sizes(names), mask_decoder(args.vae),
+                         [e.masks for e in examples])
 
 
 @functools.cache
@@ -195,9 +208,11 @@ def score_task(examples, preds, args, scorer: Scorer, name: str, loc_probs=None,
     names = [str(e.image) for e in examples]
     sizes = image_sizes(names) if args.task in ("detect", "segment") else None
     stats, parsed, refs = measure_split(args.task, preds, [e.captions for e in examples], names, sizes, loc_probs,
-                                        mask_decoder(args.vae) if args.task == "segment" else None)
+                                        mask_decoder(args.vae) if args.task == "segment" else None,
+                                        [e.masks for e in examples])
     result = scorer.score_task(name, stats)
-    rows = [dict(image=n, prompt=prompt_of(e, args), prediction=p, references=e.captions, **row_fields(args.task, q))
+    rows = [dict(image=n, prompt=prompt_of(e, args), prediction=p, references=references_of(e),
+                 **row_fields(args.task, q))
             for n, e, p, q in zip(names, examples, preds, parsed)]
     if draw_to:
         draw_split(draw_to, args.task, names, parsed, refs)
@@ -307,7 +322,7 @@ def main(argv=None):
     left_out = {"METEOR": why} if why else {}
     if why:
         print(f"METEOR left out: {wordnet.INSTALL}", file=sys.stderr)
-    refs_bytes = sum(len(c) + 4 for e in examples for c in e.captions)
+    refs_bytes = sum(len(c) + 4 for e in examples for c in references_of(e))
     store.free_space_check(out, 3 * max(1, len(runs)) * (refs_bytes + len(examples) * (300 + 8 * args.max_new_tokens))
                            + (1 << 20))
     created = not out.exists()

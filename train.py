@@ -9,6 +9,9 @@
 
 Rows {"image", "prefix", "suffix", "split"} (JSONL or CSV) train each image under its own prompt; the
 prefixes' task (detect, answer, ocr, ...; captions otherwise) chooses the metrics (paligemma/tasks).
+Segmentation (`segment ...` rows, a `<seg>` suffix or a mask file per object) needs --vae vae-oid.npz:
+
+    python train.py --model M --data masks.jsonl --vae vae-oid.npz   # OUT/best by mean mask IoU
 
 OUT holds checkpoint/ (the last save, for --resume), best/ (the adapter or model with the best
 validation CIDEr-D, or the task's own metric, and best.json), adapter/ or final/ (the last step's),
@@ -35,9 +38,11 @@ from paligemma.captioning.run_folder import (append_jsonl, check_run_folder, che
 from paligemma.captioning.training import (Batches, accumulate, blind, check_step, collate, first_loss_check, lr_at,
                                            make_trainable)
 from paligemma.captioning.validation import (Best, Validation, answer_budget, caption_and_score, draw_detections,
-                                             save_best)
+                                             draw_segments, save_best)
 from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, run
 from paligemma.processor import Processor
+from paligemma.tasks.mask_files import training_answers
+from paligemma.tasks.vqvae import VAE_HELP, MaskDecoder
 
 
 # What `--demo detect` changes from the caption demo's defaults (flags given on the command line still win):
@@ -97,6 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (rank 0)")
     p.add_argument("--fsdp", action="store_true", help="full fine-tuning sharded over torchrun processes (FSDP2)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad examples instead of stopping")
+    p.add_argument("--vae", metavar="NPZ", help=f"segmentation sets: {VAE_HELP}; its encoder writes the answers of "
+                   "rows with mask files, its decoder turns answers into masks for validation (mean mask IoU)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and caption sampling")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     add_debug(p)
@@ -138,7 +145,8 @@ def prepare_from_scratch(out: Path, data: str | None, skip_bad: bool = False, de
     if not (model / "model.safetensors").exists():
         examples, _ = load_examples(data, split="train", check_images=False, skip_bad=skip_bad)
         texts = [c for e in examples for c in e.captions] + sorted({e.prefix for e in examples if e.prefix})
-        make_checkpoint(model, texts, task_tokens=any("<loc" in t or "<seg" in t for t in texts))
+        labels = sorted({m.label for e in examples for m in e.masks or ()})  # mask rows: answers come later
+        make_checkpoint(model, texts + labels, task_tokens=bool(labels) or any("<loc" in t or "<seg" in t for t in texts))
     return str(model), str(data)
 
 
@@ -162,10 +170,13 @@ def setup(args, rank: int) -> tuple[Path, bool]:
 
 
 def load_splits(args, say):
+    """The three splits, their one task, and mask rows' answers (made once, by the --vae encoder)."""
     train, skipped = load_examples(args.data, "train", skip_bad=args.skip_bad)
     val, _ = load_examples(args.data, "val", skip_bad=args.skip_bad)
     test, _ = load_examples(args.data, "test", skip_bad=args.skip_bad)
     say(f"data: {len(train)} train / {len(val)} val / {len(test)} test images" + (f"; {skipped.report()}" if skipped else ""))
+    task = run_task(args.prompt, train, val, test)  # which metrics score it and pick OUT/best
+    train, val, test = training_answers(task, args.vae, train, val, test)
     if args.blind:
         train = blind(train, args.seed)
         say("image-blind control: every training caption is paired with another example's image")
@@ -173,11 +184,12 @@ def load_splits(args, say):
         train = test = train[:args.batch_size]
         args.first_caption_only = True
         say(f"overfitting one batch of {len(train)} examples (caption_1): the loss should go to ~0")
-    return train, val, test, skipped
+    return train, val, test, skipped, task
 
 
 def main(argv=None):
     args = parse_args(argv)
+    decoder = MaskDecoder.from_npz(args.vae) if args.vae else None  # a missing or foreign file named before anything loads
     rank, world, args.device = distributed.setup(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
     out, from_scratch = setup(args, rank)
@@ -185,10 +197,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
+    train, val, test, skipped, task = load_splits(args, say)  # bad rows, a segment set without --vae: before the model
     model = PaliGemma.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model)
-    train, val, test, skipped = load_splits(args, say)
-    task = run_task(args.prompt, train, val, test)  # which metrics score it and pick OUT/best
     budget = answer_budget(processor, train, task)  # new tokens per answer
     if task != "caption":
         say(f"task: {task} (prefixes such as {next((e.prefix for e in train if e.prefix), args.prompt)!r}); "
@@ -206,7 +217,7 @@ def main(argv=None):
     say(precision.note)
     batches, best, step, log = Batches(train, args.batch_size, args.seed), Best(args.early_stop), 0, out / "metrics.jsonl"
     validation = Validation(processor, val, args.prompt, args.batch_size, args.val_captions, args.max_length,
-                            task, budget)
+                            task, budget, decoder)
     if args.resume:
         step = resume(args, out, par, optimizer, batches, rng, best, precision, rows, say, validation.metric)
     if rank == 0:
@@ -217,7 +228,7 @@ def main(argv=None):
 
     def score_test(m):
         return caption_and_score(m, processor, test[:args.eval_samples], args.prompt, with_meteor=meteor, task=task,
-                                 max_new_tokens=budget)
+                                 max_new_tokens=budget, decoder=decoder)
     wb = wandb_run(args.wandb, vars(args), rank, out)
     if step == 0 and par.generates:
         with par.gathered():
@@ -258,7 +269,7 @@ def main(argv=None):
             say(f"early stop at step {done}: {best.stale} evaluations without a better val {validation.metric} "
                 f"(best: step {best.step}, {best.score:.3f})")
             break
-    finish(args, out, par, best, score_test, test, skipped, losses, done, wb, validation.metric, task)
+    finish(args, out, par, best, score_test, test, skipped, losses, done, wb, validation.metric, task, decoder)
     return model
 
 
@@ -299,7 +310,7 @@ def save_checkpoint(args, out: Path, par, optimizer, step: int, batches, rng, be
 
 
 def finish(args, out: Path, par, best, score_test, test, skipped, losses: list, done: int, wb, metric: str = "CIDEr-D",
-           task: str = "caption"):
+           task: str = "caption", decoder=None):
     """The last step's export (OUT/adapter or OUT/final), test captions and the report; the run folder freed."""
     final_state = par.full_state()[0]
     if par.rank == 0:
@@ -309,7 +320,7 @@ def finish(args, out: Path, par, best, score_test, test, skipped, losses: list, 
             after = score_test(par.model)
     if par.rank == 0:
         report(args, out, after=after, last=done, best=best, score_test=score_test, test=test, skipped=skipped,
-               losses=losses, metric=metric, task=task)
+               losses=losses, metric=metric, task=task, decoder=decoder)
     if wb:
         wb.finish()
     if par.rank == 0:
@@ -318,7 +329,7 @@ def finish(args, out: Path, par, best, score_test, test, skipped, losses: list, 
 
 
 def report(args, out: Path, *, after, last: int, best, score_test, test, skipped, losses, metric="CIDEr-D",
-           task="caption"):
+           task="caption", decoder=None):
     """Test metrics before, at the last step and at the best step (with 95 % intervals over the test
     images: evaluate.py's bootstrap, for captions and task metrics); output health; the overfit verdict; curves."""
     from paligemma.captioning import curves
@@ -359,6 +370,8 @@ def report(args, out: Path, *, after, last: int, best, score_test, test, skipped
     if task == "detect":
         print(f"test boxes drawn (predicted in colour, references white): "
               f"{draw_detections(test, list(preds.values()), out / 'detections.png')}")
+    if task == "segment":
+        print(f"test masks drawn: {draw_segments(test, list(preds.values()), out / 'segmentations.png', decoder)}")
     png = curves.plot(log, out / "loss.png")
     print(f"curves: {png}" if png else "curves: pip install matplotlib for loss.png")
     if skipped:

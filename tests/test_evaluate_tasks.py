@@ -365,6 +365,41 @@ def test_segmentation_without_vae_is_a_clear_error(tmp_path, rows_loader):
         score_file(data, preds, tmp_path / "f")
 
 
+LEFT = "".join(f"<seg00{int(i % 4 < 2)}>" for i in range(16))  # grid columns 0 and 1: the left half of the box
+
+
+def test_segmentation_against_mask_files_by_hand(tmp_path):
+    """Rows with mask files are scored against the files at the image's size (64 x 64), not a decoded answer.
+    Image 0: a rectangle x 8..40, y 16..48 (1024 px; tight box); the answer is the whole image's top half,
+    rows 0..31 (2048 px): 16 x 32 = 512 in common, IoU 512 / (1024 + 2048 - 512) = 0.2; box IoU 1024 / 4096
+    = 0.25, no hit. Image 1: an L, columns 0..15 plus rows 48..63 (1024 + 768 = 1792 px), its box given as
+    [0, 0, 32, 64]; the answer is the left half, columns 0..31 (2048 px): 1024 + 16 x 16 = 1280 in common,
+    IoU 1280 / (1792 + 2048 - 1280) = 0.5; box IoU 2048 / 4096 = 0.5, a hit at 0.5 only (the L's tight box,
+    the whole image, would hit at 0.75 too). mIoU 0.35, boxacc 1/2 and 0."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    rect, ell = np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8)
+    rect[16:48, 8:40] = 255
+    ell[:, :16] = ell[48:] = 1  # 0 / 1 masks work as 0 / 255 do
+    for i, m in enumerate((rect, ell)):
+        Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(m).save(tmp_path / "masks" / f"{i}.png")
+    rows = [dict(image="0.png", prefix="segment shape", masks=[dict(mask="masks/0.png", label="shape")], split="test"),
+            dict(image="1.png", prefix="segment shape", masks=[dict(mask="masks/1.png", label="shape",
+                                                                    box=[0, 0, 32, 64])], split="test")]
+    data = write_rows(tmp_path, rows)
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps(dict(image=f"{i}.png", prediction=loc(0, 0, 1023, 1023) + codes + " shape")) + "\n"
+                             for i, codes in enumerate((TOP, LEFT))))
+    vae = blocky_vae(tmp_path / "blocky.npz")
+    scores = score_file(str(data), str(preds), tmp_path / "e", "--vae", str(vae))
+    assert scores["miou"] == pytest.approx((0.2 + 0.5) / 2) and scores["boxacc/0.5"] == 0.5 and scores["boxacc/0.75"] == 0
+    got = read_jsonl(tmp_path / "e" / "predictions.jsonl")
+    assert [r["references"] for r in got] == [["masks/0.png shape"], ["masks/1.png shape"]]
+    with pytest.raises(ValueError, match="rows with mask files are segmentation references: .*not captions"):
+        score_file(str(data), str(preds), tmp_path / "m", "--vae", str(vae), "--metric", "captions")
+
+
 def test_batches_mixing_prompts_answer_as_one_at_a_time(detection_set, tmp_path, monkeypatch, rows_loader):
     """Rows of different prompts (three lengths) share batches of 4: the logits each row's answer starts
     from equal those of an uncached forward over that image and prompt alone (left padding done right;

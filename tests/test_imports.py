@@ -28,7 +28,7 @@ LAYERS = [
      "paligemma.probe.groups", "paligemma.probe.recording", "paligemma.probe.knockout", "paligemma.probe.patching",
      "paligemma.probe.report", "paligemma.probe.locations", "paligemma.probe.__main__", "paligemma.tasks.boxes",
      "paligemma.tasks.answers", "paligemma.tasks.average_precision", "paligemma.tasks.resampled_ap", "paligemma.tasks.vqvae",
-     "paligemma.tasks.segmentation", "paligemma.tasks.confidence"],
+     "paligemma.tasks.segmentation", "paligemma.tasks.confidence", "paligemma.tasks.mask_files"],
     # the fine-tuning application
     ["paligemma.tasks", "paligemma.tasks.registry", "paligemma.tasks.readout", "paligemma.caption", "paligemma.captioning", "paligemma.captioning.wordnet", "paligemma.captioning.metrics",
      "paligemma.captioning.meteor_java", "paligemma.captioning.resampled_cider", "paligemma.captioning.bootstrap", "paligemma.captioning.scorer",

@@ -653,3 +653,56 @@ def test_forced_answer_writes_the_ids_and_restores(pg1_tok_dir):
     with pytest.raises(RuntimeError), probe.forced_answer(model, ids):
         raise RuntimeError("stop")
     assert model.generate(**inputs, max_new_tokens=4)[0].tolist() == own
+
+
+# ---- segment answers (#21): the masks drawn under the boxes with --vae ----
+
+SEG_FULL, SEG_TOP = "<seg001>" * 16, "".join(f"<seg00{int(i < 8)}>" for i in range(16))  # blocky_vae: whole box, top half
+FORCED_SEG = (f"<loc0000><loc0000><loc1023><loc0512>{SEG_FULL} roof ; <loc0512><loc0512><loc1023><loc1023>{SEG_TOP} "
+              "tree ; <loc0100><loc0100><loc0200><loc0200> pole")  # the third: a box without <seg> codes
+
+
+def test_report_draws_segment_masks_with_vae(task_tok_dir, tmp_path, monkeypatch):
+    """An 80 x 48 image, its answer forced to FORCED_SEG, the hand-built blocky VQ-VAE. By hand: the roof's
+    box x 0..int(512 / 1023 * 80) = 40, y 0..48, filled: 40 x 48 = 1920 px; the tree's x 40..80, y
+    int(512 / 1023 * 48) = 24 .. 48, its top half 24..36: 40 x 12 = 480 px; the pole has no mask. The page's
+    overlay (448 x 448, the image stretched to the square view, nearest neighbour) is the roof's colour left
+    of x = 40 / 80 * 448 = 224, the tree's in x 224.., y 24 / 48 * 448 = 224 .. 36 / 48 * 448 = 336, clear
+    elsewhere; with alpha 0.45 (115 of 255)."""
+    import base64
+    import paligemma.probe.__main__ as command
+    from paligemma.tasks.boxes import label_colour
+    from tests.tasks.vae_files import blocky_vae
+    Image.fromarray(np.full((48, 80, 3), 90, np.uint8)).save(tmp_path / "house.png")
+    load = command.load_for_inference
+    with contextlib.ExitStack() as stack:
+        def forced(*args, **kwargs):
+            model, processor = load(*args, **kwargs)
+            ids = processor.tokenizer.encode(FORCED_SEG) + [processor.tokenizer.eos_id]
+            stack.enter_context(probe.forced_answer(model, ids))
+            return model, processor
+        monkeypatch.setattr(command, "load_for_inference", forced)
+        vae = blocky_vae(tmp_path / "blocky.npz")
+        assert main(["--model", str(task_tok_dir), str(tmp_path / "house.png"), "--prompt", "segment roof ; tree",
+                     "--max-new-tokens", "90", "--out", str(tmp_path / "out"), "--vae", str(vae)]) == 0
+    folder = tmp_path / "out" / "house"
+    summary = json.loads((folder / "probe.json").read_text())
+    assert summary["text"] == FORCED_SEG
+    assert [d["label"] for d in summary["detections"]] == ["roof", "tree", "pole"]
+    assert summary["segments"] == [dict(detection=0, pixels=1920), dict(detection=1, pixels=480)]
+    page = (folder / "report.html").read_text()
+    data = json.loads(re.search(r"const D = (\{.*?\});\n", page, re.S).group(1).replace("<\\/", "</"))
+    overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(data["mask_overlay"])))).astype(int)  # (448, 448, 4)
+    assert overlay.shape == (VIEW["size"], VIEW["size"], 4)
+    roof, tree = ([*label_colour(k), 115] for k in ("roof", "tree"))
+    want = np.zeros_like(overlay)
+    want[:, :224] = roof
+    want[224:336, 224:] = tree
+    np.testing.assert_array_equal(overlay, want)
+    assert '<img id="masks"' in page and "D.mask_overlay" in page
+    # --vae with a caption prompt is an argument error; a missing file is named before the model loads
+    with pytest.raises(SystemExit):
+        main(["--model", str(task_tok_dir), str(tmp_path / "house.png"), "--out", str(tmp_path / "x"), "--vae", str(vae)])
+    with pytest.raises(FileNotFoundError, match="missing.npz: no such file"):
+        main(["--model", str(tmp_path / "no-model"), str(tmp_path / "house.png"), "--prompt", "segment roof",
+              "--out", str(tmp_path / "y"), "--vae", str(tmp_path / "missing.npz")])

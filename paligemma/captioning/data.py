@@ -6,7 +6,8 @@ more columns starting with `caption` (or a JSONL `captions` list). Every task (b
 transformers fine-tuning guides' layout): rows {"image", "prefix", "suffix", "split"}, the prefix the
 row's own prompt ("detect plane ; ship", "answer en how many planes?"; left out: the run's --prompt)
 and the suffix its answer, a string or (JSONL) a list of several references (CSV: columns `suffix`,
-`suffix_2`, ...). A suffix with `<loc>` / `<seg>` tokens must parse whole (tasks/boxes.py,
+`suffix_2`, ...). A segment row may give a mask file per object instead of a suffix ("masks": [{"mask",
+"label", "box"}], tasks/mask_files.py): its answer is made from them once the VQ-VAE is at hand. A suffix with `<loc>` / `<seg>` tokens must parse whole (tasks/boxes.py,
 tasks/segmentation.py): a detection row whose answer loses a piece would train on one thing and be
 scored on another. Bad rows are errors that name the
 file, line and field; with `skip_bad=True` they are skipped, counted and reported instead. Images are
@@ -38,6 +39,7 @@ class Example:
     captions: list[str]  # the references: RISC's captions, or a row's suffix (one or several)
     split: str = ""
     prefix: str | None = None  # the row's own prompt ("detect plane ; ship"); None: the run's --prompt
+    masks: tuple | None = None  # a segment row's mask files (tasks/mask_files.py); captions: [] until answered
 
 
 @dataclass
@@ -199,6 +201,8 @@ def parse_row(path, line, row, folder, check_images) -> Example:
     if prefix is not None and (not isinstance(prefix, str) or not prefix.strip()):
         raise DataError(f"{where}: 'prefix' must be a non-empty string (the row's prompt, e.g. \"detect plane\"; "
                         f"leave it out to use --prompt), got {prefix!r}")
+    if "masks" in row:
+        return mask_row(where, row, path.parent, folder, check_images)
     caps = references(where, row)
     empty = [i + 1 for i, c in enumerate(caps) if not (c or "").strip()]
     if empty or not caps:
@@ -206,6 +210,12 @@ def parse_row(path, line, row, folder, check_images) -> Example:
     caps = [c.strip() for c in caps]
     for c in caps:
         check_answer(where, c, prefix)
+    image, _ = checked_image(where, folder, name, check_images)
+    return Example(image=image, captions=caps, split=split_of(row) or "", prefix=prefix and prefix.strip())
+
+
+def checked_image(where: str, folder: Path, name: str, check_images: bool) -> tuple[Path, tuple[int, int] | None]:
+    """(folder / name, its (width, height)), the file decoded in full when checked (else size None)."""
     try:
         image = inside(folder, name)
     except DataError as e:
@@ -215,10 +225,22 @@ def parse_row(path, line, row, folder, check_images) -> Example:
             raise DataError(f"{where}: image file {image} not found")
         from ..processor import ImageError, read_image
         try:
-            read_image(image)  # decode every byte: verify() alone passes truncated JPEGs
+            size = read_image(image).size  # decode every byte: verify() alone passes truncated JPEGs
         except (ImageError, OSError) as e:  # bombs, broken chunks, truncation, unreadable files
             raise DataError(f"{where}: image file {image} is corrupt ({getattr(e, 'reason', e)})") from None
-    return Example(image=image, captions=caps, split=split_of(row) or "", prefix=prefix and prefix.strip())
+        return image, size
+    return image, None
+
+
+def mask_row(where: str, row: dict, data_folder: Path, folder: Path, check_images: bool) -> Example:
+    """A segment row with a mask file per object (tasks/mask_files.py): checked, its answer made later."""
+    from ..tasks.mask_files import read_objects
+    image, size = checked_image(where, folder, row["image"], check_images)
+    try:
+        objects = read_objects(where, row, data_folder, size)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return Example(image=image, captions=[], split=split_of(row) or "", prefix=row["prefix"].strip(), masks=objects)
 
 
 def references(where: str, row: dict) -> list:
@@ -274,9 +296,11 @@ def run_task(prompt: str, *splits: list[Example]) -> str:
 def fingerprint(examples: list[Example]) -> list[list[str]]:
     """[image name, hash of its captions (and prefix)] per example, in order: what a resumed run compares to
     know it continues on the same rows in the same order (a checkpoint's data position is an index into
-    them). Rows without a prefix hash as before prefixes existed, so older checkpoints still resume."""
+    them). Rows without a prefix hash as before prefixes existed, so older checkpoints still resume; mask rows
+    hash their mask files' names, labels and boxes too (and, once answered, their answers)."""
     import hashlib
-    text = lambda e: "\n".join(e.captions if e.prefix is None else [f"prefix: {e.prefix}", *e.captions])
+    masks = lambda e: [f"mask: {m.name} {m.label} {m.box}" for m in e.masks or ()]
+    text = lambda e: "\n".join(e.captions if e.prefix is None else [f"prefix: {e.prefix}", *e.captions, *masks(e)])
     return [[e.image.name, hashlib.sha256(text(e).encode()).hexdigest()[:12]] for e in examples]
 
 

@@ -7,7 +7,8 @@ Every --eval-every steps train.py measures, on fixed validation examples:
     and BLEU-4 (metrics.py). The best CIDEr-D so far picks OUT/best; --early-stop N ends the run after
     N evaluations without a better one. A run of another task (its rows' prefixes say which:
     tasks/registry.py) generates its answers the same way and is scored by that task's metrics, its
-    own metric picking OUT/best (mAP@0.5 for detection, VQA accuracy for questions, ANLS for OCR).
+    own metric picking OUT/best (mAP@0.5 for detection, VQA accuracy for questions, ANLS for OCR, mean
+    mask IoU for segmentation).
 Captions, not the loss, pick the model: the validation loss keeps falling while the captions stop
 improving or degrade (repetition), and the study this project answers judged its models by eye.
 """
@@ -33,15 +34,16 @@ def spread(examples: list, n: int) -> list:
 
 
 def caption_and_score(model, processor, examples, prompt: str, batch_size: int = 32, with_meteor: bool = False,
-                      task: str = "caption", max_new_tokens: int = MAX_NEW_TOKENS):
+                      task: str = "caption", max_new_tokens: int = MAX_NEW_TOKENS, decoder=None):
     """(scores, health, predictions, statistics) of greedy answers for `examples`, each under its own prefix
     (or `prompt`), scored as `task`; a detection box scores the model's mean probability of its four <loc>
-    tokens (tasks/confidence.py), as evaluate.py ranks them. Predictions are keyed by image path, and
-    by image path and prefix where an image has several rows (VQA's questions). statistics: a task's
-    per-item statistics, for its intervals (tasks/resampling.py; None for captions, which the Scorer
-    measures from the predictions)."""
+    tokens (tasks/confidence.py), as evaluate.py ranks them; masks (decoder: the VQ-VAE's MaskDecoder) are
+    placed at each image's size and scored against its mask files where the rows have them, as evaluate.py
+    scores them. Predictions are keyed by image path, and by image path and prefix where an image has
+    several rows (VQA's questions). statistics: a task's per-item statistics, for its intervals
+    (tasks/resampling.py; None for captions, which the Scorer measures from the predictions)."""
     from ..inference import caption
-    from ..tasks.evaluation import measure_texts
+    from ..tasks.evaluation import image_sizes, measure_texts
     from .metrics import health, score_all
     model.eval()
     prompts = [prompt if e.prefix is None else e.prefix for e in examples]
@@ -55,7 +57,10 @@ def caption_and_score(model, processor, examples, prompt: str, batch_size: int =
     preds, refs = dict(zip(keys, texts)), {k: e.captions for k, e in zip(keys, examples)}
     if task == "caption":
         return score_all(preds, refs, with_meteor=with_meteor), health(preds, refs), preds, None
-    stats = measure_texts(task, texts, [e.captions for e in examples], loc_probs=loc_probs)
+    segment = task == "segment"
+    stats = measure_texts(task, texts, [e.captions for e in examples],
+                          image_sizes([e.image for e in examples]) if segment else None, loc_probs,
+                          decoder, [e.masks for e in examples] if segment else None)
     return flat(stats.scores), health(preds, refs), preds, stats
 
 
@@ -83,16 +88,17 @@ class Validation:
     """The fixed validation sets of one run, and what one evaluation measures on them."""
 
     def __init__(self, processor, val: list, prompt: str, batch_size: int, n_captions: int, max_length=None,
-                 task: str = "caption", max_new_tokens: int = MAX_NEW_TOKENS):
+                 task: str = "caption", max_new_tokens: int = MAX_NEW_TOKENS, decoder=None):
+        from ..tasks.evaluation import VAE_HELP
         from ..tasks.registry import METRICS
-        if task not in METRICS:  # segment: its masks need the VQ-VAE decoder, which train.py does not load yet
-            raise ValueError(f"train.py cannot score a {task!r} set yet (it scores {', '.join(sorted(METRICS))}); "
-                             f"evaluate.py can, with --vae")
+        if task == "segment" and decoder is None:  # its answers are scored as masks
+            raise ValueError(f"train.py scores a segment set by its masks: pass --vae PATH ({VAE_HELP})")
         self.processor, self.prompt, self.batch_size = processor, prompt, batch_size
-        self.task, self.max_new_tokens = task, max_new_tokens
-        self.metric = METRICS[task][1]  # what picks OUT/best: CIDEr-D, mAP@0.5, ...
+        self.task, self.max_new_tokens, self.decoder = task, max_new_tokens, decoder
+        self.metric = METRICS[task][1]  # what picks OUT/best: CIDEr-D, mAP@0.5, miou, ...
         self.key = f"val_{self.metric}"
-        self.second = {"caption": "BLEU-4", "detect": "mAP", "answer": "exact match", "ocr": "CER"}.get(task)
+        self.second = {"caption": "BLEU-4", "detect": "mAP", "answer": "exact match", "ocr": "CER",
+                       "segment": "boxacc/0.5"}.get(task)
         loss_examples = spread(val, batch_size)
         self.loss_batch = collate(processor, loss_examples, prompt, random.Random(0), True, max_length)
         self.captioned = spread(val, n_captions)
@@ -108,7 +114,8 @@ class Validation:
         if self.captioned:
             t0 = time.time()
             scores, _, preds, _ = caption_and_score(model, self.processor, self.captioned, self.prompt, self.batch_size,
-                                                 task=self.task, max_new_tokens=self.max_new_tokens)
+                                                    task=self.task, max_new_tokens=self.max_new_tokens,
+                                                    decoder=self.decoder)
             record[self.key] = scores[self.metric]
             if self.second in scores:
                 record[f"val_{self.second}"] = scores[self.second]
@@ -174,13 +181,31 @@ def draw_detections(examples, predictions: list[str], path: Path, n: int = 4) ->
     """The first `n` examples side by side: each image (enlarged) with its predicted boxes (a colour and
     label per class) and its first reference's boxes in thin white (tasks.draw), as one PNG."""
     from PIL import Image
-    from ..atomic import atomic_file
     from ..tasks.boxes import draw, parse_detections
     tiles = []
     for e, text in list(zip(examples, predictions))[:n]:
         with Image.open(e.image) as im:
             w, h = im.size
             tiles.append(draw(im, parse_detections(text, w, h), parse_detections(e.captions[0], w, h)))
+    return _strip(tiles, path)
+
+
+def draw_segments(examples, predictions: list[str], path: Path, decoder, n: int = 4) -> Path:
+    """The first `n` examples side by side, each image (enlarged) with its predicted masks tinted in, their
+    boxes and labels (tasks.draw_segmentations), as one PNG."""
+    from PIL import Image
+    from ..tasks.segmentation import draw_segmentations, parse_segmentations
+    tiles = []
+    for e, text in list(zip(examples, predictions))[:n]:
+        with Image.open(e.image) as im:
+            tiles.append(draw_segmentations(im, parse_segmentations(text, im.width, im.height, decoder)))
+    return _strip(tiles, path)
+
+
+def _strip(tiles: list, path: Path) -> Path:
+    """Pictures side by side on grey, 4 px apart, written whole to `path`."""
+    from PIL import Image
+    from ..atomic import atomic_file
     strip = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)), "gray")
     for i, t in enumerate(tiles):
         strip.paste(t, (sum(x.width + 4 for x in tiles[:i]), 0))

@@ -8,7 +8,9 @@ generated token, per decoder layer: the head-averaged attention on image / <bos>
 so far, `share_groups`; token 0's row is the prefill's last position), `image_attention` (the image's
 share alone), `top5`, `logit_lens`, `reliance`, `knockout`; for detect / segment answers `detections` (boxes in pixels of
 the image, `width` x `height`) and `loc_tokens` (each <loc> token's coordinate and where the model looked
-when it wrote it: probe/locations.py). Greedy decoding, one image at a time.
+when it wrote it: probe/locations.py); with --vae a segment answer's masks are drawn too, and `segments`
+lists them (`detection`: the box it belongs to, `pixels`: its area in pixels of the image). Greedy
+decoding, one image at a time.
 
 An image that cannot be read (missing, truncated, broken chunk, decompression bomb) is named on
 stderr and skipped; the others are reported and the exit code is 1. A DIR that already holds an
@@ -26,25 +28,33 @@ from ..atomic import atomic_file
 from ..cli import one_line
 from ..cli import POSITIVE, add_debug, add_image_command_args, run
 from ..inference import load_for_inference
-from .locations import locations
+from ..tasks.vqvae import SOURCE, MaskDecoder
+from .locations import locations, segment_masks
 from .recording import generate
-from .report import index, render, summarize, thumbnail
+from .report import index, mask_overlay, render, summarize, thumbnail
 
 RECORD = ["language_model.model.layers.*.self_attn.hook_pattern", "language_model.model.layers.*.hook_resid_post"]
 PROG = "paligemma.probe"
 
 
-def probe_image(model, processor, image, name: str, prompt: str, max_new_tokens: int, folder: Path) -> dict:
-    """image: an RGB PIL image (as processor.load_image returns it), `name` its file."""
+def probe_image(model, processor, image, name: str, prompt: str, max_new_tokens: int, folder: Path,
+                decoder=None) -> dict:
+    """image: an RGB PIL image (as processor.load_image returns it), `name` its file; decoder: the --vae
+    MaskDecoder, whose masks a segment answer gets drawn with."""
     inputs = {k: v.to(model.device) for k, v in processor([image], prompt).items()}
     rec = generate(model, **inputs, max_new_tokens=max_new_tokens, names=RECORD)
     summary, heat = summarize(model, processor, rec, inputs)
     boxes = locations(processor.tokenizer, summary["tokens"], heat, image.width, image.height)
-    summary = dict(image=name, prompt=prompt, **summary, **boxes)
+    summary, overlay = dict(image=name, prompt=prompt, **summary, **boxes), None
+    if decoder is not None:
+        masks = segment_masks(summary["text"], image.width, image.height, decoder)
+        summary["segments"] = [dict(detection=j, pixels=int(m.sum())) for j, m in enumerate(masks) if m is not None]
+        overlay = mask_overlay(masks, [d["colour"] for d in summary["detections"]])
     folder.mkdir(parents=True, exist_ok=True)
     write(folder / "probe.json", json.dumps(summary))
     seen = image.resize((processor.image_size,) * 2)
-    write(folder / "report.html", render(summary, heat, seen, f"{Path(name).name}: {prompt}", processor.image_size))
+    write(folder / "report.html", render(summary, heat, seen, f"{Path(name).name}: {prompt}", processor.image_size,
+                                         overlay))
     return summary
 
 
@@ -79,8 +89,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=POSITIVE, default=20, help="longest caption in tokens")
     p.add_argument("--out", required=True, help="folder for index.html and one report folder per image")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's index.html (and its reports of the same names)")
+    p.add_argument("--vae", metavar="NPZ", help=f"segment prompts: the mask VQ-VAE (vae-oid.npz, {SOURCE}) whose "
+                                                "masks the report draws")
     add_debug(p)
     args = p.parse_args(argv)
+    if args.vae and (args.prompt.split() or [""])[0].lower() != "segment":  # registry.task_of's reading
+        p.error(f"--vae decodes the masks of segment answers: the prompt must start with segment, got {args.prompt!r}")
+    decoder = MaskDecoder.from_npz(args.vae) if args.vae else None  # a missing or foreign file named before the model
     out = Path(args.out)
     check_out(out, args.overwrite)
     model, processor = load_for_inference(args.model, args.adapter, args.dtype, args.device)
@@ -98,7 +113,8 @@ def main(argv=None) -> int:
             k += 1
             name = f"{stem}-{k}"
         used.add(name)
-        summary = probe_image(model, processor, image, str(path), args.prompt, args.max_new_tokens, out / name)
+        summary = probe_image(model, processor, image, str(path), args.prompt, args.max_new_tokens, out / name,
+                              decoder)
         entries.append((name, str(path), summary["text"], thumbnail(image)))
         write(out / "index.html", index(entries))  # after every image: what is done stays linked
         print(f"{path}\t{one_line(summary['text'])}\t{out / name / 'report.html'}", flush=True)

@@ -16,6 +16,7 @@ Axes: n generated tokens, L decoder layers, H heads, g the patch grid's side (16
 import numpy as np
 
 from ..tasks.boxes import LOC, label_colour, parse_detections
+from ..tasks.segmentation import parse_segmentations
 
 COORDINATES = ("y_min", "x_min", "y_max", "x_max")  # the four <loc> tokens of a box, in the order written
 
@@ -47,3 +48,15 @@ def locations(tokenizer, ids: list[int], heat: np.ndarray, width: int, height: i
                          detection=index[k] if k < len(index) else None, attention=per_token[i].tolist()))
     return dict(width=width, height=height, detections=[dict(label=d.label, box=list(d.box), colour="#%02x%02x%02x" % label_colour(d.label)) for d in detections],
                 detections_dropped=dropped, loc_tokens=locs)
+
+
+def segment_masks(text: str, width: int, height: int, decoder) -> list:
+    """A segment answer's masks, one per detection of locations() in its order: (height, width) bool, placed
+    as parse_segmentations places them, or None where that piece is a box without sixteen valid <seg> codes.
+    decoder: a MaskDecoder (the --vae file)."""
+    masks = []
+    for piece in text.split(";"):
+        if parse_detections(piece, width, height):
+            found = parse_segmentations(piece, width, height, decoder)
+            masks.append(found[0].mask if found else None)
+    return masks

@@ -8,7 +8,8 @@ image / <bos> / prompt / the caption so far: one stacked bar per token and layer
 that position (each layer's top tokens), the caption's image reliance (each token's log-probability
 with its image and with the image features zeroed, labelled by token), and the caption written with
 the caption -> image attention knocked out (from layer 0, and from the middle layer on). For a detect or
-segment answer (probe/locations.py) the parsed boxes are drawn over the image, and each box's four
+segment answer (probe/locations.py) the parsed boxes are drawn over the image (with --vae, a segment
+answer's masks tinted in under them, each in its box's colour), and each box's four
 `<loc>` tokens are shown as small maps of where the model looked when it wrote that coordinate (its
 attention over the patches, layers and heads averaged), with the coordinate as a dashed line; selecting
 a `<loc>` token also draws its line on the large view. The view is
@@ -88,11 +89,28 @@ def _png(image, size: int) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def render(summary: dict, heat: np.ndarray, image, title: str, model_size: int) -> str:
-    """-> report.html text. `image`: a PIL image, shown as the model saw it (square, model_size px)."""
+def mask_overlay(masks: list, colours: list[str], size: int = VIEW["size"], alpha: float = 0.45) -> str:
+    """Masks (H, W) bool (None: no mask) -> one RGBA PNG (base64) of size x size, each mask in its detection's
+    colour ("#rrggbb") at `alpha`, stretched to the square view as the image is (nearest neighbour); a later
+    mask covers an earlier one where they overlap."""
+    from PIL import Image
+    out = np.zeros((size, size, 4), np.uint8)
+    for mask, colour in zip(masks, colours):
+        if mask is not None:
+            big = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
+            out[big] = [int(colour[i:i + 2], 16) for i in (1, 3, 5)] + [round(255 * alpha)]
+    buf = io.BytesIO()
+    Image.fromarray(out, "RGBA").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render(summary: dict, heat: np.ndarray, image, title: str, model_size: int, overlay: str | None = None) -> str:
+    """-> report.html text. `image`: a PIL image, shown as the model saw it (square, model_size px);
+    overlay: the masks as one PNG over it (mask_overlay), or None."""
     peak = heat.max(axis=(-2, -1), keepdims=True)  # (n, L, H, 1, 1)
     scaled = np.round(heat / np.maximum(peak, 1e-30) * 255).astype(np.uint8)
-    data = dict(summary, heat=base64.b64encode(scaled.tobytes()).decode(), peak=peak[..., 0, 0].tolist())
+    data = dict(summary, heat=base64.b64encode(scaled.tobytes()).decode(), peak=peak[..., 0, 0].tolist(),
+                mask_overlay=overlay)
     payload = json.dumps(data).replace("</", "<\\/")
     return (PAGE.replace("$TITLE", html.escape(title)).replace("$IMAGE", _png(image, model_size))
             .replace("$LEFT", str(VIEW["left"])).replace("$TOP", str(VIEW["top"])).replace("$SIZE", str(VIEW["size"]))
@@ -145,7 +163,7 @@ svg text.lab { font-size: 11px; fill: #444; white-space: pre; }
 .nowrap { white-space: nowrap; } .key { display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 10px; }
 </style></head><body>
 <header><h1>$TITLE</h1><p id="caption"></p></header>
-<div id="view"><img src="data:image/png;base64,$IMAGE" alt="input image"><canvas id="heat"></canvas><svg id="boxes" viewBox="0 0 $SIZE $SIZE"></svg></div>
+<div id="view"><img src="data:image/png;base64,$IMAGE" alt="input image"><img id="masks" alt="" hidden><canvas id="heat"></canvas><svg id="boxes" viewBox="0 0 $SIZE $SIZE"></svg></div>
 <div id="side">
 <div id="tokens"></div>
 <p>layer <select id="layer"></select> head <select id="head"></select><br><span id="share"></span><br>
@@ -291,6 +309,7 @@ function reliance() {  // one bar per token, labelled under the axis
   $("reltext").textContent = `caption log-likelihood ${R.total_with_image.toFixed(2)} with its image, ` +
     `${R.total_without_image.toFixed(2)} with the image features zeroed (bars: per-token difference)`;
 }
+if (D.mask_overlay) { $("masks").src = "data:image/png;base64," + D.mask_overlay; $("masks").hidden = false; }  // segment masks
 $("caption").textContent = D.text;
 $("tokens").innerHTML = D.pieces.map((p, i) => `<span class="tok${LOC[i] ? " loc" : ""}" data-i="${i}"` +
   (LOC[i] && LOC[i].detection !== null ? ` style="border-bottom-color:${DETS[LOC[i].detection].colour}"` : "") +

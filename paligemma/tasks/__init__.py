@@ -6,6 +6,7 @@ resampled_ap.py       the same mAPs on a thousand bootstrap resamples of the ima
 answers.py            VQA accuracy, exact match, ANLS, character error rate
 vqvae.py              the mask VQ-VAE (big_vision's vae-oid.npz): sixteen <seg> codes <-> a 64 x 64 mask
 segmentation.py       segment answers: parsed into boxes and image-sized masks, written from masks, scored, drawn
+mask_files.py         segment rows with a mask file per object: checked, made into training answers, references
 registry.py           task_of(prefix), and the metric of each task
 resampling.py         95 % intervals and paired B - A comparisons of every task metric (the captions' draws)
 """

@@ -12,9 +12,10 @@ answer parsed to (for predictions.jsonl), and the answers drawn on their images.
 The task comes from each example's prompt (its own prefix, or the run's --prompt) through
 registry.task_of, unless --metric names it; a split whose prompts ask for two tasks is refused (score
 each task on its own). Detection and segmentation references are each example's first reference,
-parsed the same way as the answers (a segmentation reference mask is its own <seg> codes decoded by
-the same VQ-VAE: the mask the model is trained to write). measure_split keeps the per-item statistics
-the metrics come from, for their 95 % intervals (resampling.py).
+parsed the same way as the answers (a segmentation reference given as text is its own <seg> codes
+decoded by the same VQ-VAE: the mask the model is trained to write); rows with mask files
+(mask_files.py) are scored against those masks at the image's size. measure_split keeps the per-item
+statistics the metrics come from, for their 95 % intervals (resampling.py).
 """
 from pathlib import Path
 
@@ -23,12 +24,12 @@ from PIL import Image
 from .answers import answer_items, exact_match, ocr_items, scores_of
 from .average_precision import average_precision_of, class_matches
 from .boxes import draw, parse_detections
+from .mask_files import reference_segments
 from .registry import task_of_rows
-from .vqvae import SOURCE
+from .vqvae import VAE_HELP
 
 METRIC_FLAG = {"captions": "caption", "detection": "detect", "vqa": "answer", "exact": "exact", "ocr": "ocr",
                "segmentation": "segment"}  # evaluate.py --metric -> task
-VAE_HELP = f"the VQ-VAE that turns <seg> codes into masks, big_vision's {SOURCE}"
 
 
 def task_of_split(prefixes: list, prompt: str, names: list[str], metric: str | None = None) -> str:
@@ -71,25 +72,29 @@ def _reference(task: str, text: str, name: str, width: int, height: int, decoder
     return parsed
 
 
-def parse_references(task: str, references: list[list[str]], names: list[str], sizes, decoder=None) -> list:
-    """Each example's first reference as boxes (detect) or segments (segment); one that does not parse is named."""
+def parse_references(task: str, references: list[list[str]], names: list[str], sizes, decoder=None,
+                     masks=None) -> list:
+    """Each example's first reference as boxes (detect) or segments (segment); one that does not parse is
+    named. masks: per example its mask files' objects (mask_files.MaskObject, read here) or None (its text)."""
     if task == "segment" and decoder is None:
         raise ValueError(f"a segmentation set needs --vae PATH: {VAE_HELP}")
-    return [_reference(task, r[0], n, w, h, decoder) for r, n, (w, h) in zip(references, names, sizes)]
+    masks = masks or [None] * len(names)
+    return [reference_segments(m) if m else _reference(task, r[0], n, w, h, decoder)
+            for r, n, (w, h), m in zip(references, names, sizes, masks)]
 
 
 def score_split(task: str, predictions: list[str], references: list[list[str]], names: list[str],
-                sizes=None, loc_probs=None, decoder=None) -> tuple[dict, list, list]:
+                sizes=None, loc_probs=None, decoder=None, masks=None) -> tuple[dict, list, list]:
     """-> (metrics, parsed predictions, parsed references), one entry per example (parsed: None for
     text tasks). sizes: (width, height) per image (detect, segment); loc_probs: per example the
     probability of each <loc> of its answer (detect; None: every box scores 1.0); decoder: a
-    MaskDecoder (segment)."""
-    stats, preds, refs = measure_split(task, predictions, references, names, sizes, loc_probs, decoder)
+    MaskDecoder (segment); masks: per example its reference mask files (Example.masks) or None."""
+    stats, preds, refs = measure_split(task, predictions, references, names, sizes, loc_probs, decoder, masks)
     return stats.scores, preds, refs
 
 
 def measure_split(task: str, predictions: list[str], references: list[list[str]], names: list[str],
-                  sizes=None, loc_probs=None, decoder=None) -> tuple:
+                  sizes=None, loc_probs=None, decoder=None, masks=None) -> tuple:
     """score_split, with the per-item statistics its metrics come from (resampling.Statistics: .scores are
     the metrics; resampling.intervals / paired resample them) -> (statistics, parsed predictions, parsed references)."""
     from .resampling import statistics
@@ -103,7 +108,7 @@ def measure_split(task: str, predictions: list[str], references: list[list[str]]
         return statistics(scores, items, references), [None] * n, [None] * n
     if task not in ("detect", "segment"):
         raise ValueError(f"score_split: no metric for task {task!r}")
-    refs = parse_references(task, references, names, sizes, decoder)
+    refs = parse_references(task, references, names, sizes, decoder, masks)
     if task == "detect":
         loc_probs = loc_probs or [None] * n
         preds = [parse_detections(p, w, h, lp) for p, (w, h), lp in zip(predictions, sizes, loc_probs)]
@@ -118,21 +123,24 @@ def measure_split(task: str, predictions: list[str], references: list[list[str]]
     return stats, preds, refs
 
 
-def score_texts(task: str, predictions: list[str], references: list[list[str]], sizes=None, loc_probs=None) -> dict:
-    """Generated texts scored as `task`, one entry per example, without image files (train.py's
-    validation): score_split with every image at `sizes` or 1 x 1 (IoU does not change when both axes
-    are scaled, so detection scores do not depend on it); captions by their metrics."""
-    if task not in ("detect", "answer", "ocr"):
+def score_texts(task: str, predictions: list[str], references: list[list[str]], sizes=None, loc_probs=None,
+                decoder=None, masks=None) -> dict:
+    """Generated texts scored as `task`, one entry per example (train.py's validation): score_split with
+    every image at `sizes` or 1 x 1 (IoU does not change when both axes are scaled, so detection scores do
+    not depend on it; masks are placed at their image's size, which segment needs); captions by their metrics."""
+    if task not in ("detect", "answer", "ocr", "segment"):
         from .registry import score
         return score(task, predictions, references)
-    return measure_texts(task, predictions, references, sizes, loc_probs).scores
+    return measure_texts(task, predictions, references, sizes, loc_probs, decoder, masks).scores
 
 
-def measure_texts(task: str, predictions: list[str], references: list[list[str]], sizes=None, loc_probs=None):
-    """score_texts of a detection / question / OCR set, as measure_split's Statistics (.scores: the metrics)."""
+def measure_texts(task: str, predictions: list[str], references: list[list[str]], sizes=None, loc_probs=None,
+                  decoder=None, masks=None):
+    """score_texts of a detection / question / OCR / segmentation set, as measure_split's Statistics
+    (.scores: the metrics)."""
     n = len(predictions)
     return measure_split(task, predictions, references, [str(i) for i in range(n)], sizes or [(1, 1)] * n,
-                         loc_probs)[0]
+                         loc_probs, decoder, masks)[0]
 
 
 def row_fields(task: str, parsed) -> dict:

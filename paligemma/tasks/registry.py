@@ -60,13 +60,20 @@ def score_detections(predictions, references) -> dict:
     return average_precision(predictions, references)
 
 
-# task -> (function(predictions, references) -> {name: value}, the key that picks the best model).
-# "segment" is filled in by segmentation.py (its masks need the VQ-VAE decoder).
+def score_segments(predictions, references) -> dict:
+    """Per image its parsed answer [Segmentation] against (box, mask) of the reference object: mIoU, box accuracy."""
+    from .segmentation import score_segmentations
+    return score_segmentations(predictions, references)
+
+
+# task -> (function(predictions, references) -> {name: value}, the key that picks the best model). Boxes and
+# masks are scored parsed (evaluation.score_split parses them: masks need the VQ-VAE decoder).
 METRICS = {
     "caption": (score_captions, "CIDEr-D"),
     "detect": (score_detections, "mAP@0.5"),
     "answer": (score_answers, "VQA accuracy"),
     "ocr": (score_ocr, "ANLS"),
+    "segment": (score_segments, "miou"),
 }
 
 

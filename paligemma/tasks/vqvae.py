@@ -36,6 +36,7 @@ from torch import nn
 from ..safetensors_io import CheckpointError
 
 SOURCE = "gs://big_vision/paligemma/vae-oid.npz"
+VAE_HELP = f"the VQ-VAE that turns <seg> codes into masks, big_vision's {SOURCE}"  # what --vae is, for messages
 CODES = 16  # per mask: a 4 x 4 grid
 GRID = 4
 MASK = 64   # decoded masks are MASK x MASK, the encoder takes MASK x MASK crops
@@ -190,6 +191,9 @@ def read_npz(path: str | Path, part: str) -> dict[str, np.ndarray]:
     with npz:
         need = _keys(part)
         missing = [k for k in need if k not in npz.files]
+        if missing and len(missing) == len(need) - 1 and part == "encoder":  # the codebook alone: a decoder file
+            raise CheckpointError(f"{path}: holds no encoder half (encoder.0 ... encoder.10), which turns mask files "
+                                  f"into training answers (<seg> codes); the full {SOURCE} has both halves")
         if missing:
             has = sorted(npz.files)
             raise CheckpointError(f"{path}: not the mask VQ-VAE's {part} ({SOURCE}): {len(missing)} of its "

@@ -47,9 +47,9 @@ def test_flat_scores_name_each_class_and_keep_no_none():
     assert math.isnan(flat({"mAP": None})["mAP"])
 
 
-def test_a_task_without_a_training_metric_is_refused_by_name():
+def test_a_segment_set_without_the_vae_is_refused_by_name():
     from paligemma.captioning.validation import Validation
-    with pytest.raises(ValueError, match="train.py cannot score a 'segment' set yet .*caption, detect"):
+    with pytest.raises(ValueError, match=r"train.py scores a segment set by its masks: pass --vae PATH .*vae-oid\.npz"):
         Validation(None, [], "segment cat", 8, 0, task="segment")
 
 
@@ -76,3 +76,26 @@ def test_answers_are_generated_under_each_rows_prefix_and_boxes_ranked_by_their_
     assert scores["mAP@0.5"] == pytest.approx(51 / 101)
     caption_and_score(model, None, [rows[0], Example(Path("b.png"), ["x"])], "caption en", task="answer")
     assert asked[-1] == ["detect plane", "caption en"]
+
+
+def test_segment_texts_score_against_decoded_answers_or_mask_files(tmp_path):
+    """score_texts (validation's scorer) on a segment answer whose box is the whole 64 x 32 image and whose
+    mask its top half (1024 px): against a <seg> reference of the whole image, decoded by the hand-built
+    VQ-VAE, mask IoU 1024 / 2048 = 0.5 and box IoU 1; against a mask file of rows 0..7 (512 px, box x 0..64,
+    y 0..8) mask IoU 512 / 1024 = 0.5 too, but box IoU 512 / 2048 = 0.25: no hit at 0.5."""
+    import numpy as np
+    from PIL import Image
+    from paligemma.tasks import MaskDecoder, score_texts
+    from paligemma.tasks.mask_files import MaskObject
+    from tests.tasks.vae_files import blocky_vae
+    decoder = MaskDecoder.from_npz(blocky_vae(tmp_path / "b.npz"))
+    box = "<loc0000><loc0000><loc1023><loc1023>"
+    top, full = box + "<seg001>" * 8 + "<seg000>" * 8 + " a", box + "<seg001>" * 16 + " a"
+    decoded = score_texts("segment", [top], [[full]], [(64, 32)], decoder=decoder)
+    assert decoded["miou"] == 0.5 and decoded["boxacc/0.75"] == 1.0
+    m = np.zeros((32, 64), np.uint8)
+    m[:8] = 255
+    Image.fromarray(m).save(tmp_path / "m.png")
+    files = score_texts("segment", [top], [[]], [(64, 32)], decoder=decoder,
+                        masks=[(MaskObject("m.png", tmp_path / "m.png", "a", (0, 0, 64, 8)),)])
+    assert files["miou"] == 0.5 and files["boxacc/0.5"] == 0.0 and files["boxacc/0.75"] == 0.0

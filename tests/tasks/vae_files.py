@@ -37,14 +37,20 @@ def random_vae(path, seed=0, K=128, D=64, C=128, up=(128, 64, 32, 16), enc=(32, 
     return path
 
 
-def blocky_vae(path):
+def blocky_vae(path, encoder=False):
     """A decoder built by hand: code 1 -> +1, code 0 -> -1 over its own 16 x 16 block of the 64 x 64 mask.
 
     Codebook K = 2, D = 1, one channel everywhere; residual blocks zero (identity); every transposed
     convolution is exact nearest-neighbour 2x upsampling: with kernel 4, stride 2, padding 1, output 2j
     takes input j through tap 1 and output 2j + 1 takes input j through tap 2, so taps [0, 1, 1, 0]
     (outer product in 2D) copy each input pixel to a 2 x 2 block, edges included. The last 1 x 1 conv
-    maps 0 / 1 to -1 / +1."""
+    maps 0 / 1 to -1 / +1.
+
+    encoder=True adds the matching encoder: each 16 x 16 block of the 64 x 64 crop -> code 1 when more than
+    half of it is set, else 0 (so a filled box encodes to all ones). Four 2 x 2 stride-2 convolutions of
+    taps 1/4 average the block (the first adds 1: [-1, 1] inputs become [0, 2], which the ReLUs keep);
+    residual blocks zero; the last 1 x 1 conv halves it: the fraction set, in [0, 1]; the nearest of the
+    codes 0.0 and 1.0 is 1 above one half (a tie takes code 0, argmin's first)."""
     a = {"_vq_vae._embedding": np.array([[0.0], [1.0]], np.float32), "decoder.0.weight": np.ones((1, 1, 1, 1), np.float32),
          "decoder.0.bias": np.zeros(1, np.float32)}
     for r in (2, 3):
@@ -57,5 +63,15 @@ def blocky_vae(path):
         a[f"decoder.{i}.bias"] = np.zeros(1, np.float32)
     a["decoder.12.weight"] = np.full((1, 1, 1, 1), 2.0, np.float32)
     a["decoder.12.bias"] = np.full(1, -1.0, np.float32)
+    if encoder:
+        for i in (0, 2, 4, 6):
+            a[f"encoder.{i}.weight"] = np.full((1, 1, 2, 2), 0.25, np.float32)
+            a[f"encoder.{i}.bias"] = np.full(1, 1.0 if i == 0 else 0.0, np.float32)
+        for r in (8, 9):
+            for j, k in ((0, 3), (2, 3), (4, 1)):
+                a[f"encoder.{r}.net.{j}.weight"] = np.zeros((1, 1, k, k), np.float32)
+                a[f"encoder.{r}.net.{j}.bias"] = np.zeros(1, np.float32)
+        a["encoder.10.weight"] = np.full((1, 1, 1, 1), 0.5, np.float32)
+        a["encoder.10.bias"] = np.zeros(1, np.float32)
     np.savez(path, **a)
     return path
