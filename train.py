@@ -37,8 +37,8 @@ from paligemma.captioning.run_folder import (append_jsonl, check_run_folder, che
                                              save_train_state, trim_log, wandb_run)
 from paligemma.captioning.training import (Batches, accumulate, blind, check_step, collate, first_loss_check, lr_at,
                                            make_trainable)
-from paligemma.captioning.validation import (Best, Validation, answer_budget, caption_and_score, draw_detections,
-                                             draw_segments, save_best)
+from paligemma.captioning.validation import (Best, Validation, answer_budget, caption_and_score, draw_answers,
+                                             save_best)
 from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, run
 from paligemma.processor import Processor
 from paligemma.tasks.mask_files import training_answers
@@ -369,9 +369,9 @@ def report(args, out: Path, *, after, last: int, best, score_test, test, skipped
               + ("the pipeline learns" if ok else "WARNING: it did not memorise one batch; something is broken"))
     if task == "detect":
         print(f"test boxes drawn (predicted in colour, references white): "
-              f"{draw_detections(test, list(preds.values()), out / 'detections.png')}")
+              f"{draw_answers(task, test, list(preds.values()), out / 'detections.png')}")
     if task == "segment":
-        print(f"test masks drawn: {draw_segments(test, list(preds.values()), out / 'segmentations.png', decoder)}")
+        print(f"test masks drawn: {draw_answers(task, test, list(preds.values()), out / 'segmentations.png', decoder)}")
     png = curves.plot(log, out / "loss.png")
     print(f"curves: {png}" if png else "curves: pip install matplotlib for loss.png")
     if skipped:

@@ -177,28 +177,20 @@ def save_best(folder: Path, model, full: bool, base: str, step: int, record: dic
         (tmp / "best.json").write_text(json.dumps({"step": step, "selected_by": selected_by, **scores}, indent=2))
 
 
-def draw_detections(examples, predictions: list[str], path: Path, n: int = 4) -> Path:
-    """The first `n` examples side by side: each image (enlarged) with its predicted boxes (a colour and
-    label per class) and its first reference's boxes in thin white (tasks.draw), as one PNG."""
+def draw_answers(task: str, examples, predictions: list[str], path: Path, decoder=None, n: int = 4) -> Path:
+    """The first `n` examples side by side, each image (enlarged) with what its answer says: detect, its
+    predicted boxes (a colour and label per class) and its first reference's in thin white (tasks.draw);
+    segment, its predicted masks tinted in, their boxes and labels (tasks.draw_segmentations, decoder: the
+    VQ-VAE's MaskDecoder). One PNG."""
     from PIL import Image
     from ..tasks.boxes import draw, parse_detections
-    tiles = []
-    for e, text in list(zip(examples, predictions))[:n]:
-        with Image.open(e.image) as im:
-            w, h = im.size
-            tiles.append(draw(im, parse_detections(text, w, h), parse_detections(e.captions[0], w, h)))
-    return _strip(tiles, path)
-
-
-def draw_segments(examples, predictions: list[str], path: Path, decoder, n: int = 4) -> Path:
-    """The first `n` examples side by side, each image (enlarged) with its predicted masks tinted in, their
-    boxes and labels (tasks.draw_segmentations), as one PNG."""
-    from PIL import Image
     from ..tasks.segmentation import draw_segmentations, parse_segmentations
     tiles = []
     for e, text in list(zip(examples, predictions))[:n]:
         with Image.open(e.image) as im:
-            tiles.append(draw_segmentations(im, parse_segmentations(text, im.width, im.height, decoder)))
+            w, h = im.size
+            tiles.append(draw(im, parse_detections(text, w, h), parse_detections(e.captions[0], w, h))
+                         if task == "detect" else draw_segmentations(im, parse_segmentations(text, w, h, decoder)))
     return _strip(tiles, path)
 
 
