@@ -668,7 +668,7 @@ def test_report_draws_segment_masks_with_vae(task_tok_dir, tmp_path, monkeypatch
     int(512 / 1023 * 48) = 24 .. 48, its top half 24..36: 40 x 12 = 480 px; the pole has no mask. The page's
     overlay (448 x 448, the image stretched to the square view, nearest neighbour) is the roof's colour left
     of x = 40 / 80 * 448 = 224, the tree's in x 224.., y 24 / 48 * 448 = 224 .. 36 / 48 * 448 = 336, clear
-    elsewhere; with alpha 0.45 (115 of 255)."""
+    elsewhere; with alpha 0.45 (115 of 255) inside, opaque (255) within 2 px of each mask's border."""
     import base64
     import paligemma.probe.__main__ as command
     from paligemma.tasks.boxes import label_colour
@@ -698,6 +698,10 @@ def test_report_draws_segment_masks_with_vae(task_tok_dir, tmp_path, monkeypatch
     want = np.zeros_like(overlay)
     want[:, :224] = roof
     want[224:336, 224:] = tree
+    want[:, :224, 3][[*range(2), *range(446, 448)], :] = 255  # the roof's outline: top, bottom,
+    want[:, [0, 1, 222, 223], 3] = 255  # left and right
+    want[224:336, 224:, 3][[0, 1, 110, 111], :] = 255  # the tree's: y 224, 225, 334, 335
+    want[224:336, [224, 225, 446, 447], 3] = 255  # x 224, 225, 446, 447
     np.testing.assert_array_equal(overlay, want)
     assert '<img id="masks"' in page and "D.mask_overlay" in page
     # --vae with a caption prompt is an argument error; a missing file is named before the model loads

@@ -9,7 +9,7 @@ that position (each layer's top tokens), the caption's image reliance (each toke
 with its image and with the image features zeroed, labelled by token), and the caption written with
 the caption -> image attention knocked out (from layer 0, and from the middle layer on). For a detect or
 segment answer (probe/locations.py) the parsed boxes are drawn over the image (with --vae, a segment
-answer's masks tinted in under them, each in its box's colour), and each box's four
+answer's masks tinted in over the heat map, outlined, each in its box's colour), and each box's four
 `<loc>` tokens are shown as small maps of where the model looked when it wrote that coordinate (its
 attention over the patches, layers and heads averaged), with the coordinate as a dashed line; selecting
 a `<loc>` token also draws its line on the large view. The view is
@@ -89,19 +89,31 @@ def _png(image, size: int) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def mask_overlay(masks: list, colours: list[str], size: int = VIEW["size"], alpha: float = 0.45) -> str:
+def mask_overlay(masks: list, colours: list[str], size: int = VIEW["size"], alpha: float = 0.45, edge: int = 2) -> str:
     """Masks (H, W) bool (None: no mask) -> one RGBA PNG (base64) of size x size, each mask in its detection's
-    colour ("#rrggbb") at `alpha`, stretched to the square view as the image is (nearest neighbour); a later
+    colour ("#rrggbb") at `alpha` with an opaque outline `edge` px wide (the translucent fill alone is lost
+    under a bright heat map), stretched to the square view as the image is (nearest neighbour); a later
     mask covers an earlier one where they overlap."""
     from PIL import Image
     out = np.zeros((size, size, 4), np.uint8)
     for mask, colour in zip(masks, colours):
         if mask is not None:
             big = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
-            out[big] = [int(colour[i:i + 2], 16) for i in (1, 3, 5)] + [round(255 * alpha)]
+            rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+            out[big] = rgb + [round(255 * alpha)]
+            out[big & ~_eroded(big, edge)] = rgb + [255]
     buf = io.BytesIO()
     Image.fromarray(out, "RGBA").save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def _eroded(mask: np.ndarray, r: int) -> np.ndarray:
+    """(S, S) bool -> the pixels whose whole (2r + 1)^2 square lies in the mask (outside the view counts as out)."""
+    padded, inner = np.pad(mask, r), mask.copy()
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            inner &= padded[dy:dy + len(mask), dx:dx + len(mask)]
+    return inner
 
 
 def render(summary: dict, heat: np.ndarray, image, title: str, model_size: int, overlay: str | None = None) -> str:
@@ -163,7 +175,7 @@ svg text.lab { font-size: 11px; fill: #444; white-space: pre; }
 .nowrap { white-space: nowrap; } .key { display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 10px; }
 </style></head><body>
 <header><h1>$TITLE</h1><p id="caption"></p></header>
-<div id="view"><img src="data:image/png;base64,$IMAGE" alt="input image"><img id="masks" alt="" hidden><canvas id="heat"></canvas><svg id="boxes" viewBox="0 0 $SIZE $SIZE"></svg></div>
+<div id="view"><img src="data:image/png;base64,$IMAGE" alt="input image"><canvas id="heat"></canvas><img id="masks" alt="" hidden><svg id="boxes" viewBox="0 0 $SIZE $SIZE"></svg></div>
 <div id="side">
 <div id="tokens"></div>
 <p>layer <select id="layer"></select> head <select id="head"></select><br><span id="share"></span><br>
