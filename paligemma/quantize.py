@@ -29,7 +29,9 @@ What stays unquantized, and why:
 - LoRA's `lora_A` / `lora_B`: they are what trains (float32).
 """
 import functools
+import itertools
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +85,7 @@ class FbgemmInt8:
     measured on captions in tests/test_quantize_quality.py (which decodes 64 rows at a time: per tensor
     is per row only at batch 1; a batch's rows, or a prefill's tokens, share one scale).
 
-    fbgemm's packed copy is made at the first call and from then on holds the only copy of the
+    fbgemm's packed copy is made at the first call (or by `pack()`) and from then on holds the only copy of the
     int8 weights (two would add the int8 model's size to the memory): `qweight` becomes None, `int8()`
     unpacks (linear_unpack: the same bytes back, tested), and state_dict(), load_state_dict() and
     `.to()` / casts put the buffer back first; the packed object is no tensor, `.to()` would not see it.
@@ -96,6 +98,7 @@ class FbgemmInt8:
     `fbgemm_ready` is the one place that decides; where it says no, torch._weight_int8pack_mm runs.
     """
     _fbgemm = None  # fbgemm's packed weights, once made
+    _number = None  # and their number in PACKED, for a compiled step
 
     def int8(self) -> torch.Tensor:
         """(out, in) int8: the buffer, or unpacked from fbgemm's copy (a new tensor)."""
@@ -105,21 +108,34 @@ class FbgemmInt8:
 
     def decode_rows(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in) in the scales' dtype -> (rows, out), through fbgemm where it can run."""
+        if torch.compiler.is_compiling() and self._number is not None:  # packed by generation.compiled_step
+            return fbgemm_int8(x.float(), self._number, len(self.scales), REDUCE_RANGE).to(x.dtype)
         if not fbgemm_ready():
             return torch._weight_int8pack_mm(x, self.qweight, self.scales)  # reads int8 at half bf16's bandwidth
         if self._fbgemm is None:
+            self.pack()
+        return torch.ops.quantized.linear_dynamic(x.float(), self._fbgemm, REDUCE_RANGE).to(x.dtype)
+
+    def pack(self):
+        """Make fbgemm's packed copy, which from then on holds the only copy of the int8 weights, and
+        give it its number in PACKED."""
+        if self._fbgemm is None and fbgemm_ready():
             with warnings.catch_warnings():  # torch.ao's deprecation notice, answered in the docstring
                 warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
                 q = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.float(),
                                                             torch.zeros(len(self.scales), dtype=torch.long), 0)
             self._fbgemm = torch.ops.quantized.linear_prepack(q, None)
             self._buffers["qweight"] = None  # fbgemm's copy is the only one now
-        return torch.ops.quantized.linear_dynamic(x.float(), self._fbgemm, reduce_range()).to(x.dtype)
+        if self._fbgemm is not None and PACKED.get(self._number) is not self:  # new, or a copy of a packed layer
+            self._number = next(_NUMBERS)
+            PACKED[self._number] = self
 
     def unpack(self) -> torch.Tensor:
         """Put the int8 weights back into the `qweight` buffer (and drop fbgemm's copy); -> qweight."""
         if self._fbgemm is not None:
             self._buffers["qweight"], self._fbgemm = self.int8(), None
+            PACKED.pop(self._number, None)
+            self._number = None
         return self.qweight
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), ...: the buffer must be there to be moved
@@ -145,11 +161,32 @@ def fbgemm_ready() -> bool:
     return hasattr(torch.ops.quantized, "linear_dynamic") and torch.backends.quantized.engine in ("x86", "fbgemm")
 
 
-@functools.cache
 def reduce_range() -> bool:
     """7-bit activations where the CPU has no VNNI: without it fbgemm adds pairs of uint8 x int8 products
     in int16 (VPMADDUBSW), which two 8-bit products can overflow; VNNI adds them in int32."""
     return not torch.cpu._is_vnni_supported()
+
+
+REDUCE_RANGE = reduce_range()  # a constant, so that a compiled step reads no CPU query
+
+# torch.compile cannot trace fbgemm's packed weights (a TorchScript object: dynamo stops at "Failed to
+# convert args/kwargs to proxy"), so a compiled decode step (generation.compiled_step, which packs
+# every layer first) reaches them through this op, by the number each layer got when it packed.
+# Eager calls go to fbgemm directly. Measured at 3B, batch 1: compiled 7.5 tok/s, eager 7.6-8.1: on CPU
+# this makes `compile=True` work with int8, not faster (the step is fbgemm's products; NOTES.md, change 14).
+PACKED = weakref.WeakValueDictionary()  # number -> the FbgemmInt8 module that holds them
+_NUMBERS = itertools.count()
+
+
+@torch.library.custom_op("paligemma::fbgemm_int8", mutates_args=())
+def fbgemm_int8(x: torch.Tensor, number: int, out_features: int, reduce_range: bool) -> torch.Tensor:
+    """x (rows, in) float32 -> (rows, out) float32: fbgemm's dynamic int8 linear of layer PACKED[number]."""
+    return torch.ops.quantized.linear_dynamic(x, PACKED[number]._fbgemm, reduce_range)
+
+
+@fbgemm_int8.register_fake
+def _(x, number, out_features, reduce_range):
+    return x.new_empty(x.shape[0], out_features)
 
 
 class Int8Linear(FbgemmInt8, nn.Module):

@@ -5,7 +5,7 @@ hit its on-disk cache), so these are the only compiled tests."""
 import pytest
 import torch
 
-from paligemma import PaliGemma, generation
+from paligemma import PaliGemma, generation, quantize
 from tests.helpers import batch
 
 STEPS = 20
@@ -30,6 +30,21 @@ def test_compiled_decode_equals_eager_in_one_graph(request, family, counters):
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     again = model.generate(**inputs, max_new_tokens=STEPS + 1, eos_id=-1, compile=True)  # a new cache, same shapes
     assert torch.equal(again, eager) and counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_quantized_decode_equals_eager_in_one_graph(pg1_dir, mode, counters):
+    """The CPU inference set-up: int8 layers on fbgemm (which dynamo reaches through quantize.fbgemm_int8)
+    or int4 on torch's kernel, and the int8 copy of the head (fbgemm too)."""
+    model = PaliGemma.from_pretrained(pg1_dir, dtype=torch.bfloat16, quantize=mode, inference=True)
+    assert isinstance(model.language_model.lm_head, quantize.Int8Head)
+    inputs = batch(16, prompt_lens=(3, 7), seed=1)
+    eager = model.generate(**inputs, max_new_tokens=STEPS + 1, eos_id=-1)
+    compiled = model.generate(**inputs, max_new_tokens=STEPS + 1, eos_id=-1, compile=True)
+    assert torch.equal(compiled, eager)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert not quantize.fbgemm_ready() or not any(
+        isinstance(m, quantize.FbgemmInt8) and m.qweight is not None for m in model.modules()), "int8 ran on fbgemm"
 
 
 def test_the_counter_sees_recompiles(pg1_dir, counters, monkeypatch):

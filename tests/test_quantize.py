@@ -135,6 +135,29 @@ def test_int8_fbgemm_copy_is_unpacked_wherever_a_tensor_is_wanted(tmp_path):
     assert layer.qweight.device.type == "meta"
 
 
+@pytest.mark.skipif(not Q.fbgemm_ready(), reason="fbgemm's ops are not in this torch")
+def test_int8_op_for_compiled_steps_reaches_each_layers_own_packed_weights():
+    """quantize.fbgemm_int8 (what a compiled step calls) finds a layer by its number in PACKED: the
+    layer's own product, also for a copy of a packed layer (which must not use the original's weights)
+    and after an unpack and a new pack."""
+    layer = Q.quantized_linear(linear(), "int8")
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        y = layer(x)  # packs: numbered
+        assert torch.equal(Q.fbgemm_int8(x, layer._number, 40, Q.REDUCE_RANGE) + layer.bias, y)
+        twin = copy.deepcopy(layer)
+        twin.bias.zero_()
+        twin.pack()  # a copy carries the original's number: it gets its own
+        assert twin._number != layer._number and Q.PACKED[twin._number] is twin
+        assert torch.equal(Q.fbgemm_int8(x, twin._number, 40, Q.REDUCE_RANGE), twin(x))
+        assert Q.PACKED[layer._number] is layer
+        old = layer._number
+        layer.unpack()
+        assert old not in Q.PACKED and layer._number is None
+        layer.pack()
+        assert torch.equal(Q.fbgemm_int8(x, layer._number, 40, Q.REDUCE_RANGE) + layer.bias, y)
+
+
 def unpack_nf4_by_hand(layer, absmax) -> torch.Tensor:
     codes = []
     for byte in layer.qweight.tolist():
