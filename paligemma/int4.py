@@ -109,7 +109,7 @@ class Int4Linear(nn.Module):
         if not self.fused(x):
             # training (the kernel has no backward), other devices and dtypes. Not prefill: the fused kernel
             # is ~2.5x slower than a bf16 matmul at 268 rows, but dequantizing alone (unpacking torch's
-            # layout) took 4x longer than the fused kernel (notes/quant-NOTES.md, benchmarks/kernels.py)
+            # layout) took 4x longer than the fused kernel (benchmarks/NOTES.md, change 12, benchmarks/kernels.py)
             return dense_forward(self, x)
         rows = x.reshape(-1, x.shape[-1])
         if self.qweight.shape[1] * 2 != self.in_features:

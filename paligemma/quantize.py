@@ -10,7 +10,7 @@ kernel) when a layer runs.
   W[o, :] ~= scale[o] * q[o, :], q in [-127, 127]. Half the bytes of bf16. On CPU without
   gradients the rows run through fbgemm's int8 x uint8 kernel (activations rounded to 8 bits per call:
   FbgemmInt8), decode and prefill alike: the fastest int8 kernel measured at 1 to 268 rows
-  (notes/quant-NOTES.md).
+  (benchmarks/NOTES.md, change 12).
 - nf4 (QLoRA, Dettmers et al. 2023, section 3): the weight, flattened, is cut into blocks of 64;
   each block is divided by its absmax and every value replaced by the nearest of 16 "NormalFloat"
   levels, the quantiles of a standard normal (the shape of trained weights), stored as 4-bit
@@ -81,7 +81,7 @@ class FbgemmInt8:
     fbgemm quantizes the activations on every call, per tensor, to uint8 with a zero point (scale =
     (max(x, 0) - min(x, 0)) / 255), multiplies uint8 by int8 into int32 (VPDPBUSD) and scales back to
     float32: int8 weights read at bf16's bandwidth, 1.8x torch._weight_int8pack_mm's speed at one row,
-    2.2x at 8 (benchmarks/kernels.py, notes/quant-NOTES.md). What it costs is the activations' rounding,
+    2.2x at 8 (benchmarks/kernels.py, benchmarks/NOTES.md, change 12). What it costs is the activations' rounding,
     measured on captions in tests/test_quantize_quality.py (which decodes 64 rows at a time: per tensor
     is per row only at batch 1; a batch's rows, or a prefill's tokens, share one scale).
 
@@ -197,7 +197,7 @@ class Int8Linear(FbgemmInt8, nn.Module):
     it). On CPU without gradients every row count goes through fbgemm (FbgemmInt8: activations
     rounded to 8 bits too): it was the fastest int8 kernel at 1, 8, 16 and 268 rows, and dequantizing
     for a bf16 matmul would need the int8 weights unpacked from fbgemm's copy, which alone took longer
-    than the whole fbgemm prefill (benchmarks/kernels.py, notes/quant-NOTES.md). Where fbgemm is not
+    than the whole fbgemm prefill (benchmarks/kernels.py, benchmarks/NOTES.md, change 12). Where fbgemm is not
     there: <= FUSED_ROWS rows torch._weight_int8pack_mm, more dequantize + one matmul.
     """
 
