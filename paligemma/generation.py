@@ -95,10 +95,11 @@ def compiled_step(model, mode: bool | str, device: torch.device):
     if any(isinstance(m, (PackedLinear, PackedHead)) for m in model.modules()):
         raise ValueError("compile=True needs plain linear layers; these are packed for CPU inference (inference=True "
                          "or packing.pack), which inductor cannot compile: load without inference=True")
-    from .quantize import FbgemmInt8
-    for m in model.modules():  # int8 layers on fbgemm: packed now, outside the graph (quantize.fbgemm_int8)
-        if isinstance(m, FbgemmInt8) and device.type == "cpu":
-            m.pack()
+    if device.type == "cpu":  # int8 layers on fbgemm: packed now, outside the graph (quantize.fbgemm_int8)
+        from .quantize import FbgemmInt8
+        for m in model.modules():
+            if isinstance(m, FbgemmInt8):
+                m.pack()
     if mode is True:
         mode = "reduce-overhead" if device.type == "cuda" else "default"
     return _compiled(mode)
