@@ -107,6 +107,31 @@ def compiled_int8(x, q, s):
     return ((x.float()[:, None, :] * q.float()[None]).sum(-1) * s.float()).to(x.dtype)
 
 
+def compiled_int8_blocked(x, q, s):
+    """The same, the reduction split into blocks of 64 (more independent sums for the compiler)."""
+    o, i = q.shape
+    p = (x.float().view(-1, 1, i // 64, 64) * q.view(1, o, i // 64, 64).float()).sum(-1)  # (M, out, in / 64)
+    return (p.sum(-1) * s.float()).to(x.dtype)
+
+
+class Frozen(torch.nn.Module):
+    """One layer's quantized weights as parameters, for inductor's freezing: with max-autotune it then
+    benchmarks its own C++ GEMM templates (the weight-only int8 "small M" template, the AVX512 int4 one)
+    against the aten kernel and keeps the faster, per shape."""
+    def __init__(self, op, *tensors):
+        super().__init__()
+        self.op, self.ts = op, torch.nn.ParameterList(torch.nn.Parameter(t, requires_grad=False) for t in tensors)
+
+    def forward(self, x):
+        return self.op(x, *self.ts)
+
+
+def autotuned(op):
+    torch._dynamo.config.cache_size_limit = 64  # a module per weight: one graph each
+    opts = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+    return lambda *ts: torch.compile(Frozen(op, *ts).eval(), options=opts, dynamic=False)
+
+
 def kernels(compile_: bool) -> list[Kernel]:
     ks = [Kernel("bf16 F.linear", lambda w: w, lambda w, x: F.linear(x, w), nbytes),
           Kernel("bf16 torch.mv", lambda w: w, lambda w, x: torch.mv(w, x[0])[None], nbytes, rows=(1,)),
@@ -132,6 +157,18 @@ def kernels(compile_: bool) -> list[Kernel]:
         fn = torch.compile(compiled_int8, dynamic=False)
         ks.append(Kernel("int8 torch.compile'd dequantize-and-reduce", lambda w: (lambda q, s: (q, s.to(w.dtype)))(*int8_rows(w)),
                          lambda st, x: fn(x, st[0], st[1]), lambda st: nbytes(*st), rows=(1, 8)))
+        blocked = torch.compile(compiled_int8_blocked, dynamic=False)
+        ks.append(Kernel("int8 torch.compile'd dequantize-and-reduce, blocks of 64",
+                         lambda w: (lambda q, s: (q, s.to(w.dtype)))(*int8_rows(w)),
+                         lambda st, x: blocked(x, st[0], st[1]), lambda st: nbytes(*st), rows=(1, 8)))
+        woq8 = autotuned(torch._weight_int8pack_mm)
+        ks.append(Kernel("int8 _weight_int8pack_mm, inductor freezing + max-autotune",
+                         lambda w: (lambda q, s: (woq8(q, s.to(w.dtype)), nbytes(q, s)))(*int8_rows(w)),
+                         lambda st, x: st[0](x), lambda st: st[1], rows=(1, 8)))
+        woq4 = autotuned(lambda x, q, sz: torch._weight_int4pack_mm_for_cpu(x, q, 64, sz))
+        ks.append(Kernel("int4 groups of 64, inductor freezing + max-autotune",
+                         lambda w: (lambda q, sz: (woq4(q, sz), nbytes(q, sz)))(*int4_prepare(64)(w)),
+                         lambda st, x: st[0](x), lambda st: st[1], rows=(1, 8)))
     return ks
 
 
@@ -141,7 +178,7 @@ def main():
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 268])
     p.add_argument("--copies", type=int, default=2, help="copies of a decoder layer's weights, rotated")
     p.add_argument("--reps", type=int, default=5, help="interleaved rounds (3 at 268 rows)")
-    p.add_argument("--compile", action="store_true", help="also a torch.compile'd int8 kernel (needs a C++ compiler)")
+    p.add_argument("--compile", action="store_true", help="also torch.compile'd / inductor kernels (need a C++ compiler)")
     p.add_argument("--only", nargs="+", help="kernels whose name contains one of these words")
     p.add_argument("--out", help="also write the table to this Markdown file")
     args = p.parse_args()
