@@ -172,8 +172,9 @@ REDUCE_RANGE = reduce_range()  # a constant, so that a compiled step reads no CP
 # torch.compile cannot trace fbgemm's packed weights (a TorchScript object: dynamo stops at "Failed to
 # convert args/kwargs to proxy"), so a compiled decode step (generation.compiled_step, which packs
 # every layer first) reaches them through this op, by the number each layer got when it packed.
-# Eager calls go to fbgemm directly. Measured at 3B, batch 1: compiled 7.5 tok/s, eager 7.6-8.1: on CPU
-# this makes `compile=True` work with int8, not faster (the step is fbgemm's products; benchmarks/NOTES.md, change 14).
+# Eager calls go to fbgemm directly. Measured at 3B, batch 1: compiled / eager 0.92-1.08x: on CPU this makes
+# `compile=True` work with int8, not faster (the step is fbgemm's products, and this op's Python wrapper, 66 us
+# a call, costs about what inductor saves on the small ops; benchmarks/NOTES.md, changes 14 and 15).
 PACKED = weakref.WeakValueDictionary()  # number -> the FbgemmInt8 module that holds them
 _NUMBERS = itertools.count()
 
