@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +144,11 @@ def pairs(args):
     files = gguf(args.work, Path(args.ckpt), Path(args.gguf))
     config = json.loads((Path(args.ckpt) / "config.json").read_text())
     data = {k: v for k, v in ours.inputs(config, 1).items() if k != "labels"}
-    lines = [f"copy bandwidth {ours.copy_bandwidth('cpu') / 1e9:.1f} GB/s (read + write); {args.rounds} rounds, "
+    limit = ours.copy_bandwidth("cpu")
+    if args.out:  # runs append to one .jsonl: each starts with a line saying when, and on what bandwidth
+        start = dict(run=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), copy_bandwidth=limit, rounds=args.rounds)
+        Path(args.out).with_suffix(".jsonl").open("a").write(json.dumps(start) + "\n")
+    lines = [f"copy bandwidth {limit / 1e9:.1f} GB/s (read + write); {args.rounds} rounds, "
              f"{args.new} tokens, median of {args.reps} each side per round", "",
              "| pair | llama.cpp tok/s (median, range) | ours tok/s (median, range) | ours / llama.cpp per round: median (range) |",
              "|---|---:|---:|---:|"]
@@ -157,12 +162,18 @@ def pairs(args):
         for r in range(args.rounds):
             order = ["llama", "ours"] if r % 2 == 0 else ["ours", "llama"]
             got = {side: sides[side]() for side in order}
+            if got["ours"] is None:  # tokens_per_s: the neighbours' noise exceeded the decode's time
+                print(f"{impl} vs {quant}: round {r} gave no figure for ours (too few --new tokens?)", flush=True)
+                continue
             rounds.append(got | dict(ratio=got["ours"] / got["llama"]))
             row = json.dumps({f"{impl} vs {quant}": rounds[-1]})
             print(row, flush=True)
             if args.out:
                 Path(args.out).with_suffix(".jsonl").open("a").write(row + "\n")
         del model
+        if not rounds:
+            lines.append(f"| {impl.partition(':')[2]} vs {quant} | no round gave a figure | | |")
+            continue
         col = lambda k: [x[k] for x in rounds]  # noqa: E731
         cell = lambda v, f: f"{f(statistics.median(v))} ({f(min(v))}-{f(max(v))})"  # noqa: E731
         lines.append(f"| {impl.partition(':')[2]} vs {quant} | {cell(col('llama'), '{:.2f}'.format)} | "
