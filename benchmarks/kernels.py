@@ -88,6 +88,27 @@ def int4_layer(w):
     return layer
 
 
+def embedding_bag_prepare(w, group: int = 64):
+    """fbgemm's 4-bit embedding-bag table for W x: row j * K + k holds W[j*G:(j+1)*G, k] (G outputs of one
+    input), 4-bit codes with a float16 scale and bias after them (fbgemm's fused rowwise layout)."""
+    n, k = w.shape
+    t = w.float().t().reshape(k, n // group, group).transpose(0, 1).reshape(-1, group)  # (n / G * k, G)
+    lo, hi = t.amin(1, keepdim=True), t.amax(1, keepdim=True)
+    scale, bias = ((hi - lo) / 15).clamp(min=1e-8).half(), lo.half()
+    q = ((t - bias.float()) / scale.float()).round_().clamp_(0, 15).to(torch.uint8)
+    table = torch.cat([q[:, 0::2] | (q[:, 1::2] << 4), scale.view(torch.uint8), bias.view(torch.uint8)], 1)
+    bags = n // group
+    return table, torch.arange(bags * k, dtype=torch.int32), torch.arange(0, bags * k + 1, k, dtype=torch.int32), bags
+
+
+def embedding_bag_run(st, x):
+    """y = W x as n / G bags of k rows each, weighted by x: one call, its sum in float32."""
+    table, indices, offsets, bags = st
+    y = torch.ops.quantized.embedding_bag_4bit_rowwise_offsets(table, indices, offsets, False, 0, False,
+                                                               x[0].float().repeat(bags), None, True)
+    return y.reshape(1, -1).to(x.dtype)
+
+
 def fbgemm_dequantize(st, x):
     """The int8 weight back out of fbgemm's packed form (linear_unpack), times its scales, then bf16 F.linear."""
     q = torch.ops.quantized.linear_unpack(st[0])[0].int_repr()
@@ -149,6 +170,8 @@ def kernels(compile_: bool) -> list[Kernel]:
           Kernel("int8 oneDNN qlinear (activations per tensor)", onednn_prepare, onednn_run, lambda st: st[3]),
           Kernel("int8 x int8 torch._int_mm (activations per row)", lambda w: int8_rows(w), int_mm,
                  lambda st: nbytes(*st), rows=(268, 2144))]
+    ks.append(Kernel("int4 fbgemm 4-bit embedding bag as W x (groups of 64 outputs)", embedding_bag_prepare,
+                     embedding_bag_run, lambda st: nbytes(st[0]), rows=(1,)))
     for g in (32, 64, 128):
         ks.append(Kernel(f"int4 torch._weight_int4pack_mm_for_cpu, groups of {g}", int4_prepare(g),
                          lambda st, x, g=g: torch._weight_int4pack_mm_for_cpu(x, st[0], g, st[1]), lambda st: nbytes(*st),
