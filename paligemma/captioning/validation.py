@@ -51,9 +51,7 @@ def caption_and_score(model, processor, examples, prompt: str, batch_size: int =
     out = list(caption(model, processor, [e.image for e in examples], prompts[0] if len(set(prompts)) == 1 else prompts,
                        batch_size, max_new_tokens=max_new_tokens, **({"loc_scores": True} if detect else {})))
     texts, loc_probs = ([t for t, _ in out], [p for _, p in out]) if detect else (out, None)
-    keys = [str(e.image) for e in examples]
-    if len(set(keys)) < len(keys):
-        keys = [f"{e.image} | {e.prefix}" for e in examples]
+    keys = row_keys(examples)
     preds, refs = dict(zip(keys, texts)), {k: e.captions for k, e in zip(keys, examples)}
     if task == "caption":
         return score_all(preds, refs, with_meteor=with_meteor), health(preds, refs), preds, None
@@ -62,6 +60,15 @@ def caption_and_score(model, processor, examples, prompt: str, batch_size: int =
                           image_sizes([e.image for e in examples]) if segment else None, loc_probs,
                           decoder, [e.masks for e in examples] if segment else None)
     return flat(stats.scores), health(preds, refs), preds, stats
+
+
+def row_keys(examples) -> list[str]:
+    """One key per row for predictions and references: the image path, or "image | prefix" where an image
+    has several rows (VQA's questions, question generation), so that no row is scored under another's key."""
+    keys = [str(e.image) for e in examples]
+    if len(set(keys)) < len(keys):
+        keys = [f"{e.image} | {e.prefix}" for e in examples]
+    return keys
 
 
 def flat(scores: dict) -> dict:
