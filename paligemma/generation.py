@@ -37,6 +37,13 @@ def generate(model, input_ids, pixel_values, attention_mask=None, token_type_ids
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    elif not bool(attention_mask[:, -1].all()):  # the next token is read at the last position: a pad there is garbage
+        rows = attention_mask[:, -1].eq(0).nonzero()[:, 0].tolist()
+        raise ValueError(f"generate: rows {rows} end in padding (attention_mask 0 at the last position); pad prompts "
+                         "on the left, as Processor does")
+    if max_new_tokens <= 0:
+        empty = input_ids.new_empty(B, 0)
+        return (empty, empty.float()) if return_scores else empty
     if compile and num_beams > 1:
         raise ValueError("compile=True compiles the greedy / sampling step; beam search reorders the cache at "
                          "every step: use num_beams=1, or compile=False")
@@ -91,10 +98,8 @@ def decode_step(model, cache, token: torch.Tensor, slot: torch.Tensor) -> torch.
 
 def compiled_step(model, mode: bool | str, device: torch.device):
     """decode_step under torch.compile, whole (fullgraph: a graph break would be an error, not a slow path)."""
-    from .packing import PackedHead, PackedLinear
-    if any(isinstance(m, (PackedLinear, PackedHead)) for m in model.modules()):
-        raise ValueError("compile=True needs plain linear layers; these are packed for CPU inference (inference=True "
-                         "or packing.pack), which inductor cannot compile: load without inference=True")
+    from .packing import unpack
+    unpack(model)  # inductor cannot trace oneDNN's blocked weights (inference=True packs them on CPU)
     if device.type == "cpu":  # int8 layers on fbgemm: packed now, outside the graph (quantize.fbgemm_int8)
         from .quantize import FbgemmInt8
         for m in model.modules():

@@ -135,6 +135,12 @@ class PackedLinear(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias
 
+    def plain_module(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.weight, requires_grad=False)
+        linear.bias = self.bias
+        return linear
+
     def extra_repr(self) -> str:
         state = "packed" if self.packed is not None else f"packed after {self.calls_left} more calls"
         return f"in_features={self.in_features}, out_features={self.out_features}, {state}"
@@ -153,6 +159,9 @@ class PackedHead(TiedHead):
     def _apply(self, fn, recurse=True):
         _stay_on_cpu(self, fn)
         return super()._apply(fn, recurse)
+
+    def plain_module(self) -> TiedHead:
+        return TiedHead(self.softcap)
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
@@ -192,6 +201,16 @@ def converter(model):
         packed[name] = _reorder(tensor)
         return {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")}
     return convert, names, packed
+
+
+def unpack(model):
+    """The inverse of pack(): every PackedLinear back to an nn.Linear (its dense weight), a PackedHead
+    back to a TiedHead; for torch.compile, which cannot trace the blocked layout. A no-op on a plain model."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (PackedLinear, PackedHead)):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, m.plain_module())
+    return model
 
 
 def pack(model, head: bool = True, packed: dict | None = None, after: int = 0):

@@ -61,10 +61,23 @@ def test_the_counter_sees_recompiles(pg1_dir, counters, monkeypatch):
     assert counters["stats"]["unique_graphs"] == 4
 
 
-def test_compile_refuses_beams_and_packed_layers(pg1_dir):
+def test_compile_refuses_beams(pg1_dir):
     model = PaliGemma.from_pretrained(pg1_dir).eval()
     with pytest.raises(ValueError, match="compile=True compiles the greedy"):
         model.generate(**batch(16), max_new_tokens=3, num_beams=2, compile=True)
-    packed = PaliGemma.from_pretrained(pg1_dir, inference=True)  # inductor cannot lower oneDNN's packed weights
-    with pytest.raises(ValueError, match="compile=True needs plain linear layers"):
-        packed.generate(**batch(16), max_new_tokens=3, compile=True)
+
+
+def test_compile_unpacks_packed_layers(pg1_dir, counters, monkeypatch):
+    """caption / evaluate --compile load with inference=True, which packs on CPU: the compiled step turns
+    the packed layers back into plain ones (dynamo's eager backend here: no kernels to build) and decodes
+    the packed model's tokens."""
+    from paligemma import packing
+    model = packing.pack(PaliGemma.from_pretrained(pg1_dir, inference=True))
+    inputs = batch(16, prompt_lens=(3, 7), seed=1)
+    eager = model.generate(**inputs, max_new_tokens=6, eos_id=-1)
+    monkeypatch.setattr(generation, "_compiled", lambda mode: torch.compile(generation.decode_step, backend="eager",
+                                                                             fullgraph=True))
+    compiled = model.generate(**inputs, max_new_tokens=6, eos_id=-1, compile=True)
+    assert torch.equal(compiled, eager)
+    assert not any(isinstance(m, (packing.PackedLinear, packing.PackedHead)) for m in model.modules())
+    assert counters["stats"]["unique_graphs"] == 1

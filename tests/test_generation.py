@@ -172,3 +172,20 @@ def test_beam_scores_are_the_hypothesis_token_probabilities(beam_pair):
     """Beam search: each token of the returned hypothesis has its probability given that hypothesis' own
     earlier tokens (the beams were reordered and pooled with their probabilities)."""
     check_scores(beam_pair[0], batch(N_IMG, **BEAMS), num_beams=3)
+
+
+def test_right_padding_is_refused_and_zero_new_tokens_is_empty(pg1_dir):
+    """A right-padded row's last position is a pad: the first new token would be read from it. Refused by
+    row; and max_new_tokens=0 gives (B, 0) for greedy and beam search alike."""
+    model = PaliGemma.from_pretrained(pg1_dir).eval()
+    inputs = batch(16, prompt_lens=(3, 7), seed=1)
+    right = {k: v.clone() for k, v in inputs.items()}
+    for k in ("input_ids", "attention_mask"):  # row 0 (4 pads on the left) moved to the right
+        right[k][0] = torch.roll(inputs[k][0], -4)
+    with pytest.raises(ValueError, match=r"rows \[0\] end in padding"):
+        model.generate(**right, max_new_tokens=3)
+    for beams in (1, 2):
+        out = model.generate(**inputs, max_new_tokens=0, num_beams=beams)
+        assert out.shape == (2, 0)
+        tokens, probs = model.generate(**inputs, max_new_tokens=0, num_beams=beams, return_scores=True)
+        assert tokens.shape == probs.shape == (2, 0)
