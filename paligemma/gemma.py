@@ -158,6 +158,12 @@ class GemmaModel(nn.Module):
         return self.norm(x)
 
 
+def source(table: torch.Tensor) -> tuple:
+    """What identifies the embedding table a head's own copy (packed, quantized) was made from: a
+    load_state_dict() copies into it (its version moves on) or assigns a new one (another storage)."""
+    return table.data_ptr(), table._version, tuple(table.shape), table.dtype
+
+
 class TiedHead(nn.Module):
     """The output head: logits = h E^T with E the embedding table, then Gemma 2's final soft-cap.
 

@@ -73,6 +73,18 @@ def unpack(qweight: torch.Tensor) -> torch.Tensor:
     return codes
 
 
+def fused_mm(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, in_features: int,
+             out_features: int) -> torch.Tensor:
+    """x (..., in) @ W^T through torch's CPU kernel on the packed codes -> (..., out)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # the kernel refuses strided rows (a prefill's last positions)
+    if qweight.shape[1] * 2 != in_features:
+        rows = F.pad(rows, (0, 2 * qweight.shape[1] - in_features))  # zero columns of the padded groups
+    y = torch._weight_int4pack_mm_for_cpu(rows, qweight, group, scales_and_zeros)
+    if len(qweight) != out_features:
+        y = y[:, :out_features]  # the zero rows of the padding
+    return y.reshape(*x.shape[:-1], out_features)
+
+
 class Int4Linear(nn.Module):
     """y = x W^T + b with W as 4-bit codes and a scale and zero per `group` input features of each row."""
 
@@ -111,13 +123,7 @@ class Int4Linear(nn.Module):
             # is ~2.5x slower than a bf16 matmul at 268 rows, but dequantizing alone (unpacking torch's
             # layout) took 4x longer than the fused kernel (benchmarks/NOTES.md, change 12, benchmarks/kernels.py)
             return dense_forward(self, x)
-        rows = x.reshape(-1, x.shape[-1])
-        if self.qweight.shape[1] * 2 != self.in_features:
-            rows = F.pad(rows, (0, 2 * self.qweight.shape[1] - self.in_features))  # zero columns of the padded groups
-        y = torch._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group, self.scales_and_zeros)
-        if len(self.qweight) != self.out_features:
-            y = y[:, :self.out_features]  # the zero rows of the padding
-        y = y.reshape(*x.shape[:-1], self.out_features)
+        y = fused_mm(x, self.qweight, self.scales_and_zeros, self.group, self.in_features, self.out_features)
         return y if self.bias is None else y + self.bias
 
     @property

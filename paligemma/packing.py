@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gemma import TiedHead
+from .gemma import TiedHead, source
 from .safetensors_io import drop_file_pages, mapped
 
 
@@ -75,7 +75,7 @@ def _stay_on_cpu(module: nn.Module, fn):
     exist only on the CPU in their own dtype, and they are plain attributes that .to() would silently
     leave behind. So a move or a cast is refused by name; .to("cpu") in the same dtype passes."""
     dtype = next((t.dtype for t in (getattr(module, "packed", None), getattr(module, "plain", None))
-                  if isinstance(t, torch.Tensor)), torch.bfloat16)
+                  if isinstance(t, torch.Tensor)), getattr(module, "dtype", torch.bfloat16))
     probe = fn(torch.zeros(1, dtype=dtype))
     if probe.device.type != "cpu" or probe.dtype != dtype:
         raise RuntimeError(f"{type(module).__name__}: packed for CPU inference in {dtype} (packing.py); it cannot "
@@ -135,6 +135,30 @@ class PackedLinear(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """load_state_dict() of the `weight` state_dict() gives: checked, then packed again (or kept plain
+        while the countdown runs); the bias loads as a parameter does."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "weight"
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        w = state_dict[key]
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(w.shape)}, the packed "
+                              f"layer has {(self.out_features, self.in_features)}")
+            return
+        dtype = self.plain.dtype if self.packed is None else self.packed.dtype
+        w = w.detach().to("cpu", dtype)
+        if self.packed is None:
+            self.plain = w
+        else:
+            self.packed = _reorder(w)
+
     def plain_module(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = nn.Parameter(self.weight, requires_grad=False)
@@ -153,8 +177,12 @@ class PackedHead(TiedHead):
     def __init__(self, head: TiedHead, embedding: torch.Tensor, after: int = 0):
         super().__init__(head.softcap)
         self.packed, self.calls_left = None, after  # (V, D) blocked; not in state_dict(), which has no head key
+        self.dtype = embedding.dtype  # what _stay_on_cpu allows before the copy exists
         if after <= 0:
-            self.packed = _reorder(embedding)
+            self.copy_of(embedding)
+
+    def copy_of(self, embedding: torch.Tensor):
+        self.packed, self._source = _reorder(embedding), source(embedding)
 
     def _apply(self, fn, recurse=True):
         _stay_on_cpu(self, fn)
@@ -168,7 +196,9 @@ class PackedHead(TiedHead):
             logits = _rent(self, h, weight, None)
             if logits is not None:
                 return self.cap(logits)
-            self.packed = _reorder(weight)
+            self.copy_of(weight)
+        elif source(weight) != self._source:  # the table changed (a load_state_dict): the copy is stale
+            self.copy_of(weight)
         return self.cap(_packed_linear(h, self.packed, None, self.training))
 
 
@@ -240,5 +270,5 @@ def pack(model, head: bool = True, packed: dict | None = None, after: int = 0):
     if head and type(lm.lm_head) is TiedHead:
         lm.lm_head = PackedHead(lm.lm_head, table, after)
     elif head and after <= 0 and isinstance(lm.lm_head, PackedHead) and lm.lm_head.packed is None:
-        lm.lm_head.packed = _reorder(table)  # still counting down: packed now, not copied a second time
+        lm.lm_head.copy_of(table)  # still counting down: packed now, not copied a second time
     return model.eval()

@@ -24,8 +24,8 @@ kernel) when a layer runs.
 What stays unquantized, and why:
 - norms, biases, SigLIP's patch and position embeddings: vectors and a conv, < 0.1 % of the bytes;
 - `embed_tokens`: a lookup reads 1 row per token, so its bytes do not limit anything; it is also
-  the tied output head, which reads all of it every step: `head=True` adds an int8 copy for the
-  logits (Int8Head), as packing.py adds a packed one;
+  the tied output head, which reads all of it every step: `head=True` adds a quantized copy for the
+  logits (Int8Head for int8, Int4Head for int4 and nf4), as packing.py adds a packed one;
 - LoRA's `lora_A` / `lora_B`: they are what trains (float32).
 """
 import functools
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dequantize import dense_forward
-from .gemma import TiedHead
+from .gemma import TiedHead, source
+from . import int4
 from .int4 import GROUP, Int4Linear
 
 MODES = ("int8", "int4", "nf4")
@@ -390,43 +391,79 @@ def check(model: nn.Module, mode: str):
 def quantize(model: nn.Module, mode: str, skip=(), head: bool = False, double_quant: bool = False,
              group: int = GROUP) -> nn.Module:
     """Replace nn.Linear layers (both towers, projector, decoder; see `targets`) by their `mode`
-    form, in place; `head=True` also gives the tied output head an int8 copy. Returns the model.
-    `double_quant`: NF4's absmaxes in 8 bits; `group`: int4's input features per scale and zero."""
+    form, in place; `head=True` also gives the tied output head a quantized copy (`quantized_head`).
+    Returns the model. `double_quant`: NF4's absmaxes in 8 bits; `group`: int4's input features per
+    scale and zero."""
     check(model, mode)
     for name in targets(model, skip):
         parent, _, child = name.rpartition(".")
         module = model.get_submodule(parent)
         setattr(module, child, quantized_linear(getattr(module, child), mode, double_quant, group))
     if head:
-        int8_head(model)
+        quantized_head(model, mode)
     return model
 
 
-def int8_head(model: nn.Module):
-    """Replace the tied output head by an Int8Head: an int8 copy of the embedding table for the logits
-    (the table itself stays, for lookups)."""
+def quantized_head(model: nn.Module, mode: str):
+    """Replace the tied output head by one that decodes from its own quantized copy of the embedding table
+    (the table itself stays, for lookups): Int8Head for int8; Int4Head for the weight-only 4-bit modes,
+    int4 and nf4, whose logits then stay weight-only too (fbgemm's int8 head rounds the activations of a
+    batch's rows with one scale, so a row's tokens would depend on its neighbours)."""
     lm = model.language_model
-    lm.lm_head = Int8Head(lm.lm_head, lm.model.embed_tokens.weight)
+    lm.lm_head = (Int8Head if mode == "int8" else Int4Head)(lm.lm_head, lm.model.embed_tokens.weight)
 
 
 class Int8Head(FbgemmInt8, TiedHead):
     """The tied head from its own int8 copy of the embedding table (V, D), for decoding: at 3B the head
     is a fifth of each step's bytes, and int8 halves them. The copy is held in buffers that are not
-    saved (`model.to()` moves them; state_dict() still has no head key). Decode rows go through fbgemm
-    (FbgemmInt8), soft-capped after, as TiedHead caps; prefill and training (many rows, or gradients)
-    use the table passed in, as TiedHead does."""
+    saved (`model.to()` moves them; state_dict() still has no head key), and made again if the table
+    changes (a load_state_dict()). Decode rows go through fbgemm (FbgemmInt8), soft-capped after, as
+    TiedHead caps; prefill and training (many rows, or gradients) use the table passed in, as TiedHead does."""
 
     def __init__(self, head: TiedHead, embedding: torch.Tensor):
         super().__init__(head.softcap)
+        self.copy_of(embedding)
+
+    def copy_of(self, embedding: torch.Tensor):
+        if self._fbgemm is not None:  # fbgemm's packed copy of the old table
+            PACKED.pop(self._number, None)
+            self._fbgemm, self._number = None, None
         parts = Int8Linear.quantize_weight(embedding.detach())
         self.register_buffer("qweight", parts["qweight"], persistent=False)  # (V, D) int8
         self.register_buffer("scales", parts["scales"], persistent=False)  # (V,)
+        self._source = source(embedding)
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         rows = h.numel() // h.shape[-1]
         if rows <= FUSED_ROWS and decodes(h, self.scales):
+            if source(weight) != self._source:
+                self.copy_of(weight)
             logits = self.decode_rows(h.reshape(rows, -1))  # (rows, V)
             return self.cap(logits.view(*h.shape[:-1], -1))  # (..., V)
+        return super().forward(h, weight)
+
+
+class Int4Head(TiedHead):
+    """The tied head from its own int4 copy of the embedding table (groups of 64, int4.py), for decoding:
+    a quarter of bf16's bytes, weight-only (each row's logits its own), at least as fast as the int8
+    copy at 3B (benchmarks/NOTES.md, change 16). Non-persistent buffers, remade if the table changes,
+    as Int8Head's; prefill and training use the table passed in."""
+
+    def __init__(self, head: TiedHead, embedding: torch.Tensor):
+        super().__init__(head.softcap)
+        self.copy_of(embedding)
+
+    def copy_of(self, embedding: torch.Tensor):
+        for k, v in int4.quantize_weight(embedding.detach(), GROUP).items():
+            self.register_buffer(k, v, persistent=False)  # qweight (V, D / 2) uint8, scales_and_zeros (D / 64, V, 2)
+        self._source = source(embedding)
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        rows = h.numel() // h.shape[-1]
+        if rows <= FUSED_ROWS and decodes(h, self.scales_and_zeros):
+            if source(weight) != self._source:
+                self.copy_of(weight)
+            return self.cap(int4.fused_mm(h, self.qweight, self.scales_and_zeros, GROUP, *weight.shape[::-1]))
         return super().forward(h, weight)
 
 

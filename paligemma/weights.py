@@ -167,20 +167,22 @@ def load_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu", rev
         import lora  # LoRA wraps the plain (or quantized) linear layers, so packing comes after it
         lora.load(model, adapter)
     if inference:
-        for_inference(model, quantized=bool(quantize), packed=packed)
+        for_inference(model, quantized=quantize, packed=packed)
     return model.eval()
 
 
-def for_inference(model, quantized: bool = False, packed: dict | None = None):
-    """The one inference set-up: weights frozen; with quantized layers, the logits from an int8 copy of
-    the embedding table (quantize.Int8Head) rather than a packed bf16 one; on CPU every linear layer
-    packed (packing.py), each once it has been used enough to pay for its copy (packing.AFTER), or at
-    once where `packed` (from packing.converter while loading) already holds it."""
+def for_inference(model, quantized: str | None = None, packed: dict | None = None):
+    """The one inference set-up: weights frozen; with quantized layers (`quantized`: their mode), the
+    logits from a quantized copy of the embedding table (quantize.quantized_head) rather than a packed
+    bf16 one, where its kernels run (CPU, bf16 or float32; elsewhere it would be memory never read); on
+    CPU every linear layer packed (packing.py), each once it has been used enough to pay for its copy
+    (packing.AFTER), or at once where `packed` (from packing.converter while loading) already holds it."""
     from . import packing
     model.requires_grad_(False)
-    if quantized:
-        from .quantize import int8_head
-        int8_head(model)
+    table = model.language_model.model.embed_tokens.weight
+    if quantized and table.device.type == "cpu" and table.dtype in (torch.bfloat16, torch.float32):
+        from .quantize import quantized_head
+        quantized_head(model, quantized)
     return packing.pack(model, packed=packed, after=packing.AFTER)
 
 

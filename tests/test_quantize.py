@@ -13,10 +13,12 @@ from torch.testing import assert_close
 import lora
 from tests.helpers import batch, load_hf
 from paligemma import PaliGemma
+from paligemma.gemma import TiedHead
 from paligemma import int4
 from paligemma import quantize as Q
 
 N_IMG = 16
+HEADS = {"int8": Q.Int8Head, "int4": Q.Int4Head, "nf4": Q.Int4Head}  # inference's head copy per mode
 N_LINEAR = 2 * 6 + 3 * 7 + 1  # pg2: vision q,k,v,out,fc1,fc2 x 2 layers; decoder 7 x 3; projector
 
 # QLoRA (Dettmers et al., 2023), Appendix E: the NF4 data type's 16 values, as published
@@ -360,7 +362,7 @@ def test_to_moves_every_tensor_an_add_on_made(pg2_dir, mode):
     plain attributes (which .to() never sees); the head's copy is no key of state_dict()."""
     model = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16, quantize=mode, inference=True)
     keys = set(model.state_dict())
-    assert isinstance(model.language_model.lm_head, Q.Int8Head) and not any("lm_head" in k for k in keys)
+    assert isinstance(model.language_model.lm_head, HEADS[mode]) and not any("lm_head" in k for k in keys)
     model.to("meta")
     for name, m in model.named_modules():
         tensors = {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)} | dict(m.named_buffers(recurse=False))
@@ -529,3 +531,67 @@ def test_evaluate_compares_the_quantized_model(tiny_run, tmp_path):
     assert [n.split(": ")[0] for n in results] == ["A", "B"] and list(results)[1].endswith("(int8)")
     rows = [json.loads(l) for l in open(tmp_path / "predictions.jsonl")]
     assert len(rows) == 8
+
+
+def int4_head_by_hand(h: torch.Tensor, table: torch.Tensor, cap) -> torch.Tensor:
+    """int4.py's groups of 64 over the table, dequantized by hand, then F.linear in float32 and the cap."""
+    layer = int4.Int4Linear(table.shape[1], table.shape[0], False, dtype=table.dtype)
+    for k, v in int4.quantize_weight(table).items():
+        setattr(layer, k, v)
+    logits = F.linear(h.float(), layer.dequantize(torch.float32))
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+@pytest.mark.parametrize("family", ["pg1", "pg2"])
+def test_int4_head_decodes_from_its_int4_copy(request, family):
+    """int4 (and nf4) inference: the head's decode rows through torch's int4 kernel on a copy of the table,
+    equal to dequantize-then-F.linear (and the soft-cap, PaliGemma 2) to rounding; more rows: the table."""
+    model = PaliGemma.from_pretrained(request.getfixturevalue(f"{family}_dir"), dtype=torch.bfloat16,
+                                      quantize="int4", inference=True)
+    head, table = model.language_model.lm_head, model.language_model.model.embed_tokens.weight
+    assert isinstance(head, Q.Int4Head) and not any("lm_head" in k for k in model.state_dict())
+    h = (torch.randn(3, 5, 48, dtype=torch.bfloat16) * 4)[:, -1]  # strided, as a prefill's last positions are
+    with torch.no_grad():
+        got = model.language_model.logits(h)
+        want = int4_head_by_hand(h, table, head.softcap)
+        assert_close(got.float(), want, rtol=0.02, atol=0.02 * float(want.abs().max()))
+        exact = TiedHead(head.softcap)(h, table).float()
+        assert (got.float() - exact).abs().max() > 0  # it is the int4 copy, not the table
+        many = torch.randn(17, 48, dtype=torch.bfloat16)
+        assert torch.equal(model.language_model.logits(many), TiedHead(head.softcap)(many, table))
+
+
+@pytest.mark.parametrize("mode", ["int4", "nf4"])
+def test_weight_only_inference_rows_do_not_depend_on_their_batch(pg2_dir, mode):
+    """int4 and nf4 are weight-only: a row's tokens must not change with the rows decoded beside it (an
+    int8 head rounded all of a batch's activations with one scale, so they did: 2 rows of these 18)."""
+    model = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16, quantize=mode, inference=True)
+    for seed in range(6):
+        inputs = batch(N_IMG, prompt_lens=(3, 9, 6), seed=seed)
+        together = model.generate(**inputs, max_new_tokens=8, eos_id=-1)
+        for i in range(len(together)):
+            keep = inputs["attention_mask"][i].bool()  # the row alone, without padding
+            alone = {k: v[i:i + 1] if k == "pixel_values" else v[i:i + 1, keep] for k, v in inputs.items()}
+            assert torch.equal(model.generate(**alone, max_new_tokens=8, eos_id=-1)[0], together[i]), (seed, i)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "packed"])
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_head_copy_follows_a_new_table(pg2_dir, kind, assign):
+    """A head with its own copy of the embedding table (int8, int4, oneDNN-packed) decodes from the table
+    a load_state_dict() put in (copied in, or assigned), not from the one it was made from."""
+    from paligemma import packing
+    model = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16, quantize=None if kind == "packed" else kind,
+                                      inference=True)
+    if kind == "packed":
+        packing.pack(model)
+    h = torch.randn(2, 48, dtype=torch.bfloat16) * 4
+    lm = model.language_model
+    with torch.no_grad():
+        before = lm.logits(h)
+        state = model.state_dict()
+        table = state["language_model.model.embed_tokens.weight"]
+        state["language_model.model.embed_tokens.weight"] = table.flip(0).clone()  # the vocabulary's rows reversed
+        model.load_state_dict(state, assign=assign)
+        after = lm.logits(h)
+    assert torch.equal(after, before.flip(-1))  # the same bits: a copy of the reversed rows, in reverse order
