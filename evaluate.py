@@ -47,6 +47,8 @@ from paligemma.captioning import wordnet
 from paligemma.captioning.scorer import Scorer, choose_meteor, table
 from paligemma.captioning.data import DataError, csv_rows, fingerprint, load_examples, read_jsonl, read_text
 from paligemma.captioning.metrics import health
+from paligemma.captioning.validation import row_keys
+from paligemma.tasks.boxes import loc_probs_of
 from paligemma.tasks.mask_files import describe
 from paligemma.tasks.registry import names_task
 
@@ -57,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="LoRA adapter folder to apply")
     p.add_argument("--compare", help="second row: an adapter folder, another model, 'base', or 'int8' / 'int4' / 'nf4' "
                    "(the first row's model quantized)")
-    p.add_argument("--predictions", help="score this JSONL/CSV of image + prediction instead of running a model")
+    p.add_argument("--predictions", help="score this JSONL/CSV of image + prediction (+ prompt, where an image has "
+                   "several rows; + boxes with their scores, as predictions.jsonl saves them) instead of running a model")
     p.add_argument("--data", required=True, help="captions CSV/JSONL or folder")
     p.add_argument("--split", default="test", help="split to evaluate ('all': every row, for a file without splits)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count, in metrics.json) rows whose image "
@@ -126,8 +129,11 @@ def predict(model, processor, examples, args, name: str, done: int, out: Path) -
     return rows
 
 
-def read_predictions(path, examples) -> list[str]:
-    """Predictions made elsewhere, in the split's order; the images must be exactly the split's."""
+def read_predictions(path, examples, prompts: list[str]) -> list[tuple[int, dict]]:
+    """Predictions made elsewhere, as (line, row) in the split's order; the rows must be exactly the split's.
+    A row is matched by its image's file name (predictions made elsewhere carry other folders), and also by
+    its `prompt` where the split has an image under several prompts (questions, question generation): the
+    field is then required. prompts: each example's prompt (prompt_of)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: predictions file not found")
@@ -136,24 +142,60 @@ def read_predictions(path, examples) -> list[str]:
         rows = read_jsonl(path, text)
     else:
         rows = csv_rows(csv.DictReader(io.StringIO(text, newline="")))
-    preds, lines = {}, {}
+    names = [e.image.name for e in examples]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    key_of = (lambda name, p: (name, p)) if repeated else (lambda name, p: name)
+    want = [key_of(n, p) for n, p in zip(names, prompts)]
+    if len(set(want)) < len(want):  # one file name twice under one prompt: two folders, or two rows alike
+        twice = next(k for k in want if want.count(k) > 1)
+        raise DataError(f"{path}: the split has two rows of {twice}: predictions matched by file name cannot tell "
+                        "them apart")
+    found, lines = {}, {}
     for i, r in rows:
         if not isinstance(r, dict) or "image" not in r or "prediction" not in r:
             raise DataError(f"{path}:{i}: expected an 'image' and a 'prediction' field, got "
                             f"{sorted(r) if isinstance(r, dict) else type(r).__name__}")
-        if not isinstance(r["prediction"], (str, type(None))):
-            raise DataError(f"{path}:{i}: 'prediction' is {type(r['prediction']).__name__}, expected a string")
-        name = Path(str(r["image"])).name  # match on the file name: predictions made elsewhere carry other folders
-        if name in preds:
-            raise DataError(f"{path}:{i}: a second prediction for {name} (the first is on line {lines[name]})")
-        preds[name], lines[name] = r["prediction"] or "", i
-    want = {e.image.name for e in examples}
-    extra, missing = sorted(set(preds) - want), sorted(want - set(preds))
+        for field in ("prediction", "prompt") if repeated else ("prediction",):
+            if field not in r:
+                raise DataError(f"{path}:{i}: no '{field}' field: the split has images under several prompts "
+                                f"({', '.join(repeated[:3])}), so each prediction says which it answers")
+            if r[field] is None:  # a JSON null, or a CSV row cut short: never an empty answer
+                raise DataError(f"{path}:{i}: '{field}' is empty (null, or a CSV row cut short)")
+            if not isinstance(r[field], str):
+                raise DataError(f"{path}:{i}: '{field}' is {type(r[field]).__name__}, expected a string")
+        name = Path(str(r["image"])).name
+        key = key_of(name, r.get("prompt"))
+        said = f"{name}, prompt {key[1]!r}" if repeated else name
+        if key in found:
+            raise DataError(f"{path}:{i}: a second prediction for {said} (the first is on line {lines[key]})")
+        found[key], lines[key] = r, i
+    extra, missing = sorted(set(found) - set(want), key=str), sorted(set(want) - set(found), key=str)
     if extra or missing:
         raise DataError(f"{path}: its images do not match the references' split: "
                         f"{len(missing)} without a prediction (e.g. {missing[:3]}), "
                         f"{len(extra)} not in the split (e.g. {extra[:3]})")
-    return [preds[e.image.name] for e in examples]
+    return [(lines[k], found[k]) for k in want]
+
+
+def saved_loc_probs(path, rows: list[tuple[int, dict]]) -> list | None:
+    """Per row of a --predictions file, <loc> probabilities that give its boxes the scores saved with them
+    (evaluate.py's own predictions.jsonl carries each box's `score`), or None where the file saves none
+    (each box then scores 1.0). A file that saves them for some rows only, or boxes its prediction does
+    not parse to, is named by file:line."""
+    saved = [(i, r["boxes"]) for i, r in rows if "boxes" in r]
+    if not saved:
+        return None
+    if len(saved) < len(rows):
+        i = next(i for i, r in rows if "boxes" not in r)
+        raise DataError(f"{path}:{i}: no 'boxes' field, which other rows have (their scores rank the boxes)")
+    out = []
+    for i, r in rows:
+        try:
+            scores = [float(b["score"]) for b in r["boxes"]]
+            out.append(loc_probs_of(r["prediction"], scores))
+        except (TypeError, KeyError, ValueError) as e:
+            raise DataError(f"{path}:{i}: 'boxes' does not give the score of each box of its prediction: {e}") from None
+    return out
 
 
 def references_of(example) -> list[str]:
@@ -222,10 +264,11 @@ def score_task(examples, preds, args, scorer: Scorer, name: str, loc_probs=None,
 def score(examples, preds, args, scorer: Scorer, name: str, loc_probs=None, draw_to=None) -> tuple[dict, list[dict]]:
     if args.task != "caption":
         return score_task(examples, preds, args, scorer, name, loc_probs, draw_to)
-    refs = {str(e.image): (e.captions[:1] if args.references == "first" else e.captions) for e in examples}
-    by_image = {str(e.image): p for e, p in zip(examples, preds)}
-    result = scorer.score(name, by_image, refs)
-    result["health"] = health(by_image, refs)
+    keys = row_keys(examples)  # an image under several prompts is several rows, each scored
+    refs = {k: (e.captions[:1] if args.references == "first" else e.captions) for k, e in zip(keys, examples)}
+    by_row = dict(zip(keys, preds))
+    result = scorer.score(name, by_row, refs)
+    result["health"] = health(by_row, refs)
     rows = [dict(image=str(e.image), prompt=prompt_of(e, args), prediction=p, references=e.captions)
             for e, p in zip(examples, preds)]
     return result, rows
@@ -317,7 +360,11 @@ def main(argv=None):
     runs = {} if args.predictions else rows_to_run(args)
     for model_name, adapter, _ in dict.fromkeys(runs.values()):  # before the first caption: every row loads
         check_loadable(model_name, adapter)
-    given = read_predictions(args.predictions, examples) if args.predictions else None
+    given = None  # --predictions: (the file's predictions, their boxes' saved <loc> probabilities or None)
+    if args.predictions:
+        read = read_predictions(args.predictions, examples, [prompt_of(e, args) for e in examples])
+        given = ([r["prediction"] for _, r in read],
+                 saved_loc_probs(args.predictions, read) if args.task == "detect" else None)
     meteor, why = choose_meteor(args.meteor) if args.task == "caption" else (None, None)  # no JVM for boxes
     left_out = {"METEOR": why} if why else {}
     if why:
@@ -356,7 +403,8 @@ def evaluate(args, out, examples, skipped, runs, given, scorer, left_out):
     results, rows = {}, {}
     if given is not None:
         name = f"predictions: {args.predictions}"
-        results[name], rows[name] = score(examples, given, args, scorer, name, draw_to=draw_folder(args, name, runs))
+        preds, probs = given
+        results[name], rows[name] = score(examples, preds, args, scorer, name, probs, draw_folder(args, name, runs))
     for label, (model_name, adapter, quantize) in runs.items():
         name = f"{label}: {model_name}" + (f" + {adapter}" if adapter else "") + (f" ({quantize})" if quantize else "")
         made = done.get(name, [])

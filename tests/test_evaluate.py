@@ -205,12 +205,27 @@ def test_faulty_prediction_files_name_file_and_line(tiny_run, tmp_path):
     cases = {"broken": (lines[:2] + ['{"image": "x.png", "prediction": '] + lines[2:], r"broken.jsonl:3: not JSON"),
              "twice": (lines + [lines[4]], rf"twice.jsonl:{len(lines) + 1}: a second prediction for "
                                            rf"{examples[4].image.name} \(the first is on line 5\)"),
-             "number": (lines[:1] + [json.dumps({"image": "y.png", "prediction": 3})], r"number.jsonl:2: 'prediction' is int")}
+             "number": (lines[:1] + [json.dumps({"image": "y.png", "prediction": 3})], r"number.jsonl:2: 'prediction' is int"),
+             "null": (lines[:3] + [json.dumps({"image": examples[3].image.name, "prediction": None})] + lines[4:],
+                      r"null.jsonl:4: 'prediction' is empty \(null, or a CSV row cut short\)")}
     for name, (rows, message) in cases.items():
         (tmp_path / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
         with pytest.raises(DataError, match=message):
             evaluate.main(["--predictions", str(tmp_path / f"{name}.jsonl"), "--data", data, "--split", "val",
                            "--out", str(tmp_path / "e")])
+
+
+def test_a_csv_row_cut_short_is_named_not_scored_as_empty(tiny_run, tmp_path):
+    """Every image of the split has a row, but line 3 ends after its image (a file cut off): its missing
+    prediction cell is refused by line and field, never scored as an empty caption."""
+    _, data = tiny_run
+    examples, _ = load_examples(data, "val")
+    rows = [f"{e.image.name},a lake" for e in examples]
+    rows[1] = examples[1].image.name
+    (tmp_path / "p.csv").write_text("image,prediction\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"p\.csv:3: 'prediction' is empty \(null, or a CSV row cut short\)"):
+        evaluate.main(["--predictions", str(tmp_path / "p.csv"), "--data", data, "--split", "val",
+                       "--out", str(tmp_path / "e")])
 
 
 def test_skip_bad_is_accepted_and_reported(tiny_run, tmp_path):

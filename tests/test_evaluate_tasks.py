@@ -1,6 +1,8 @@
 """evaluate.py on task sets, end to end: detection (mAP against pycocotools, box scores from the <loc>
-tokens' probabilities, --predictions' boxes at 1.0 in file order, --draw), questions and OCR by hand,
-segmentation (mIoU by hand, --vae required, masks drawn), per-row prompts, --compare and --resume.
+tokens' probabilities, --predictions' boxes at 1.0 in file order or at the scores predictions.jsonl
+saved, --draw), questions and OCR by hand, segmentation (mIoU by hand, --vae required, masks drawn),
+per-row prompts (caption rows of one image each scored, --predictions matched by prompt), --compare
+and --resume.
 
 The tiny model is random, so it is made to write known answers: its logits are edited at each step so
 that the next token of each example's script wins by a margin that varies with the example and step
@@ -248,6 +250,31 @@ def test_compare_and_resume_on_a_detection_set(detection_set, forced, tmp_path, 
     assert scores(cut) == pytest.approx(scores(uncut), rel=1e-5) and cut == uncut
 
 
+def test_own_predictions_rescored_keep_their_box_scores(detection_set, forced, tmp_path):
+    """evaluate.py's predictions.jsonl scored again through --predictions: its boxes keep the scores saved
+    with them (not 1.0 each), so mAP, the per-class APs and the intervals are the run's own; a file whose
+    saved boxes do not fit its prediction is named by line."""
+    model, data = detection_set
+    (name, made), = run(model, data, tmp_path / "e").items()
+    saved = tmp_path / "e" / "predictions.jsonl"
+    (scores,) = evaluate.main(["--predictions", str(saved), "--data", data, "--split", "test",
+                               "--out", str(tmp_path / "again")]).values()
+    assert made["mAP@0.5"] != pytest.approx(score_file(data, str(tmp_path / "e" / "predictions.csv"), tmp_path / "csv",
+                                                       "--split", "test")["mAP@0.5"])  # the CSV saves no scores
+    for k in ("mAP@0.5", "mAP", "ci95"):
+        assert scores[k] == pytest.approx(made[k], abs=1e-12), k
+    assert scores["per_class"] == made["per_class"]
+    rows = read_jsonl(saved)
+    boxes = lambda rs: [b["score"] for r in rs for b in r["boxes"]]
+    assert boxes(read_jsonl(tmp_path / "again" / "predictions.jsonl")) == pytest.approx(boxes(rows), abs=1e-12)
+    rows[2]["boxes"] = rows[2]["boxes"][1:]
+    write_rows(tmp_path, rows, "short.jsonl")
+    from paligemma.captioning.data import DataError
+    with pytest.raises(DataError, match=rf"short\.jsonl:3: 'boxes' does not give the score of each box of its "
+                                        rf"prediction: {len(rows[2]['boxes'])} box scores for the"):
+        score_file(data, str(tmp_path / "short.jsonl"), tmp_path / "f", "--split", "test")
+
+
 def test_predictions_file_boxes_score_one_ties_in_file_order(tmp_path, rows_loader):
     """Boxes read from --predictions all score 1.0; equal scores keep the order they were written in, as
     pycocotools' stable sort does: a false alarm written before the hit halves AP@0.5 (precision 1/2 at
@@ -458,3 +485,76 @@ def test_a_prompt_of_ones_own_is_still_a_caption_set(tiny_run, tmp_path, capsys,
     assert scores["CIDEr-D"] > 0.5 and "scored as captions" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"0\.png: prefix 'rsicd caption': cannot tell the task"):
         score_file(*answer_set(tmp_path, "rsicd caption", [(["a"], "a")]), tmp_path / "f")
+
+
+QG_ROWS = [("a.png", "caption en", "a red roof", "a red roof"),  # image, prefix, reference, prediction
+           ("a.png", "question en roof", "what is red", "zzz qqq"),
+           ("b.png", "caption en", "a green field", "a green field")]
+
+
+def question_generation_set(tmp_path) -> Path:
+    """Image a.png with two rows (a caption and a question to generate), b.png with one: caption-type rows
+    where an image repeats. By hand, BLEU-1 over the three rows: 3 + 0 + 3 clipped word matches in 3 + 2 + 3
+    predicted words, references 3 + 3 + 3 words long: 6/8 x exp(1 - 9/8) (the brevity penalty) = 0.6619;
+    keyed by image alone (a's last row only) it would be 3/5 x exp(1 - 6/5) = 0.4912."""
+    (tmp_path / "images").mkdir()
+    for i, name in enumerate(("a.png", "b.png")):
+        Image.new("RGB", (16, 16), (i * 90, 40, 0)).save(tmp_path / "images" / name)
+    return write_rows(tmp_path, [dict(image=i, prefix=p, suffix=r, split="test") for i, p, r, _ in QG_ROWS])
+
+
+QG_BLEU1 = 6 / 8 * np.exp(1 - 9 / 8)
+
+
+def test_caption_rows_sharing_an_image_are_each_scored(tmp_path):
+    """Predictions and references are keyed per row (validation.row_keys), so every row counts, and changing
+    the first row's prediction changes the score."""
+    import argparse
+    from paligemma.captioning.data import load_examples
+    from paligemma.captioning.scorer import Scorer
+    examples, _ = load_examples(question_generation_set(tmp_path), "test")
+    args = argparse.Namespace(task="caption", references="all", prompt="caption en")
+    preds = [p for *_, p in QG_ROWS]
+    with Scorer(None, 0) as scorer:
+        result, rows = evaluate.score(examples, preds, args, scorer, "p")
+        worse, _ = evaluate.score(examples, ["zzz"] + preds[1:], args, scorer, "q")
+    assert result["BLEU-1"] == pytest.approx(QG_BLEU1, abs=1e-6)
+    assert worse["BLEU-1"] == pytest.approx(3 / 6 * np.exp(1 - 9 / 6), abs=1e-6)  # 0 + 0 + 3 matches in 1 + 2 + 3
+    assert [r["prediction"] for r in rows] == preds
+
+
+def test_predictions_of_several_questions_on_one_image_match_by_prompt(tmp_path):
+    """Where the split has an image under several prefixes, --predictions rows match on (file name, prompt):
+    evaluate.py's own predictions.jsonl and .csv score again to the same numbers (and in any order); a row
+    without its prompt there is refused by file:line and field."""
+    data = str(question_generation_set(tmp_path))
+    preds = tmp_path / "p.jsonl"
+    lines = [dict(image=f"/elsewhere/{i}", prompt=p, prediction=q) for i, p, _, q in QG_ROWS]
+    preds.write_text("".join(json.dumps(r) + "\n" for r in reversed(lines)))
+    first = score_file(data, str(preds), tmp_path / "e", "--bootstrap", "0", "--meteor", "nltk")
+    assert first["BLEU-1"] == pytest.approx(QG_BLEU1, abs=1e-6)
+    for own in ("predictions.jsonl", "predictions.csv"):
+        again = score_file(data, str(tmp_path / "e" / own), tmp_path / own, "--bootstrap", "0", "--meteor", "nltk")
+        assert again == first, own
+    preds.write_text("".join(json.dumps(r) + "\n" for r in lines[:1]) + json.dumps(dict(image="a.png", prediction="x"))
+                     + "\n")
+    from paligemma.captioning.data import DataError
+    with pytest.raises(DataError, match=r"p\.jsonl:2: no 'prompt' field: the split has images under several "
+                                        r"prompts \(a\.png\)"):
+        score_file(data, str(preds), tmp_path / "f")
+    preds.write_text("".join(json.dumps(r) + "\n" for r in lines + lines[1:2]))
+    with pytest.raises(DataError, match=r"p\.jsonl:4: a second prediction for a\.png, prompt 'question en roof' "
+                                        r"\(the first is on line 2\)"):
+        score_file(data, str(preds), tmp_path / "g")
+
+
+def test_a_reference_box_off_the_loc_grid_is_refused(tmp_path, rows_loader):
+    """<loc1024> is no token: a reference holding it is named, not scored as a box past the image's edge."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 32), (90, 140, 60)).save(tmp_path / "images" / "a.png")
+    data = write_rows(tmp_path, [dict(image="a.png", prefix="detect plane", split="test",
+                                      suffix="<loc0010><loc0020><loc0300><loc1024> plane")])
+    (tmp_path / "p.jsonl").write_text(json.dumps(dict(image="a.png", prediction="<loc0010><loc0020><loc0300>"
+                                                                                "<loc1023> plane")) + "\n")
+    with pytest.raises(ValueError, match=r"a\.png: 1 malformed piece\(s\) in the reference"):
+        score_file(str(data), str(tmp_path / "p.jsonl"), tmp_path / "e")

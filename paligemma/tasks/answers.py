@@ -8,9 +8,11 @@ and outer spaces; only when the references disagree are all of them and the answ
 (`processPunctuation`, then `processDigitArticle`: lower case, number words to digits, articles
 dropped, contractions restored), so an answer "Yes" against ten "yes" scores 0, as officially. The
 score of one question is the mean, over the ten ways of leaving one reference out, of
-min(1, #matching remaining references / 3) (the "10 choose 9" average). With a single reference
-there is nothing to leave out: the score is then 1 for a match after normalisation, else 0 (what
-big_vision's `vqa.py` does for single-answer sets).
+min(1, #matching remaining references / 3) (the "10 choose 9" average). A single reference agrees
+with itself, so it is never normalised: there is nothing to leave out, and the score is 1 when the
+answer equals it after the space clean-up alone (case, punctuation, articles and number words
+count: "Yes" against "yes" scores 0), else 0. big_vision's `vqa.py` compares a single-answer set's
+(OCR-VQA's) answer with its reference as exactly (without even the space clean-up).
 
 ANLS (average normalised Levenshtein similarity, Biten et al. 2019, eq. 1; big_vision's
 `evaluators/proj/paligemma/transfers/vqa.py`, `anls_metric`): per reference 1 - d / max(len), 0
@@ -85,7 +87,8 @@ def normalize_answer(text: str) -> str:
 
 
 def vqa_accuracy(answer: str, references) -> float:
-    """One question's VQAv2 accuracy against its references (VQAv2 has ten)."""
+    """One question's VQAv2 accuracy against its references (VQAv2 has ten); normalised only where the
+    references disagree (a single reference: the space clean-up alone, see the module's docstring)."""
     refs = [_strip(r) for r in references]
     if not refs:
         raise ValueError("vqa_accuracy: a question without reference answers")

@@ -67,34 +67,51 @@ def detection_text(detections, width: float, height: float) -> str:
 
 def parse_detections(text: str, width: float, height: float, loc_probs=None) -> Detections:
     """Generated text -> Detections of (label, (x0, y0, x1, y1) in pixels, score), never raising on bad
-    text. Pieces between ";" that are not exactly four <loc> tokens and a label, or whose box is empty
-    (y_max <= y_min or x_max <= x_min, big_vision's validity test), are dropped and counted in
-    `.dropped`. `<seg>` tokens after the box (a segment answer) are skipped.
+    text. Pieces between ";" that are not exactly four <loc> tokens and a label, whose tokens leave the
+    grid (<loc1024> and up: no such token, so no such box; big_vision's `_inrange(t, 0, 1023)`), or whose
+    box is empty (y_max <= y_min or x_max <= x_min, big_vision's validity test), are dropped and counted
+    in `.dropped`; empty pieces (a trailing " ; ") separate nothing and are no object. `<seg>` tokens
+    after the box (a segment answer) are skipped.
 
     loc_probs: the probability the model gave each `<locNNNN>` of `text`, in order of appearance;
     a box's score is the mean of its four. Without it every score is 1.0."""
     if loc_probs is not None and len(loc_probs) != len(LOC.findall(text)):
         raise ValueError(f"loc_probs has {len(loc_probs)} values for {len(LOC.findall(text))} <loc> tokens in the text")
     out, dropped, seen = Detections(), 0, 0  # seen: <loc> tokens before the current piece
-    if not text.strip():
-        return out
-    for piece in text.split(";"):
-        locs = LOC.findall(piece)
-        first, seen = seen, seen + len(locs)
-        m = re.fullmatch(r"\s*((?:<loc\d{4}>){4})((?:<seg\d{3}>)*)\s*(.*?)\s*", piece, re.S)
-        label = m and m.group(3)
-        if not m or not label or LOC.search(label) or SEG.search(label):
+    for piece in filter(str.strip, text.split(";")):
+        first, seen, read = seen, seen + len(LOC.findall(piece)), _read(piece)
+        if read is None:
             dropped += 1
             continue
-        y0, x0, y1, x1 = (int(t) for t in locs)
-        if y1 <= y0 or x1 <= x0:
-            dropped += 1
-            continue
+        label, (y0, x0, y1, x1) = read
         score = 1.0 if loc_probs is None else sum(float(p) for p in loc_probs[first:first + 4]) / 4
         box = (x0 / (BINS - 1) * width, y0 / (BINS - 1) * height, x1 / (BINS - 1) * width, y1 / (BINS - 1) * height)
         out.append(Detection(label, box, score))
     out.dropped = dropped
     return out
+
+
+def _read(piece: str):
+    """One non-empty piece of a detection answer -> (label, (y0, x0, y1, x1) tokens), or None: malformed."""
+    m = re.fullmatch(r"\s*((?:<loc\d{4}>){4})((?:<seg\d{3}>)*)\s*(.*?)\s*", piece, re.S)
+    label = m and m.group(3)
+    if not m or not label or LOC.search(label) or SEG.search(label):
+        return None
+    y0, x0, y1, x1 = (int(t) for t in LOC.findall(m.group(1)))
+    if max(y0, x0, y1, x1) > BINS - 1 or y1 <= y0 or x1 <= x0:
+        return None
+    return label, (y0, x0, y1, x1)
+
+
+def loc_probs_of(text: str, box_scores) -> list[float]:
+    """parse_detections' loc_probs that give the boxes of `text` these scores, in order (a saved answer
+    read back, its boxes' scores saved beside it): each box's four <loc> tokens get its score, the tokens
+    of dropped pieces 1.0 (never read). A count of scores other than the boxes' is a ValueError."""
+    pieces = [(len(LOC.findall(p)), _read(p) is not None) for p in filter(str.strip, text.split(";"))]
+    if len(box_scores) != sum(box for _, box in pieces):
+        raise ValueError(f"{len(box_scores)} box scores for the {sum(b for _, b in pieces)} boxes of {text[:60]!r}")
+    scores = iter(box_scores)
+    return [v for n, box in pieces for v in ([next(scores)] * 4 if box else [1.0] * n)]
 
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),

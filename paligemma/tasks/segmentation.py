@@ -51,11 +51,12 @@ class Segmentation(NamedTuple):
 
 
 class Segmentations(list):
-    """A list of Segmentation that also says how many pieces of the text were malformed and dropped, and why."""
+    """A list of Segmentation that also says how many pieces of the text were malformed and dropped, and why,
+    and whether the first piece was one of them (the answer big_vision scores is then invalid)."""
 
-    def __init__(self, items=(), dropped: int = 0, reasons=()):
+    def __init__(self, items=(), dropped: int = 0, reasons=(), first_malformed: bool = False):
         super().__init__(items)
-        self.dropped, self.reasons = dropped, list(reasons)
+        self.dropped, self.reasons, self.first_malformed = dropped, list(reasons), first_malformed
 
 
 def _read(piece: str, entries: int):
@@ -99,14 +100,13 @@ def parse_segmentations(text: str, width: int, height: int, decoder) -> Segmenta
     """Generated text -> Segmentations of (label, (x0, y0, x1, y1) in pixels, (height, width) bool mask),
     never raising on bad text. Pieces between ";" that are not four <loc> tokens, sixteen <seg> tokens and
     an optional label, with codes the decoder knows and a non-empty box (big_vision's validity test), are
-    dropped, counted in `.dropped`, and their reasons listed in `.reasons`. decoder: a MaskDecoder."""
+    dropped, counted in `.dropped`, and their reasons listed in `.reasons`; `.first_malformed` says the
+    first piece was (the evaluator scores only the first object). decoder: a MaskDecoder."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image size {width} x {height}: width and height must be positive")
-    found, reasons = [], []
-    for piece in text.split(";") if text.strip() else []:
-        read = _read(piece, decoder.entries)
-        (reasons if isinstance(read, str) else found).append(read)
-    out = Segmentations(dropped=len(reasons), reasons=reasons)
+    reads = [_read(piece, decoder.entries) for piece in (text.split(";") if text.strip() else [])]
+    found, reasons = [r for r in reads if not isinstance(r, str)], [r for r in reads if isinstance(r, str)]
+    out = Segmentations(dropped=len(reasons), reasons=reasons, first_malformed=bool(reads) and isinstance(reads[0], str))
     if found:
         with torch.no_grad():
             masks = decoder(torch.tensor([seg for _, _, seg in found])).cpu().numpy()  # (N, 64, 64)
@@ -153,11 +153,13 @@ def box_iou(a, b) -> float:
 
 
 def score_segmentations(predictions, references, thresholds=(0.5, 0.75)) -> dict:
-    """big_vision's segmentation scores. predictions: per example the parsed answer (a list of Segmentation,
-    of which the first is scored, as the evaluator reads the first 20 tokens; empty = invalid);
-    references: per example (box, mask) of the one reference object, box in pixels, mask (H, W) bool.
-    -> {"miou", "boxacc/0.5", "boxacc/0.75", "invalid", "total"}; "invalid" counts answers with no object
-    or a box under one pixel (mask IoU 0; the box still counts for box accuracy, as in the evaluator)."""
+    """big_vision's segmentation scores. predictions: per example the parsed answer (parse_segmentations'
+    Segmentations, or a plain list of Segmentation), of which the first object is scored, as the evaluator
+    reads the first 20 tokens: an answer whose first piece was malformed (`.first_malformed`) or with no
+    object is invalid, mask and box IoU 0, even when a later piece parses; references: per example (box,
+    mask) of the one reference object, box in pixels, mask (H, W) bool.
+    -> {"miou", "boxacc/0.5", "boxacc/0.75", "invalid", "total"}; "invalid" counts those answers and those
+    whose box is under one pixel (mask IoU 0; that box still counts for box accuracy, as in the evaluator)."""
     items, invalid = segmentation_items(predictions, references, thresholds)
     n = len(references)
     return {**{k: sum(v) / n for k, (v, _) in items.items()}, "invalid": invalid, "total": n}
@@ -176,7 +178,7 @@ def segmentation_items(predictions, references, thresholds=(0.5, 0.75)) -> tuple
         if ref_mask.ndim != 2 or not ref_mask.any():
             raise ValueError(f"reference {i}: expected a non-empty (height, width) mask, got shape {ref_mask.shape} "
                              f"with {int(ref_mask.sum())} pixels set")
-        if not pred:
+        if not pred or isinstance(pred, Segmentations) and pred.first_malformed:
             invalid += 1
             ious.append(0.0)  # and a box IoU of 0: the evaluator scores zeroed tokens
             for t in thresholds:

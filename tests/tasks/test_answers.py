@@ -35,9 +35,11 @@ def test_vqa_accuracy_official_quirks():
     assert vqa_accuracy("yes", ["yes"] * 10) == 1.0
     assert vqa_accuracy("Yes", ["yes"] * 10) == 0.0
     assert vqa_accuracy(" yes\n", ["yes"] * 10) == 1.0  # newlines, tabs and outer spaces always go
-    # one reference: nothing to leave out, a normalised match scores 1
-    assert vqa_accuracy("Two.", ["2"]) == 0.0  # unanimous (a single answer): not normalised
-    assert vqa_accuracy("2", ["2"]) == 1.0
+    # one reference: unanimous, so never normalised; nothing to leave out: 1 for an equal answer after the
+    # space clean-up (as big_vision's vqav2.py; its vqa.py compares single answers exactly too), else 0
+    assert vqa_accuracy("Two.", ["2"]) == 0.0
+    assert vqa_accuracy("Yes", ["yes"]) == 0.0 and vqa_accuracy("the dog", ["dog"]) == 0.0
+    assert vqa_accuracy("2", ["2"]) == 1.0 and vqa_accuracy(" yes\t", ["yes\n"]) == 1.0
     with pytest.raises(ValueError, match="without reference"):
         vqa_accuracy("x", [])
 

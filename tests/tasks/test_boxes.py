@@ -53,6 +53,8 @@ def test_parse_several_objects_to_pixels():
     "plane <loc0001><loc0002><loc0500><loc0600>",               # label first
     "<loc0001><loc0002><loc0500><loc0600> pla<loc0003>ne",      # a token inside the label
     "no objects here",
+    "<loc0001><loc0002><loc1024><loc0600> past the grid",      # 1024: no such token (bins 0..1023)
+    "<loc0001><loc0002><loc0500><loc9999> far past",
 ])
 def test_malformed_pieces_are_dropped_and_counted(bad):
     good = "<loc0010><loc0020><loc0300><loc0400> boat"
@@ -62,11 +64,11 @@ def test_malformed_pieces_are_dropped_and_counted(bad):
 
 def test_parse_never_raises_on_random_text():
     rng = random.Random(1)
-    parts = ["<loc0012>", "<loc1023>", "<loc0000>", " ", ";", " ; ", "plane", "<seg007>", "<loc12>", "<", "x", "\n"]
+    parts = ["<loc0012>", "<loc1023>", "<loc0000>", " ", ";", " ; ", "plane", "<seg007>", "<loc12>", "<", "x", "\n", "<loc2000>"]
     for _ in range(3000):
         text = "".join(rng.choice(parts) for _ in range(rng.randint(0, 20)))
         dets = parse_detections(text, 64, 48)
-        pieces = text.split(";") if text.strip() else []
+        pieces = [p for p in text.split(";") if p.strip()]
         assert len(dets) + dets.dropped == len(pieces)
         assert all(0 <= d.box[0] < d.box[2] <= 64 and 0 <= d.box[1] < d.box[3] <= 48 for d in dets)
 
@@ -75,6 +77,21 @@ def test_empty_answer_is_no_objects():
     for text in ("", "  ", "\n"):
         dets = parse_detections(text, 64, 64)
         assert dets == [] and dets.dropped == 0
+
+
+def test_empty_pieces_are_no_objects_not_malformed():
+    """A trailing " ; " (or " ;  ; " between objects) separates nothing: no object, nothing dropped."""
+    good = "<loc0010><loc0020><loc0300><loc0400> boat"
+    for text in (f"{good} ; ", f"{good} ;", f"{good} ;  ; {good}", f" ; {good}", ";", " ; ; "):
+        dets = parse_detections(text, 64, 64)
+        assert dets.dropped == 0 and len(dets) == text.count("boat"), text
+
+
+def test_out_of_grid_box_keeps_the_other_boxes_scores():
+    """A dropped <loc1024> piece's four probabilities are skipped, not given to the next box."""
+    text = "<loc0001><loc0002><loc1024><loc0600> a ; <loc0001><loc0002><loc0500><loc0600> b"
+    dets = parse_detections(text, 64, 64, loc_probs=[0.9] * 4 + [0.1, 0.2, 0.3, 0.4])
+    assert [d.label for d in dets] == ["b"] and dets.dropped == 1 and dets[0].score == pytest.approx(0.25)
 
 
 def test_segment_answer_keeps_box_and_label():
@@ -92,6 +109,19 @@ def test_scores_are_the_mean_of_each_box_loc_probabilities():
     assert dets[0].score == pytest.approx(0.25) and dets[1].score == pytest.approx(0.5)
     with pytest.raises(ValueError, match="loc_probs has 3 values for 10"):
         parse_detections(text, 64, 64, loc_probs=[1, 1, 1])
+
+
+def test_saved_box_scores_read_back_as_loc_probabilities():
+    """loc_probs_of inverts the scoring: a malformed piece between the boxes keeps its tokens out of theirs."""
+    from paligemma.tasks.boxes import loc_probs_of
+    text = ("<loc0001><loc0002><loc0500><loc0600> a ; <loc0001><loc0002> broken ; "
+            "<loc0001><loc0002><loc0500><loc0600> b ; ")
+    probs = loc_probs_of(text, [0.25, 0.75])
+    assert probs == [0.25] * 4 + [1.0, 1.0] + [0.75] * 4
+    assert [d.score for d in parse_detections(text, 64, 64, loc_probs=probs)] == [0.25, 0.75]
+    for wrong in ([0.5], [0.5, 0.5, 0.5]):
+        with pytest.raises(ValueError, match=f"{len(wrong)} box scores for the 2 boxes"):
+            loc_probs_of(text, wrong)
 
 
 def test_detection_text_and_prompt():

@@ -133,6 +133,26 @@ def test_scores_by_hand():
     assert (got["invalid"], got["total"]) == (2, 4)
 
 
+def test_a_malformed_first_object_is_invalid_not_skipped(blocky):
+    """big_vision's evaluator reads an answer's first 4 + 16 tokens: a first object that is malformed makes
+    the answer invalid (mask IoU 0, zeroed tokens: box IoU 0), whatever follows it. On a 10 x 10 image, the
+    reference the whole image; each answer below has a perfect second object, which would score IoU 1.
+    The fourth answer's first object is the perfect one: IoU 1, a hit at both thresholds."""
+    perfect = loc(0, 0, 1023, 1023) + FULL + " cat"
+    firsts = [loc(0, 0, 1023) + FULL + " three locs",          # not four <loc>
+              loc(500, 0, 500, 1023) + FULL + " empty box",    # big_vision's `t[2] > t[0]` fails
+              loc(0, 0, 1023, 1023) + FULL[:-8] + " fifteen",  # not sixteen <seg>
+              perfect]
+    preds = [parse_segmentations(f"{first} ; {perfect}", 10, 10, blocky) for first in firsts]
+    assert [len(p) for p in preds] == [1, 1, 1, 2]  # the parse still keeps (and draws) the perfect object
+    whole = np.ones((10, 10), bool)
+    got = score_segmentations(preds, [((0, 0, 10, 10), whole)] * 4)
+    assert got["miou"] == pytest.approx(1 / 4) and got["boxacc/0.5"] == got["boxacc/0.75"] == pytest.approx(1 / 4)
+    assert (got["invalid"], got["total"]) == (3, 4)
+    # a plain list of objects (no text behind it): its first object is the answer's first
+    assert score_segmentations([[Segmentation("", (0, 0, 10, 10), whole)]], [((0, 0, 10, 10), whole)])["miou"] == 1
+
+
 def test_bad_score_input_is_named():
     m = np.ones((4, 4), bool)
     with pytest.raises(ValueError, match="1 predictions but 2 references"):
