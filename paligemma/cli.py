@@ -2,6 +2,7 @@
 at parse time, the image commands' arguments, one caption per output line, and one-line errors.
 Argument parsing only: loading and captioning are paligemma/inference.py."""
 import argparse
+import math
 import sys
 
 import torch
@@ -20,7 +21,8 @@ def number(kind: type, low: float, high: float | None = None, low_open: bool = F
             x = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
-        if x < low or (low_open and x == low) or (high is not None and (x > high or (high_open and x == high))):
+        if not math.isfinite(x) or x < low or (low_open and x == low) \
+                or (high is not None and (x > high or (high_open and x == high))):  # nan passes every comparison
             raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
         return x
     parse.__name__ = kind.__name__  # argparse names the type in its messages

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dequantize import dense_forward
+from .gemma import source
 
 GROUPS = (32, 64, 128)  # sizes torch's kernel takes (256 too: too coarse for 4 bits here)
 GROUP = 64  # the default, chosen by measurement (benchmarks/NOTES.md, change 12)
@@ -73,16 +74,33 @@ def unpack(qweight: torch.Tensor) -> torch.Tensor:
     return codes
 
 
-def fused_mm(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, in_features: int,
-             out_features: int) -> torch.Tensor:
-    """x (..., in) @ W^T through torch's CPU kernel on the packed codes -> (..., out)."""
+def fused_mm(x: torch.Tensor, module: nn.Module, group: int, in_features: int, out_features: int) -> torch.Tensor:
+    """x (..., in) @ W^T through torch's CPU kernel on `module`'s packed codes (its `qweight` and
+    `scales_and_zeros`) -> (..., out) in x's dtype.
+
+    The kernel is fast in bfloat16 only: in float32 it took 9x as long at one row and 60x at 268 (15 s for
+    one 16384 x 2048 weight; dequantizing was slower still at one row). So a float32 model's rows go
+    through it in bfloat16, with a bfloat16 copy of the scales and zeros (made once, remade if they
+    change), and come back in float32: int4 on CPU computes in bfloat16 (benchmarks/NOTES.md, change 16)."""
+    sz = module.scales_and_zeros
+    if x.dtype == torch.float32:
+        if getattr(module, "_bf16_of", None) != source(sz):
+            module._bf16, module._bf16_of = sz.bfloat16(), source(sz)
+        return fused_mm(x.bfloat16(), _Bf16View(module), group, in_features, out_features).float()
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # the kernel refuses strided rows (a prefill's last positions)
-    if qweight.shape[1] * 2 != in_features:
-        rows = F.pad(rows, (0, 2 * qweight.shape[1] - in_features))  # zero columns of the padded groups
-    y = torch._weight_int4pack_mm_for_cpu(rows, qweight, group, scales_and_zeros)
-    if len(qweight) != out_features:
+    if module.qweight.shape[1] * 2 != in_features:
+        rows = F.pad(rows, (0, 2 * module.qweight.shape[1] - in_features))  # zero columns of the padded groups
+    y = torch._weight_int4pack_mm_for_cpu(rows, module.qweight, group, sz)
+    if len(module.qweight) != out_features:
         y = y[:, :out_features]  # the zero rows of the padding
     return y.reshape(*x.shape[:-1], out_features)
+
+
+class _Bf16View:
+    """A float32 int4 module's codes with the bfloat16 copy of its scales and zeros, for fused_mm."""
+
+    def __init__(self, module):
+        self.qweight, self.scales_and_zeros = module.qweight, module._bf16
 
 
 class Int4Linear(nn.Module):
@@ -123,7 +141,7 @@ class Int4Linear(nn.Module):
             # is ~2.5x slower than a bf16 matmul at 268 rows, but dequantizing alone (unpacking torch's
             # layout) took 4x longer than the fused kernel (benchmarks/NOTES.md, change 12, benchmarks/kernels.py)
             return dense_forward(self, x)
-        y = fused_mm(x, self.qweight, self.scales_and_zeros, self.group, self.in_features, self.out_features)
+        y = fused_mm(x, self, self.group, self.in_features, self.out_features)
         return y if self.bias is None else y + self.bias
 
     @property

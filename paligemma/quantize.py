@@ -395,6 +395,11 @@ def quantize(model: nn.Module, mode: str, skip=(), head: bool = False, double_qu
     Returns the model. `double_quant`: NF4's absmaxes in 8 bits; `group`: int4's input features per
     scale and zero."""
     check(model, mode)
+    from .packing import PackedLinear
+    if any(isinstance(m, PackedLinear) for m in model.modules()):
+        raise ValueError("quantize: the model's linear layers are packed for CPU inference (inference=True or "
+                         "packing.pack), which quantize does not replace: load it without inference=True, or pass "
+                         "quantize= to from_pretrained")
     for name in targets(model, skip):
         parent, _, child = name.rpartition(".")
         module = model.get_submodule(parent)
@@ -463,7 +468,7 @@ class Int4Head(TiedHead):
         if rows <= FUSED_ROWS and decodes(h, self.scales_and_zeros):
             if source(weight) != self._source:
                 self.copy_of(weight)
-            return self.cap(int4.fused_mm(h, self.qweight, self.scales_and_zeros, GROUP, *weight.shape[::-1]))
+            return self.cap(int4.fused_mm(h, self, GROUP, *weight.shape[::-1]))
         return super().forward(h, weight)
 
 

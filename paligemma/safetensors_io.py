@@ -50,6 +50,9 @@ def read_header(path: Path) -> dict:
             raise CheckpointError(f"{path}: safetensors header is not JSON ({e})") from None
     header.pop("__metadata__", None)
     for key, info in header.items():
+        if isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] not in FILE_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} is {info['dtype']}, a dtype this reader does not take "
+                                  f"(expected one of {', '.join(FILE_DTYPES)})")
         try:
             start, end = info["data_offsets"]
             nbytes = math.prod(info["shape"]) * torch.empty((), dtype=FILE_DTYPES[info["dtype"]]).element_size()

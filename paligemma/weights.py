@@ -193,7 +193,13 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, max_shard_byt
     write instead of the model's own (a merged LoRA export, a state gathered from FSDP shards)."""
     from safetensors.torch import save_file
     from .atomic import atomic_dir
-    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
+    state = state_dict or model.state_dict()
+    quantized = [k for k in state if k.rpartition(".")[2] in ("qweight", "scales", "scales_and_zeros", "absmax")]
+    if quantized:  # the hub layout has no such keys: the folder would load nowhere, this project included
+        raise ValueError(f"save_pretrained: {quantized[0]} (and {len(quantized) - 1} more) are quantized weights, "
+                         "which the hub layout cannot hold: save the unquantized model and quantize when loading "
+                         "(from_pretrained(..., quantize=...))")
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_dir(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
         shards, current, size = [], {}, 0

@@ -263,7 +263,8 @@ def test_file_without_splits_needs_split_all(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--max-samples", "-1"), ("--max-samples", "0"), ("--batch-size", "0"),
-                                         ("--num-beams", "0"), ("--top-p", "0"), ("--temperature", "0")])
+                                         ("--num-beams", "0"), ("--top-p", "0"), ("--temperature", "0"),
+                                         ("--top-p", "nan"), ("--temperature", "nan"), ("--temperature", "inf")])
 def test_bad_numbers_are_refused_at_parse_time(flag, value, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.parse_args(["--model", "m", "--data", "d", "--out", "o", flag, value])

@@ -205,3 +205,12 @@ def test_header_byte_range_must_fit_its_shape(tmp_path, shape, offsets):
     with pytest.raises(CheckpointError, match=rf"bad.safetensors: tensor 'w' needs bytes {offsets[0]}\.\.{offsets[1]} "
                                               rf"of {offsets[1]} \({nbytes} for F32 {re.escape(str(shape))}\)"):
         read_header(bad)
+
+
+def test_a_dtype_the_reader_does_not_take_is_named(tmp_path):
+    """An F8_E4M3 tensor (or any dtype FILE_DTYPES lacks) is named with its dtype, not as a malformed entry."""
+    from paligemma.weights import read_header
+    bad = write_safetensors(tmp_path / "f8.safetensors", {"w": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}},
+                            bytes(4))
+    with pytest.raises(CheckpointError, match=r"f8.safetensors: tensor 'w' is F8_E4M3, a dtype this reader does not take"):
+        read_header(bad)
