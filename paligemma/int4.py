@@ -78,8 +78,8 @@ def fused_mm(x: torch.Tensor, module: nn.Module, group: int, in_features: int, o
     """x (..., in) @ W^T through torch's CPU kernel on `module`'s packed codes (its `qweight` and
     `scales_and_zeros`) -> (..., out) in x's dtype.
 
-    The kernel is fast in bfloat16 only: in float32 it took 9x as long at one row and 60x at 268 (15 s for
-    one 16384 x 2048 weight; dequantizing was slower still at one row). So a float32 model's rows go
+    The kernel is fast in bfloat16 only: in float32 it took 30-60x as long at one row and 65x at 268 (15 s
+    for one 16384 x 2048 weight; dequantizing was slower still at one row). So a float32 model's rows go
     through it in bfloat16, with a bfloat16 copy of the scales and zeros (made once, remade if they
     change), and come back in float32: int4 on CPU computes in bfloat16 (benchmarks/NOTES.md, change 16)."""
     sz = module.scales_and_zeros
