@@ -18,7 +18,6 @@ validation CIDEr-D, or the task's own metric, and best.json), adapter/ or final/
 metrics.jsonl and loss.png.
 """
 import argparse
-import json
 import os
 import random
 import time
@@ -34,10 +33,10 @@ from paligemma.captioning import distributed, wordnet
 from paligemma.captioning.data import fingerprint, load_examples, run_task
 from paligemma.captioning.precision import MODES, Precision
 from paligemma.captioning.run_folder import (append_jsonl, check_run_folder, check_same_data, export, load_train_state,
-                                             save_train_state, trim_log, wandb_run)
-from paligemma.captioning.training import (Batches, accumulate, blind, check_step, collate, first_loss_check, lr_at,
-                                           make_trainable)
-from paligemma.captioning.validation import (Best, Validation, answer_budget, caption_and_score, draw_answers,
+                                             read_log, save_train_state, set_aside, trim_log, wandb_run)
+from paligemma.captioning.training import (Batches, accumulate, blind, check_prefixes_fit, check_step, collate,
+                                           first_loss_check, lr_at, make_trainable)
+from paligemma.captioning.validation import (Best, Validation, answer_budget, caption_and_score, draw_answers, row_keys,
                                              save_best)
 from paligemma.cli import DTYPES, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, add_debug, number, run
 from paligemma.processor import Processor
@@ -142,7 +141,7 @@ def prepare_from_scratch(out: Path, data: str | None, skip_bad: bool = False, de
         data = out / "data" / ("captions.csv" if demo == "caption" else "detections.jsonl")
         if not data.exists():
             make_dataset(data.parent) if demo == "caption" else make_detection_dataset(data.parent, **DEMO_SCENE)
-    if not (model / "model.safetensors").exists():
+    if not all((model / name).exists() for name in ("model.safetensors", "tokenizer.model")):  # one alone: rebuilt
         examples, _ = load_examples(data, split="train", check_images=False, skip_bad=skip_bad)
         texts = [c for e in examples for c in e.captions] + sorted({e.prefix for e in examples if e.prefix})
         labels = sorted({m.label for e in examples for m in e.masks or ()})  # mask rows: answers come later
@@ -169,11 +168,13 @@ def setup(args, rank: int) -> tuple[Path, bool]:
     return out, from_scratch
 
 
-def load_splits(args, say):
-    """The three splits, their one task, and mask rows' answers (made once, by the --vae encoder)."""
+def load_splits(args, say, processor):
+    """The three splits, their one task, and mask rows' answers (made once, by the --vae encoder); every
+    row's prefix checked against --max-length."""
     train, skipped = load_examples(args.data, "train", skip_bad=args.skip_bad)
     val, _ = load_examples(args.data, "val", skip_bad=args.skip_bad)
     test, _ = load_examples(args.data, "test", skip_bad=args.skip_bad)
+    check_prefixes_fit(processor, {"train": train, "val": val, "test": test}, args.prompt, args.max_length, args.data)
     say(f"data: {len(train)} train / {len(val)} val / {len(test)} test images" + (f"; {skipped.report()}" if skipped else ""))
     task = run_task(args.prompt, train, val, test)  # which metrics score it and pick OUT/best
     train, val, test = training_answers(task, args.vae, train, val, test)
@@ -197,9 +198,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
-    train, val, test, skipped, task = load_splits(args, say)  # bad rows, a segment set without --vae: before the model
-    model = PaliGemma.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model)
+    # bad rows, a segment set without --vae, a --max-length too short for a prefix: all refused before the model loads
+    train, val, test, skipped, task = load_splits(args, say, processor)
+    model = PaliGemma.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device, quantize=args.quantize)
     budget = answer_budget(processor, train, task)  # new tokens per answer
     if task != "caption":
         say(f"task: {task} (prefixes such as {next((e.prefix for e in train if e.prefix), args.prompt)!r}); "
@@ -220,8 +222,10 @@ def main(argv=None):
                             task, budget, decoder)
     if args.resume:
         step = resume(args, out, par, optimizer, batches, rng, best, precision, rows, say, validation.metric)
-    if rank == 0:
-        trim_log(log, step)  # a new run starts a new log; a resumed one drops what came after its checkpoint
+    if rank == 0 and args.resume:
+        trim_log(log, step)  # drops what the first run logged after its checkpoint
+    elif rank == 0 and (kept := set_aside(log)):  # a new run starts a new log; a killed run's is kept
+        print(f"a new run, a new log: the earlier run's {log.name} is kept as {kept}")
     meteor = wordnet.available() and task == "caption"  # the demo runs without WordNet too: METEOR is then left out, and says so
     if not meteor and task == "caption":
         say(f"METEOR left out of the test scores: {wordnet.INSTALL}")
@@ -235,7 +239,11 @@ def main(argv=None):
             before = score_test(model)[0]
         if rank == 0:
             append_jsonl(log, {"step": 0, "test_before": before})
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", mininterval=5, disable=rank > 0)
+    if best.stop:  # the restored tracker says stop (an early stop's checkpoint): finish, do not train on
+        say(f"early stop already reached at step {step}: {best.stale} evaluations without a better val "
+            f"{validation.metric} (best: step {best.step}); finishing (a larger --early-stop trains on)")
+    end = step if best.stop else args.steps
+    bar = tqdm(range(step, end), initial=step, total=args.steps, desc="train", mininterval=5, disable=rank > 0)
     t0, tokens, losses, done = time.time(), 0, [], step
     for step in bar:
         model.train()
@@ -336,11 +344,12 @@ def report(args, out: Path, *, after, last: int, best, score_test, test, skipped
     from paligemma.captioning.scorer import Scorer, cell
     scores, out_health, preds, stats = after
     full, log = args.full, out / "metrics.jsonl"
-    refs = {str(e.image): e.captions for e in test[:args.eval_samples]}
+    examples = test[:args.eval_samples]
+    refs = dict(zip(row_keys(examples), (e.captions for e in examples)))  # keyed as caption_and_score keys its preds
     scorer = Scorer("nltk" if "METEOR" in scores else None)  # its METEOR (captions)
     measured = lambda name, p, s: (scorer.score(name, p, refs) if s is None else scorer.score_task(name, s))["ci95"]
-    columns = {"before": next((json.loads(l)["test_before"] for l in open(log) if "test_before" in l), {}),
-               f"last (step {last})": scores}
+    before = [r["test_before"] for r in read_log(log) if "test_before" in r]
+    columns = {"before": before[-1] if before else {}, f"last (step {last})": scores}
     ci95 = {f"last (step {last})": measured("last", preds, stats)}
     if best.step and best.step != last:  # OUT/best as a user loads it
         from paligemma.inference import load_for_inference

@@ -100,6 +100,7 @@ def _write_all(writers: dict):
             write(temps[path])
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the adapter unreadable to teammates
         for path, tmp in temps.items():
             os.replace(tmp, path)
     except Exception as e:  # OSError, or safetensors' SafetensorError (a plain Exception) saying "os error 28"
@@ -109,6 +110,13 @@ def _write_all(writers: dict):
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put back at once), for the mode open() would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load(model: nn.Module, directory) -> list[str]:

@@ -12,6 +12,10 @@ recover() finishes a swap that a kill interrupted (the newest complete folder wi
 leftovers. atomic_dir() runs it before each swap; readers of a folder that a killed process may have
 been writing (train.py --resume) run it before they look.
 
+Temp files and folders are made private (0600 / 0700) by tempfile; each is given the mode an ordinary
+open() or mkdir() would have made (the umask's) before it is renamed, so that a teammate on a shared
+machine can read a checkpoint as they can read any other file of ours.
+
 A full disk is named, whoever noticed it: Python's OSError(ENOSPC), safetensors' "os error 28" and
 torch.save's "[enforce fail at inline_container.cc] unexpected pos" (its writer's short write) all
 become one OSError "no space left on device: <the final path>"; the old file or folder stays whole.
@@ -47,6 +51,13 @@ def out_of_space(error: BaseException, path: str | Path, where: str | Path | Non
     return None
 
 
+def umask_mode(folder: bool = False) -> int:
+    """The mode open() (0o666) or mkdir() (0o777) would give a new file or folder under the process's umask."""
+    mask = os.umask(0)  # the only way to read it is to set it; put back at once
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
 @contextlib.contextmanager
 def named_full_disk(path: str | Path, where: str | Path | None = None):
     """Re-raise a full-disk error of the block as out_of_space's one-line OSError naming `path`."""
@@ -70,6 +81,7 @@ def atomic_file(path: str | Path, mode: str = "w"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())  # mkstemp's is 0600 (module docstring)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -127,6 +139,7 @@ def atomic_dir(path: str | Path):
                 if f.is_file():
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
+            os.chmod(tmp, umask_mode(folder=True))  # mkdtemp's is 0700 (module docstring)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

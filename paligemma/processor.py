@@ -48,6 +48,27 @@ def read_image(path: str | Path) -> Image.Image:
         raise ImageError(path, f"not a readable image ({type(e).__name__}: {e})") from None
 
 
+def preprocessor_image_size(path: Path, default: int) -> int:
+    """The image side that the hub's preprocessor_config.json gives ("size": {"height": S, "width": S}), or
+    `default` (the model config's) where it gives none. A file that is no JSON object, or a size that is no
+    object with a positive integer height, is named with the field."""
+    from .config import ConfigError
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(settings).__name__}")
+    size = settings.get("size", {})
+    if not isinstance(size, dict):
+        raise ConfigError(f"{path}: field 'size' is {size!r}; expected an object such as "
+                          '{"height": 224, "width": 224}')
+    height = size.get("height", default)
+    if not isinstance(height, int) or isinstance(height, bool) or height < 1:
+        raise ConfigError(f"{path}: field 'size.height' is {height!r}; expected a positive integer (pixels)")
+    return height
+
+
 class Processor:
     def __init__(self, tokenizer: Tokenizer, image_size: int, num_image_tokens: int, image_token_index: int | None = None):
         if image_token_index is not None and tokenizer.image_id != image_token_index:
@@ -66,8 +87,7 @@ class Processor:
         size = config.vision.image_size
         pre = folder / "preprocessor_config.json"
         if pre.exists():  # the hub's image processor settings win where they exist
-            s = json.loads(pre.read_text()).get("size", {})
-            size = s.get("height", size)
+            size = preprocessor_image_size(pre, size)
         return cls(Tokenizer(folder / "tokenizer.model"), size, config.num_image_tokens, config.image_token_index)
 
     # -- images --------------------------------------------------------------------------------
@@ -110,14 +130,15 @@ class Processor:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts: one prompt per image")
         if suffixes is not None and len(suffixes) != len(images):
             raise ValueError(f"{len(images)} images but {len(suffixes)} suffixes: one suffix per image")
+        names = [str(x) if isinstance(x, (str, Path)) else None for x in images]
         rows, types = [], []
         for i, prompt in enumerate(prompts):
             prefix = self.prefix_ids(prompt, i)
             suffix = [] if suffixes is None else self.tokenizer.encode(suffixes[i]) + [self.tokenizer.eos_id]
             if max_length is not None:
                 if len(prefix) > max_length:
-                    raise ValueError(f"prompt {i}: {len(prefix)} tokens ({self.num_image_tokens} image + text) "
-                                     f"do not fit max_length={max_length}")
+                    raise ValueError(f"prompt {i}{f' (image {names[i]})' if names[i] else ''}: {len(prefix)} tokens "
+                                     f"({self.num_image_tokens} image + text) do not fit max_length={max_length}")
                 cut = len(prefix) + len(suffix) - max_length
                 if cut > 0:
                     warnings.warn(f"suffix {i}: truncated by {cut} of {len(suffix)} tokens to fit max_length={max_length}")
@@ -129,7 +150,6 @@ class Processor:
         mask, token_types = torch.zeros_like(ids), torch.zeros_like(ids)
         for i, (r, ty) in enumerate(zip(rows, types)):
             ids[i, T - len(r):], mask[i, T - len(r):], token_types[i, T - len(r):] = torch.tensor(r), 1, torch.tensor(ty)
-        names = [str(x) if isinstance(x, (str, Path)) else None for x in images]
         out = dict(input_ids=ids, attention_mask=mask, token_type_ids=token_types,
                    pixel_values=self.pixel_values(images, [n or f"image {i}" for i, n in enumerate(names)]))
         if suffixes is not None:

@@ -222,3 +222,23 @@ def test_completed_swaps_leave_no_old_new_or_temp_folder(tmp_path):
             (tmp / "step.json").write_text(generation)
         assert [p.name for p in tmp_path.iterdir()] == ["best"]
         assert [p.name for p in folder.iterdir()] == ["step.json"] and (folder / "step.json").read_text() == generation
+
+
+# --- saves readable by teammates: the umask's modes, not tempfile's private 0700 / 0600 ---
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_saved_folders_and_files_get_the_modes_of_the_umask(tmp_path, mask, pg1_dir):
+    import lora
+    from tests.captioning.test_training import lora_model
+    model, old = lora_model(pg1_dir), os.umask(mask)
+    try:
+        with atomic_dir(tmp_path / "checkpoint") as tmp:
+            (tmp / "step.json").write_text("{}")
+        with atomic_file(tmp_path / "best.json") as f:
+            f.write("{}")
+        lora.save(model, tmp_path / "adapter")
+    finally:
+        os.umask(old)
+    mode = lambda p: p.stat().st_mode & 0o777
+    assert mode(tmp_path / "checkpoint") == 0o777 & ~mask and mode(tmp_path / "best.json") == 0o666 & ~mask
+    assert [mode(p) for p in sorted((tmp_path / "adapter").iterdir())] == [0o666 & ~mask] * 2

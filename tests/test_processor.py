@@ -117,3 +117,31 @@ def test_every_decoding_error_names_the_file(procs, tmp_path, kind, why):
         read_image(path)
     with pytest.raises(ValueError, match=rf"^{path}: .*{why}"):
         ours([path], ["caption en"])
+
+
+# --- a bad preprocessor_config.json is named with its field, not a JSONDecodeError or AttributeError ---
+
+@pytest.mark.parametrize("text, why", [
+    ("{not json", "not valid JSON"),
+    ("[224]", "expected a JSON object, got list"),
+    ('{"size": 224}', "field 'size' is 224; expected an object such as"),
+    ('{"size": {"height": "224"}}', "field 'size.height' is '224'; expected a positive integer"),
+])
+def test_a_bad_preprocessor_config_is_named_with_its_field(pg1_tok_dir, tmp_path, text, why):
+    import re
+    import shutil
+    from paligemma.config import ConfigError
+    folder = tmp_path / "model"
+    shutil.copytree(pg1_tok_dir, folder)
+    (folder / "preprocessor_config.json").write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(folder / 'preprocessor_config.json'))}: {re.escape(why)}"):
+        Processor.from_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text('{"size": {"height": 32, "width": 32}}')
+    assert Processor.from_pretrained(folder).image_size == 32
+
+
+def test_a_prompt_too_long_for_max_length_names_its_image(procs, tmp_path):
+    ours, _ = procs
+    images(1)[0].save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=rf"prompt 0 \(image {tmp_path / 'a.png'}\): .* do not fit max_length=10"):
+        ours([tmp_path / "a.png"], ["caption en"], ["a lake"], max_length=10)

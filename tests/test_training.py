@@ -377,13 +377,14 @@ def test_best_survives_a_crash_and_early_stop_between_saves_checkpoints(tiny_run
     """Scripted validation CIDEr-D. Run 1 (--steps 7, --eval-every 2, --save-every 5): 0.1, 0.2, 0.9 at
     steps 2, 4, 6 (OUT/best: step 6), checkpoint at 5; step 7 is the last, so it is evaluated although
     7 is no multiple of 2, and the process dies there. The resumed run (--steps 20) starts at 5 with
-    the checkpoint's tracker (best: step 4) but adopts OUT/best/best.json (step 6, 0.9): 0.5 at 6 and
-    0.3 at 8 are no better, so --early-stop 2 stops at step 8, between saves, and checkpoints it.
+    the checkpoint's tracker (best: step 4) but adopts OUT/best/best.json (step 6, 0.9). Step 6 is
+    evaluated again (0.5): that is the best step measured again, no evaluation since the best; 0.3,
+    0.4, 0.2 at 8, 10, 12 are, so --early-stop 3 stops at step 12, between saves, and checkpoints it.
     best.json keeps step 6's record (image gap included) from run 1, as metrics.jsonl logged it."""
     import train
     from paligemma.captioning import validation
     model, data = tiny_run
-    scripted = iter([0.1, 0.2, 0.9, Crash, 0.5, 0.3, 0.8, 0.8])
+    scripted = iter([0.1, 0.2, 0.9, Crash, 0.5, 0.3, 0.4, 0.2, 0.8])
     real = validation.caption_and_score
 
     def scored(*a, **k):
@@ -394,7 +395,7 @@ def test_best_survives_a_crash_and_early_stop_between_saves_checkpoints(tiny_run
         return dict(scores, **{"CIDEr-D": score}), health, preds, stats
     monkeypatch.setattr(validation, "caption_and_score", scored)
     out = tmp_path / "run"
-    common = ["--finetune", "full", "--eval-every", "2", "--save-every", "5", "--early-stop", "2", "--eval-samples", "2",
+    common = ["--finetune", "full", "--eval-every", "2", "--save-every", "5", "--early-stop", "3", "--eval-samples", "2",
               "--val-captions", "2"]
     with pytest.raises(Crash):
         train.main(train_args(model, data, out, "--steps", "7", *common))
@@ -404,13 +405,13 @@ def test_best_survives_a_crash_and_early_stop_between_saves_checkpoints(tiny_run
     train.main(train_args(model, data, out, "--steps", "20", "--resume", *common))
     printed = capsys.readouterr().out
     assert "resumed at step 5 (best so far: step 6, val CIDEr-D 0.900)" in printed
-    assert "early stop at step 8: 2 evaluations without a better val CIDEr-D (best: step 6, 0.900)" in printed
-    assert json.loads((out / "checkpoint" / "step.json").read_text())["step"] == 8
+    assert "early stop at step 12: 3 evaluations without a better val CIDEr-D (best: step 6, 0.900)" in printed
+    assert json.loads((out / "checkpoint" / "step.json").read_text())["step"] == 12
     records = [json.loads(l) for l in open(out / "metrics.jsonl")]
     steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert [r["step"] for r in steps] == list(range(1, 13))
     assert [(r["step"], r["val_CIDEr-D"], r["best_step"]) for r in steps if "val_CIDEr-D" in r] == \
-        [(2, 0.1, 2), (4, 0.2, 4), (6, 0.5, 6), (8, 0.3, 6)]
+        [(2, 0.1, 2), (4, 0.2, 4), (6, 0.5, 6), (8, 0.3, 6), (10, 0.4, 6), (12, 0.2, 6)]
     assert [r for r in steps if r["step"] <= 5] == [first[s] for s in range(1, 6)]  # run 1's, kept by the resume
     at_6 = first[6]
     assert at_6["val_CIDEr-D"] == 0.9 and at_6["image_gap"] == at_6["val_loss_shuffled_images"] - at_6["val_loss"]
@@ -478,3 +479,108 @@ def test_demo_flag_sets_its_defaults_and_the_given_flags_win():
     assert (a.demo, a.out, a.steps, a.lr) == ("caption", "runs/demo", 600, None)
     with pytest.raises(SystemExit):
         train.parse_args(["--demo", "detect", "--data", "x.jsonl"])
+
+
+# --- review of the training loop: early stop on resume, --max-length at load, a new run's log, report keys ---
+
+def test_resuming_an_early_stopped_checkpoint_finishes_without_training(tiny_run, tmp_path, monkeypatch, capsys):
+    """Scripted validation CIDEr-D 0.5, 0.3 at steps 2, 4: --early-stop 1 stops at 4 and checkpoints it.
+    --resume with the same --early-stop finishes that run (test scores, report) without a step more;
+    a larger --early-stop continues it."""
+    import train
+    from paligemma.captioning import validation
+    model, data = tiny_run
+    scripted = iter([0.5, 0.3, 0.1])
+    real = validation.caption_and_score
+
+    def scored(*a, **k):
+        scores, health, preds, stats = real(*a, **k)
+        return dict(scores, **{"CIDEr-D": next(scripted)}), health, preds, stats
+    monkeypatch.setattr(validation, "caption_and_score", scored)
+    out = tmp_path / "run"
+    common = ["--steps", "20", "--finetune", "full", "--eval-every", "2", "--save-every", "100", "--eval-samples", "2",
+              "--val-captions", "2"]
+    train.main(train_args(model, data, out, *common, "--early-stop", "1"))
+    assert json.loads((out / "checkpoint" / "step.json").read_text())["step"] == 4
+    capsys.readouterr()
+    train.main(train_args(model, data, out, *common, "--early-stop", "1", "--resume"))
+    printed = capsys.readouterr().out
+    assert "early stop already reached at step 4: 1 evaluations without a better val CIDEr-D (best: step 2)" in printed
+    records = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert records[-1]["step"] == 4 and "test_after" in records[-1] and "| best (step 2) |" in printed
+    train.main(train_args(model, data, out, *common, "--early-stop", "2", "--resume"))  # 0.1 at step 6: stale 2
+    assert json.loads((out / "checkpoint" / "step.json").read_text())["step"] == 6
+
+
+def test_a_max_length_too_short_for_a_prefix_is_named_by_file_and_line_at_load(tiny_run, tmp_path):
+    """One validation row's question is too long for --max-length: refused before the model loads,
+    naming its line, not when its batch comes up (hours in, and again on --resume)."""
+    import csv
+    import train
+    from paligemma.captioning.data import DataError
+    from paligemma.processor import Processor
+    model, data = tiny_run
+    own = tmp_path / "data"
+    own.mkdir()
+    (own / "images").symlink_to(Path(data).parent / "images")
+    with open(data, newline="") as f:
+        rows = [{"image": r["image"], "prefix": "caption en", "suffix": r["caption_1"], "split": r["split"]}
+                for r in csv.DictReader(f)]
+    long = next(i for i, r in enumerate(rows) if r["split"] == "val") + 3
+    rows[long]["prefix"] = "caption en" + " the lake and the field" * 6
+    (own / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    processor = Processor.from_pretrained(model)
+    fits, need = len(processor.prefix_ids("caption en")) + 1, len(processor.prefix_ids(rows[long]["prefix"])) + 1
+    assert fits < need
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=rf"^{own / 'rows.jsonl'}:{long + 1}: prefix .* takes {need - 1} tokens .* does "
+                                        rf"not fit --max-length {fits} \(1 val rows do not\); use --max-length {need}"):
+        train.main(train_args(model, str(own / "rows.jsonl"), out, "--steps", "2", "--max-length", str(fits)))
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_new_run_keeps_a_killed_runs_log_aside_and_reports_its_own_scores(tiny_run, tmp_path, capsys):
+    """A run killed before its first checkpoint left metrics.jsonl (its test_before, a step); a new run in
+    that folder starts its own log, keeps the old one as metrics.jsonl.old, and its table's "before"
+    column is its own measurement, not the killed run's."""
+    import train
+    model, data = tiny_run
+    out = tmp_path / "run"
+    out.mkdir()
+    old = '{"step": 0, "test_before": {"CIDEr-D": 123.0, "BLEU-4": 123.0}}\n{"step": 1, "loss": 9.9}\n'
+    (out / "metrics.jsonl").write_text(old)
+    train.main(train_args(model, data, out, "--steps", "2", "--finetune", "full", "--eval-samples", "2"))
+    printed = capsys.readouterr().out
+    assert f"the earlier run's metrics.jsonl is kept as {out / 'metrics.jsonl.old'}" in printed
+    assert (out / "metrics.jsonl.old").read_text() == old
+    records = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    before = [r["test_before"] for r in records if "test_before" in r]
+    assert len(before) == 1 and before[0]["CIDEr-D"] != 123.0 and [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert "123.0000" not in printed and f"| CIDEr-D | {before[0]['CIDEr-D']:.4f} |" in printed
+
+
+def test_report_scores_rows_that_share_an_image_and_reads_a_log_with_a_torn_last_line(tmp_path, capsys):
+    """Two test rows of one image (two prompts): the predictions are keyed "image | prefix"
+    (validation.row_keys), so the references must be too; the log's last line was cut short by a kill."""
+    from types import SimpleNamespace
+    import train
+    from paligemma.captioning.data import Example
+    from paligemma.captioning.validation import Best, row_keys
+    test = [Example(Path("a.png"), ["two planes on a runway"], "test", "caption en"),
+            Example(Path("a.png"), ["deux avions sur une piste"], "test", "caption fr"),
+            Example(Path("b.png"), ["a lake beside a field"], "test", "caption en")]
+    preds = dict(zip(row_keys(test), ["two planes on a runway", "deux avions", "a field"]))
+    scores = {"CIDEr-D": 1.0, "BLEU-4": 0.5}
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "test_before": {"CIDEr-D": 0.25, "BLEU-4": 0.125}}\n'
+                                            '{"step": 1, "loss": 6.0}\n{"step": 2, "lo')
+    args = SimpleNamespace(full=True, eval_samples=3, overfit_batch=False)
+    with pytest.warns(UserWarning, match="cut short"):
+        train.report(args, tmp_path, after=(scores, {}, preds, None), last=2, best=Best(), score_test=None, test=test,
+                     skipped=None, losses=[])
+    printed = capsys.readouterr().out
+    assert "| metric [95 % interval] | before | last (step 2) |" in printed
+    assert "| CIDEr-D | 0.2500 | 1.0000 [" in printed  # the torn log's test_before, this run's scores
+    last = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")][-1]
+    lo, hi = last["test_ci95"]["last (step 2)"]["BLEU-4"]
+    assert 0 <= lo <= hi <= 1 and last["test_after"] == scores

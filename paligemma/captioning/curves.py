@@ -5,10 +5,10 @@ The gap between the two validation losses is the image-reliance figure: two curv
 other mean the decoder is captioning without looking. matplotlib is an optional extra
 (`pip install -e '.[plot]'`).
 """
-import json
 from pathlib import Path
 
 from ..atomic import atomic_file
+from .run_folder import read_log
 
 
 def plot(log: str | Path, png: str | Path) -> Path | None:
@@ -19,7 +19,7 @@ def plot(log: str | Path, png: str | Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    records = [json.loads(line) for line in open(log)]
+    records = read_log(log)  # a last line a kill cut short is left out
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"], r["val_loss_shuffled_images"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)

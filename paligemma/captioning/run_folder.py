@@ -9,11 +9,12 @@ import json
 import os
 import pickle
 import random
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, named_full_disk
 from .training import Batches, trainable_state
 
 
@@ -23,9 +24,10 @@ class ResumeError(ValueError):
 
 # Settings that change what a checkpoint's weights, optimizer state and data position mean: a resumed
 # run must use the saved ones. (--steps, --lr, --eval-every, --save-every, --device ... may change.)
+# weight_decay too: the optimizer state's param_groups would silently put the saved value back.
 MUST_MATCH = ("model", "data", "prompt", "finetune", "lora", "lora_r", "lora_alpha", "lora_dropout", "rslora",
-              "train_modules", "batch_size", "grad_accum", "seed", "first_caption_only", "max_length", "dtype",
-              "blind", "overfit_batch")
+              "train_modules", "freeze", "batch_size", "grad_accum", "seed", "first_caption_only", "max_length",
+              "dtype", "quantize", "weight_decay", "blind", "overfit_batch")
 
 
 def check_run_folder(out: Path, resume: bool):
@@ -56,11 +58,29 @@ def save_train_state(directory, model, optimizer, step: int, batches: Batches, r
     with atomic_dir(directory) as tmp:
         torch.save({"model": model_state, "optimizer": optimizer_state, "step": step,
                     "data": batches.state(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                    "args": args, "extra": extra or {}}, tmp / "state.pt")
+                    **cuda_rng_state(device_of(model)), "args": args, "extra": extra or {}}, tmp / "state.pt")
         if not full:
             import lora
             lora.save(model, tmp / "adapter", base_model_name_or_path=args.get("model"))
         (tmp / "step.json").write_text(json.dumps({"step": step}))
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def cuda_rng_state(device: torch.device) -> dict:
+    """{"cuda_rng": the generator state of the model's GPU} on CUDA, where dropout draws its masks (the CPU
+    generator does not); {} on other devices. Each DDP rank restores it into its own GPU's generator:
+    equal shards draw equal amounts, so rank 0's state stands for every rank's."""
+    return {"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
+
+
+def restore_cuda_rng(state: dict, device: torch.device):
+    """The saved GPU generator, when there is one and the run is on a GPU now (a CPU checkpoint resumed on a
+    GPU, or the reverse, --device being free to change, continues with the generator as it is)."""
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def read_train_state(directory) -> dict:
@@ -107,9 +127,12 @@ def check_same_data(saved: dict | None, current: dict, directory):
 
 
 def check_settings(saved: dict, current: dict, directory):
-    """--resume with other settings than the checkpoint's would continue a different run: name them."""
+    """--resume with other settings than the checkpoint's would continue a different run: name them. A
+    setting a checkpoint does not hold (written before the flag existed) is not checked."""
     def same(key):
         a, b = saved.get(key), current.get(key)
+        if key not in saved:
+            return True
         if key in ("model", "data") and a and b and Path(a).exists() and Path(b).exists():
             return Path(a).resolve() == Path(b).resolve()  # the same folder spelt another way
         return a == b
@@ -144,29 +167,70 @@ def load_train_state(directory, model, optimizer, batches: Batches, rng: random.
     batches.load(state["data"])
     rng.setstate(state["rng"])
     torch.set_rng_state(state["torch_rng"])
+    restore_cuda_rng(state, device_of(model))
     return state["step"], state.get("extra", {})
 
 
 def export(model, full: bool, base: str, folder: Path, state: dict | None = None):
     """What a user keeps: a hub-layout checkpoint + tokenizer (full), or a PEFT adapter (LoRA), in
-    `folder`. `state`: the whole state gathered from FSDP shards."""
+    `folder`. `state`: the whole state gathered from FSDP shards. The model and its tokenizer are swapped
+    in together: a model folder without its tokenizer cannot be loaded."""
     import shutil
     import lora
     from ..weights import resolve
     if full:
-        model.save_pretrained(folder, state_dict=state)
-        shutil.copyfile(resolve(base) / "tokenizer.model", Path(folder) / "tokenizer.model")
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp, state_dict=state)
+            shutil.copyfile(resolve(base) / "tokenizer.model", tmp / "tokenizer.model")
     else:
         lora.save(model, folder, base_model_name_or_path=base)
 
 
+class LogError(ValueError):
+    """A metrics.jsonl line that is not a record, before its last line (so not a write cut short)."""
+
+
+def read_log(log: Path) -> list[dict]:
+    """metrics.jsonl's records. A last line that is not JSON is a write that a kill or a full disk cut
+    short: it is left out, with a warning; a bad line before it is damage, named by file:line."""
+    lines = Path(log).read_text().splitlines()
+    last = max((i for i, l in enumerate(lines, 1) if l.strip()), default=0)
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < last:
+                raise LogError(f"{log}:{i}: not a JSON record ({e}); the lines after it are whole, so this is no "
+                               "interrupted write: repair or remove the line") from None
+            warnings.warn(f"{log}:{i}: the last line is cut short (a write interrupted by a kill or a full disk): "
+                          "left out")
+    return records
+
+
 def trim_log(log: Path, step: int):
-    """A resumed run logs again the steps after its checkpoint: drop the first run's records of them."""
+    """A resumed run logs again the steps after its checkpoint: drop the first run's records of them (and a
+    last line a kill cut short)."""
     if log.exists():
         from ..atomic import atomic_file
-        keep = [l for l in log.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        keep = [r for r in read_log(log) if r.get("step", 0) <= step]
         with atomic_file(log) as f:
-            f.write("".join(l + "\n" for l in keep))
+            f.write("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def set_aside(log: Path) -> Path | None:
+    """A new run starts a new log; an earlier run's (killed before its first checkpoint) is user work, kept
+    beside it as metrics.jsonl.old (.old.2, ... when that is taken). Returns where it went, or None."""
+    if not log.exists():
+        return None
+    kept, n = log.with_name(log.name + ".old"), 1
+    while kept.exists():
+        n += 1
+        kept = log.with_name(f"{log.name}.old.{n}")
+    os.replace(log, kept)
+    return kept
 
 
 def wandb_run(project: str | None, config: dict, rank: int, folder: Path | None = None):
@@ -182,7 +246,18 @@ def wandb_run(project: str | None, config: dict, rank: int, folder: Path | None 
 
 
 def append_jsonl(path, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One record appended and on disk. A kill or a full disk may cut the line short: read_log leaves such a
+    last line out, and the next append first cuts it off (glued to the record after it, it would hide that
+    one too). A full disk is named."""
+    with named_full_disk(path), open(path, "ab+") as f:
+        end = f.seek(0, os.SEEK_END)
+        f.seek(max(end - 1, 0))
+        if end and f.read(1) != b"\n":
+            f.seek(0)
+            whole = f.read().rfind(b"\n") + 1
+            f.truncate(whole)
+            warnings.warn(f"{path}: cut off its last line, left unfinished by a kill or a full disk "
+                          f"({end - whole} bytes)")
+        f.write((json.dumps(record) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())

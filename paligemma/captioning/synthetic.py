@@ -163,6 +163,7 @@ def make_checkpoint(folder: str | Path, captions: list[str], prompt: str = "capt
     """A random-initialised tiny PaliGemma in the hub layout, with a tokenizer trained on `captions`
     (task_tokens: plus the 1024 <loc> and 128 <seg> pieces, see tokenizer.train_tokenizer)."""
     import torch
+    from ..atomic import atomic_dir
     from ..model import PaliGemma
     from ..tokenizer import Tokenizer, train_tokenizer
     import shutil
@@ -173,7 +174,8 @@ def make_checkpoint(folder: str | Path, captions: list[str], prompt: str = "capt
     config = tiny_config(vocab_size=len(tok), image_token_index=tok.image_id, image_size=image_size)
     torch.manual_seed(seed)
     model = PaliGemma(config).init_weights()
-    model.save_pretrained(folder)  # config.json + model.safetensors (replaces the folder whole)
-    shutil.copyfile(tok.path, folder / "tokenizer.model")
+    with atomic_dir(folder) as whole:  # model and tokenizer swapped in together: one alone is no checkpoint
+        model.save_pretrained(whole)  # config.json + model.safetensors
+        shutil.copyfile(tok.path, whole / "tokenizer.model")
     shutil.rmtree(tmp)
     return folder

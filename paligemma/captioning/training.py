@@ -69,6 +69,49 @@ def collate(processor, examples, prompt: str, rng: random.Random, first_only=Fal
     return batch
 
 
+def check_prefixes_fit(processor, splits: dict, prompt: str, max_length: int | None, data):
+    """--max-length must leave every row's prefix (image tokens, <bos>, prompt, \\n) room for one suffix token,
+    or that row fails (or trains on nothing) only when its batch comes up, hours in, and again on --resume.
+    So every split is checked when it is loaded; the first row that does not fit is named by file:line.
+    `splits`: name -> Examples, `data`: the --data they were read from."""
+    if max_length is None:
+        return
+    need = {}  # prompt -> prefix tokens + 1 (prompts repeat: a caption set has one)
+    for examples in splits.values():
+        for e in examples:
+            p = prompt if e.prefix is None else e.prefix
+            if p not in need:
+                need[p] = len(processor.prefix_ids(p)) + 1
+    longest = max(need.values(), default=0)
+    if longest <= max_length:
+        return
+    from .data import DataError
+    for split, examples in splits.items():
+        bad = [e for e in examples if need[prompt if e.prefix is None else e.prefix] > max_length]
+        if bad:
+            p = prompt if bad[0].prefix is None else bad[0].prefix
+            raise DataError(f"{row_line(data, bad[0])}: prefix {p!r} takes {need[p] - 1} tokens "
+                            f"({processor.num_image_tokens} image tokens, <bos>, the prompt and \\n): with one suffix "
+                            f"token it does not fit --max-length {max_length} ({len(bad)} {split} rows do not); use "
+                            f"--max-length {longest} or more")
+
+
+def row_line(data, example) -> str:
+    """"file:line" of the row `example` was read from. An Example does not keep it; its split, prefix and
+    image name one row (data.check_unique), the image as the row's path under the image folder (the
+    longest such path, should one row's name end another's)."""
+    from .data import read_rows, split_of
+    path = Path(data) / "captions.csv" if Path(data).is_dir() else Path(data)
+    image, found = Path(example.image).parts, {}
+    for line, row in read_rows(path):
+        name, prefix = row.get("image"), row.get("prefix")
+        parts = Path(name).parts if isinstance(name, str) and name else ()
+        if (parts and image[-len(parts):] == parts and split_of(row) == example.split
+                and (prefix.strip() if isinstance(prefix, str) else None) == example.prefix):
+            found[len(parts)] = line
+    return f"{path}:{found[max(found)]}" if found else f"{path} (image {example.image})"
+
+
 def blind(examples, seed: int) -> list:
     """The image-blind control: the same captions, each paired with another example's image."""
     images = [e.image for e in examples]

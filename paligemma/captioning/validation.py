@@ -149,11 +149,14 @@ class Best:
     stale: int = 0  # evaluations since the best
 
     def update(self, step: int, score: float) -> bool:
-        """True when `score` beats the best so far (strictly: a tie keeps the earlier, cheaper model)."""
+        """True when `score` beats the best so far (strictly: a tie keeps the earlier, cheaper model). A resumed
+        run replays the steps after its checkpoint; one at or before the best step (an OUT/best written after
+        the checkpoint, load()) measures the best model again, or an older one: no evaluation since the best."""
         if score > self.score:
             self.step, self.score, self.stale = step, score, 0
             return True
-        self.stale += 1
+        if step > self.step:
+            self.stale += 1
         return False
 
     @property
@@ -165,13 +168,14 @@ class Best:
 
     def load(self, state: dict, best_json: Path | None = None):
         """The tracker as checkpointed. A run killed after its checkpoint may have written a better OUT/best
-        since (best.json): that one stays the best, so OUT/best and the tracker never disagree."""
+        since (best.json): that one stays the best, so OUT/best and the tracker never disagree, and none of
+        the evaluations the checkpoint counted came after it (stale 0)."""
         self.step, self.score, self.stale = state["step"], state["score"], state["stale"]
         if best_json is not None and best_json.exists():
             kept = json.loads(best_json.read_text())
             key = kept.get("selected_by", "val_CIDEr-D")
             if kept.get(key, -math.inf) > self.score:
-                self.step, self.score = kept["step"], kept[key]
+                self.step, self.score, self.stale = kept["step"], kept[key], 0
 
 
 def save_best(folder: Path, model, full: bool, base: str, step: int, record: dict, state: dict | None = None,

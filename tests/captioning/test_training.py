@@ -257,3 +257,20 @@ def test_full_fine_tuning_with_a_frozen_tower_steps_only_the_rest(pg1_dir):
     assert any(n.startswith("language_model.") for n in moved)
     with pytest.raises(ValueError, match=r"^--freeze vision_towr: no such module"):
         make_trainable(PaliGemma.from_pretrained(pg1_dir), True, freeze=["vision_towr"])
+
+
+def test_prefixes_too_long_for_max_length_are_named_by_the_first_rows_line(tiny_run):
+    """A RISC CSV, one prompt: --max-length one below prefix + 1 suffix token names the first train row
+    (line 2, under the header) and says how many rows of the split do not fit; one more fits."""
+    from paligemma.captioning.data import DataError, load_examples
+    from paligemma.captioning.training import check_prefixes_fit
+    from paligemma.processor import Processor
+    model, data = tiny_run
+    processor = Processor.from_pretrained(model)
+    splits = {s: load_examples(data, s)[0] for s in ("train", "val", "test")}
+    fits = len(processor.prefix_ids("caption en")) + 1
+    with pytest.raises(DataError, match=rf"^{data}:2: prefix 'caption en' takes {fits - 1} tokens .* --max-length "
+                                        rf"{fits - 1} \({len(splits['train'])} train rows do not\)"):
+        check_prefixes_fit(processor, splits, "caption en", fits - 1, data)
+    check_prefixes_fit(processor, splits, "caption en", fits, data)
+    check_prefixes_fit(processor, splits, "caption en", None, data)

@@ -22,6 +22,19 @@ def test_resumed_tracker_adopts_a_better_best_written_after_the_checkpoint(tmp_p
     assert (best.step, best.score, best.stale) == (100, 1.7, 1)
 
 
+def test_replaying_the_adopted_best_step_is_no_evaluation_without_improvement(tmp_path):
+    """Checkpoint at step 100 (best: step 100, stale 1 as counted then); OUT/best written at step 300,
+    then the kill. The resumed run evaluates 200 and 300 again: the model of step 300 is the best one
+    measured again (and 200 an older one), so neither is an evaluation since the best; 400 is."""
+    (tmp_path / "best.json").write_text(json.dumps({"step": 300, "val_CIDEr-D": 1.5}))
+    best = Best(patience=1)
+    best.load({"step": 100, "score": 1.2, "stale": 1}, tmp_path / "best.json")
+    assert (best.step, best.stale, best.stop) == (300, 0, False)
+    assert [best.update(s, c) for s, c in [(200, 1.3), (300, 1.5)]] == [False, False]
+    assert (best.step, best.stale, best.stop) == (300, 0, False)
+    assert not best.update(400, 1.5) and (best.stale, best.stop) == (1, True)
+
+
 def test_spread_covers_the_split():
     assert spread(list(range(100)), 4) == [0, 25, 50, 75]
     assert spread(list(range(3)), 8) == [0, 1, 2] and spread(list(range(9)), 0) == []
