@@ -214,12 +214,17 @@ def decoder_bytes(config: dict) -> int:
 
 def step_bytes(model) -> int:
     """What one decode step of our model reads, as it is stored: the decoder layers and the output head
-    (a packed or int8 copy, else the embedding table); lookups read one row per token, not counted."""
-    from paligemma.quantize import Int8Head
+    (a packed, int8 or int4 copy, else the embedding table); lookups read one row per token, not counted."""
+    from paligemma.quantize import Int4Head, Int8Head
     lm = model.language_model
     tensors = list(lm.model.layers.state_dict().values()) + list(lm.model.norm.state_dict().values())
-    head = lm.lm_head  # TiedHead or PackedHead: the bf16 table's bytes; Int8Head: its int8 copy
-    tensors += [head.int8(), head.scales] if isinstance(head, Int8Head) else [lm.model.embed_tokens.weight]
+    head = lm.lm_head  # TiedHead or PackedHead: the bf16 table's bytes; Int8Head / Int4Head: its copy
+    if isinstance(head, Int8Head):
+        tensors += [head.int8(), head.scales]
+    elif isinstance(head, Int4Head):
+        tensors += [head.qweight, head.scales_and_zeros]
+    else:
+        tensors.append(lm.model.embed_tokens.weight)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -1,5 +1,5 @@
 """Mutation run (issue #16): plant realistic one-line bugs, one at a time, in a scratch copy of the
-project and run the tests that should notice. Not part of CI: a full run of the 179 takes ~2-3 hours on
+project and run the tests that should notice. Not part of CI: a full run of the 183 takes ~2-3 hours on
 2 cores (most mutants run one test file in 5-30 s; the slow ones run train.py).
 
     python benchmarks/mutants.py                    # every mutant
@@ -193,6 +193,15 @@ MUTANTS = [
            "        self.plain = self.plain\n", (PACK, "-k", "after_th")),
     Mutant("int8_head_not_capped", "paligemma/quantize.py", "return self.cap(logits.view(*h.shape[:-1], -1))",
            "return logits.view(*h.shape[:-1], -1)", (QUANT, "-k", "soft_capped")),  # kind
+    Mutant("int8_head_copy_never_remade", "paligemma/quantize.py",
+           "            if source(weight) != self._source:\n                self.copy_of(weight)\n            logits",
+           "            if False:\n                self.copy_of(weight)\n            logits", (QUANT, "-k", "follows")),
+    Mutant("weight_only_modes_get_the_int8_head", "paligemma/quantize.py",
+           "(Int8Head if mode == \"int8\" else Int4Head)", "(Int8Head)", (QUANT, "-k", "batch")),
+    Mutant("int4_float32_on_the_slow_kernel", "paligemma/int4.py", "    if x.dtype == torch.float32:\n",
+           "    if False:\n", (QUANT, "-k", "int4_equals_hand")),
+    Mutant("right_padding_accepted", "paligemma/generation.py", "    elif not bool(attention_mask[:, -1].all()):",
+           "    elif False:", ("tests/test_generation.py", "-k", "right_padding")),
     # --- hook points (paligemma/hookpoint.py, attention.py) ---
     Mutant("replaced_forward_ignored", "paligemma/hookpoint.py", 'or self._backward_pre_hooks or "forward" in self.__dict__',
            "or self._backward_pre_hooks", (HOOKS, "-k", "replaced_forward")),  # kind
@@ -289,14 +298,15 @@ MUTANTS = [
            (TRAIN, "-k", "best_model_and_early_stop"), slow=True),
     Mutant("best_json_step_off_by_one", "train.py", 'save_best(out / "best", par.model, args.full, args.model, step,',
            'save_best(out / "best", par.model, args.full, args.model, step - 1,', (TRAIN, "-k", "best_model_and_early_stop"), slow=True),
-    Mutant("trim_log_drops_checkpoint_step", "paligemma/captioning/run_folder.py", 'json.loads(l).get("step", 0) <= step]',
-           'json.loads(l).get("step", 0) < step]', (TRAIN, "-k", "best_survives"), slow=True),
+    Mutant("trim_log_drops_checkpoint_step", "paligemma/captioning/run_folder.py", 'r.get("step", 0) <= step]',
+           'r.get("step", 0) < step]', (TRAIN, "-k", "best_survives"), slow=True),
     Mutant("stop_one_evaluation_late", "paligemma/captioning/validation.py", "self.stale >= self.patience",
            "self.stale > self.patience", (VALID,)),
     Mutant("best_tie_replaces", "paligemma/captioning/validation.py", "        if score > self.score:",
            "        if score >= self.score:", (VALID,)),
     Mutant("best_json_adopts_score_only", "paligemma/captioning/validation.py",
-           'self.step, self.score = kept["step"], kept[key]', 'self.score = kept[key]', (VALID,)),
+           'self.step, self.score, self.stale = kept["step"], kept[key], 0', 'self.score, self.stale = kept[key], 0',
+           (VALID,)),
     Mutant("stale_reset_on_resume", "paligemma/captioning/validation.py",
            'state["step"], state["score"], state["stale"]', 'state["step"], state["score"], 0', (VALID,)),
     # --- crash-safety (atomic.py, weights.py) ---
@@ -315,12 +325,12 @@ MUTANTS = [
            "min(max(int(v / size * (BINS - 1)), 0), BINS - 1)", (BOXES,)),
     Mutant("boxes_bin_1024", "paligemma/tasks/boxes.py", "min(max(round(v / size * (BINS - 1)), 0), BINS - 1)",
            "min(max(round(v / size * BINS), 0), BINS - 1)", (BOXES,)),
-    Mutant("boxes_flat_box_kept", "paligemma/tasks/boxes.py", "if y1 <= y0 or x1 <= x0:", "if y1 < y0 or x1 < x0:",
+    Mutant("boxes_flat_box_kept", "paligemma/tasks/boxes.py", "or y1 <= y0 or x1 <= x0:", "or y1 < y0 or x1 < x0:",
            (BOXES,)),
     Mutant("boxes_scores_of_the_first_box", "paligemma/tasks/boxes.py", "loc_probs[first:first + 4]", "loc_probs[0:4]",
            (BOXES,)),
-    Mutant("boxes_bad_piece_not_counted_in_probs", "paligemma/tasks/boxes.py", "first, seen = seen, seen + len(locs)",
-           "first, seen = seen, seen + 4", (BOXES,)),
+    Mutant("boxes_bad_piece_not_counted_in_probs", "paligemma/tasks/boxes.py", "first, seen, read = seen, seen + len(LOC.findall(piece)), _read(piece)",
+           "first, seen, read = seen, seen + 4, _read(piece)", (BOXES,)),
     Mutant("boxes_x_scaled_by_height", "paligemma/tasks/boxes.py", "box = (x0 / (BINS - 1) * width,",
            "box = (x0 / (BINS - 1) * height,", (BOXES,)),
     # --- COCO average precision (paligemma/tasks/average_precision.py) ---
@@ -467,7 +477,7 @@ MUTANTS = [
     Mutant("run_folder_new_run_over_checkpoint", "paligemma/captioning/run_folder.py", "    if not resume and state.exists():",
            "    if not resume and state.exists() and not (checkpoint / \"step.json\").exists():", CAPTRAIN),
     Mutant("run_folder_no_tokenizer_exported", "paligemma/captioning/run_folder.py",
-           '        shutil.copyfile(resolve(base) / "tokenizer.model", Path(folder) / "tokenizer.model")\n', "",
+           '            shutil.copyfile(resolve(base) / "tokenizer.model", tmp / "tokenizer.model")\n', "",
            (TRAIN, "-k", "loss_falls"), slow=True),
     Mutant("run_folder_wrong_shape_loaded", "paligemma/captioning/run_folder.py",
            "for k, v in state[\"model\"].items() if k in current and v.shape != current[k].shape]",
