@@ -168,13 +168,11 @@ def setup(args, rank: int) -> tuple[Path, bool]:
     return out, from_scratch
 
 
-def load_splits(args, say, processor):
-    """The three splits, their one task, and mask rows' answers (made once, by the --vae encoder); every
-    row's prefix checked against --max-length."""
+def load_splits(args, say):
+    """The three splits, their one task, and mask rows' answers (made once, by the --vae encoder)."""
     train, skipped = load_examples(args.data, "train", skip_bad=args.skip_bad)
     val, _ = load_examples(args.data, "val", skip_bad=args.skip_bad)
     test, _ = load_examples(args.data, "test", skip_bad=args.skip_bad)
-    check_prefixes_fit(processor, {"train": train, "val": val, "test": test}, args.prompt, args.max_length, args.data)
     say(f"data: {len(train)} train / {len(val)} val / {len(test)} test images" + (f"; {skipped.report()}" if skipped else ""))
     task = run_task(args.prompt, train, val, test)  # which metrics score it and pick OUT/best
     train, val, test = training_answers(task, args.vae, train, val, test)
@@ -198,9 +196,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
-    processor = Processor.from_pretrained(args.model)
     # bad rows, a segment set without --vae, a --max-length too short for a prefix: all refused before the model loads
-    train, val, test, skipped, task = load_splits(args, say, processor)
+    train, val, test, skipped, task = load_splits(args, say)
+    processor = Processor.from_pretrained(args.model)
+    check_prefixes_fit(processor, {"train": train, "val": val, "test": test}, args.prompt, args.max_length, args.data)
     model = PaliGemma.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device, quantize=args.quantize)
     budget = answer_budget(processor, train, task)  # new tokens per answer
     if task != "caption":

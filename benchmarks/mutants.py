@@ -194,7 +194,7 @@ MUTANTS = [
     Mutant("int8_head_not_capped", "paligemma/quantize.py", "return self.cap(logits.view(*h.shape[:-1], -1))",
            "return logits.view(*h.shape[:-1], -1)", (QUANT, "-k", "soft_capped")),  # kind
     Mutant("int8_head_copy_never_remade", "paligemma/quantize.py",
-           "            if source(weight) != self._source:\n                self.copy_of(weight)\n            logits",
+           "            if changed(weight, self._source):\n                self.copy_of(weight)\n            logits",
            "            if False:\n                self.copy_of(weight)\n            logits", (QUANT, "-k", "follows")),
     Mutant("weight_only_modes_get_the_int8_head", "paligemma/quantize.py",
            "(Int8Head if mode == \"int8\" else Int4Head)", "(Int8Head)", (QUANT, "-k", "batch")),

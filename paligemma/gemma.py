@@ -164,6 +164,12 @@ def source(table: torch.Tensor) -> tuple:
     return table.data_ptr(), table._version, tuple(table.shape), table.dtype
 
 
+def changed(table: torch.Tensor, made_from: tuple) -> bool:
+    """Whether `table` is no longer the one a copy was made from (source). Not asked under torch.compile,
+    which cannot trace data pointers: each generate's prefill runs eagerly first and remakes a stale copy."""
+    return not torch.compiler.is_compiling() and source(table) != made_from
+
+
 class TiedHead(nn.Module):
     """The output head: logits = h E^T with E the embedding table, then Gemma 2's final soft-cap.
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dequantize import dense_forward
-from .gemma import source
+from .gemma import changed, source
 
 GROUPS = (32, 64, 128)  # sizes torch's kernel takes (256 too: too coarse for 4 bits here)
 GROUP = 64  # the default, chosen by measurement (benchmarks/NOTES.md, change 12)
@@ -84,7 +84,7 @@ def fused_mm(x: torch.Tensor, module: nn.Module, group: int, in_features: int, o
     change), and come back in float32: int4 on CPU computes in bfloat16 (benchmarks/NOTES.md, change 16)."""
     sz = module.scales_and_zeros
     if x.dtype == torch.float32:
-        if getattr(module, "_bf16_of", None) != source(sz):
+        if getattr(module, "_bf16", None) is None or changed(sz, module._bf16_of):
             module._bf16, module._bf16_of = sz.bfloat16(), source(sz)
         return fused_mm(x.bfloat16(), _Bf16View(module), group, in_features, out_features).float()
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # the kernel refuses strided rows (a prefill's last positions)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gemma import TiedHead, source
+from .gemma import TiedHead, changed, source
 from .safetensors_io import drop_file_pages, mapped
 
 
@@ -197,7 +197,7 @@ class PackedHead(TiedHead):
             if logits is not None:
                 return self.cap(logits)
             self.copy_of(weight)
-        elif source(weight) != self._source:  # the table changed (a load_state_dict): the copy is stale
+        elif changed(weight, self._source):  # the table changed (a load_state_dict): the copy is stale
             self.copy_of(weight)
         return self.cap(_packed_linear(h, self.packed, None, self.training))
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dequantize import dense_forward
-from .gemma import TiedHead, source
+from .gemma import TiedHead, changed, source
 from . import int4
 from .int4 import GROUP, Int4Linear
 
@@ -441,7 +441,7 @@ class Int8Head(FbgemmInt8, TiedHead):
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         rows = h.numel() // h.shape[-1]
         if rows <= FUSED_ROWS and decodes(h, self.scales):
-            if source(weight) != self._source:
+            if changed(weight, self._source):
                 self.copy_of(weight)
             logits = self.decode_rows(h.reshape(rows, -1))  # (rows, V)
             return self.cap(logits.view(*h.shape[:-1], -1))  # (..., V)
@@ -466,7 +466,7 @@ class Int4Head(TiedHead):
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         rows = h.numel() // h.shape[-1]
         if rows <= FUSED_ROWS and decodes(h, self.scales_and_zeros):
-            if source(weight) != self._source:
+            if changed(weight, self._source):
                 self.copy_of(weight)
             return self.cap(int4.fused_mm(h, self, GROUP, *weight.shape[::-1]))
         return super().forward(h, weight)
