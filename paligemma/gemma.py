@@ -161,7 +161,8 @@ class GemmaModel(nn.Module):
 def source(table: torch.Tensor) -> tuple:
     """What identifies the embedding table a head's own copy (packed, quantized) was made from: a
     load_state_dict() copies into it (its version moves on) or assigns a new one (another storage)."""
-    return table.data_ptr(), table._version, tuple(table.shape), table.dtype
+    version = None if table.is_inference() else table._version  # inference tensors keep no version (nor change in place)
+    return table.data_ptr(), version, tuple(table.shape), table.dtype
 
 
 def changed(table: torch.Tensor, made_from: tuple) -> bool:

@@ -619,3 +619,12 @@ def test_quantize_refuses_packed_layers_and_save_pretrained_refuses_quantized_on
     with pytest.raises(ValueError, match=r"qweight.*quantized weights.*quantize="):
         save_pretrained(model, tmp_path / "out")
     assert (tmp_path / "out" / "old.txt").read_text() == "kept"
+
+
+def test_a_model_loaded_under_inference_mode_decodes(pg1_dir):
+    """Tensors made under torch.inference_mode keep no version counter: the head copies' check must not ask."""
+    with torch.inference_mode():
+        model = PaliGemma.from_pretrained(pg1_dir, dtype=torch.bfloat16, quantize="int4", inference=True)
+        out = model.generate(**batch(N_IMG, prompt_lens=(3, 5)), max_new_tokens=4, eos_id=-1)
+    plain = PaliGemma.from_pretrained(pg1_dir, dtype=torch.bfloat16, quantize="int4", inference=True)
+    assert torch.equal(out, plain.generate(**batch(N_IMG, prompt_lens=(3, 5)), max_new_tokens=4, eos_id=-1))
