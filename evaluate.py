@@ -60,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--compare", help="second row: an adapter folder, another model, 'base', or 'int8' / 'int4' / 'nf4' "
                    "(the first row's model quantized)")
     p.add_argument("--predictions", help="score this JSONL/CSV of image + prediction (+ prompt, where an image has "
-                   "several rows; + boxes with their scores, as predictions.jsonl saves them) instead of running a model")
+                   "several rows; + boxes with their scores, as predictions.jsonl saves them; + model, a --compare run's: a row "
+                   "per model) instead of running a model")
     p.add_argument("--data", required=True, help="captions CSV/JSONL or folder")
     p.add_argument("--split", default="test", help="split to evaluate ('all': every row, for a file without splits)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count, in metrics.json) rows whose image "
@@ -129,19 +130,32 @@ def predict(model, processor, examples, args, name: str, done: int, out: Path) -
     return rows
 
 
-def read_predictions(path, examples, prompts: list[str]) -> list[tuple[int, dict]]:
-    """Predictions made elsewhere, as (line, row) in the split's order; the rows must be exactly the split's.
-    A row is matched by its image's file name (predictions made elsewhere carry other folders), and also by
-    its `prompt` where the split has an image under several prompts (questions, question generation): the
-    field is then required. prompts: each example's prompt (prompt_of)."""
+def predictions_by_model(path, examples, prompts: list[str]) -> dict[str, list[tuple[int, dict]]]:
+    """A --predictions file's rows per model: {"": rows} for one model's file; for a file that names several
+    in its `model` field (predictions.jsonl of a --compare run), {model: rows} for each, so each is scored
+    as its own row and the two compared as that run compared them. Each as read_predictions returns it."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: predictions file not found")
     text = read_text(path)
-    if path.suffix == ".jsonl":
-        rows = read_jsonl(path, text)
-    else:
-        rows = csv_rows(csv.DictReader(io.StringIO(text, newline="")))
+    rows = read_jsonl(path, text) if path.suffix == ".jsonl" else csv_rows(csv.DictReader(io.StringIO(text, newline="")))
+    models = list(dict.fromkeys(r.get("model") for _, r in rows if isinstance(r, dict)))
+    if len(models) < 2:
+        return {"": read_predictions(path, rows, examples, prompts)}
+    if None in models:
+        i = next(i for i, r in rows if isinstance(r, dict) and "model" not in r)
+        raise DataError(f"{path}:{i}: no 'model' field, which other rows have ({models[0]!r}, ...): each row "
+                        "says which model made it")
+    return {m: read_predictions(path, [(i, r) for i, r in rows if r.get("model") == m], examples, prompts)
+            for m in models}
+
+
+def read_predictions(path, rows, examples, prompts: list[str]) -> list[tuple[int, dict]]:
+    """Predictions made elsewhere (`rows`: (line, row) of file `path`), as (line, row) in the split's order;
+    the rows must be exactly the split's. A row is matched by its image's file name (predictions made
+    elsewhere carry other folders), and also by its `prompt` where the split has an image under several
+    prompts (questions, question generation): the field is then required. prompts: each example's prompt
+    (prompt_of)."""
     names = [e.image.name for e in examples]
     repeated = sorted({n for n in names if names.count(n) > 1})
     key_of = (lambda name, p: (name, p)) if repeated else (lambda name, p: name)
@@ -360,11 +374,12 @@ def main(argv=None):
     runs = {} if args.predictions else rows_to_run(args)
     for model_name, adapter, _ in dict.fromkeys(runs.values()):  # before the first caption: every row loads
         check_loadable(model_name, adapter)
-    given = None  # --predictions: (the file's predictions, their boxes' saved <loc> probabilities or None)
+    given = None  # --predictions: per model, (its predictions, their boxes' saved <loc> probabilities or None)
     if args.predictions:
-        read = read_predictions(args.predictions, examples, [prompt_of(e, args) for e in examples])
-        given = ([r["prediction"] for _, r in read],
-                 saved_loc_probs(args.predictions, read) if args.task == "detect" else None)
+        given = {model: ([r["prediction"] for _, r in read],
+                         saved_loc_probs(args.predictions, read) if args.task == "detect" else None)
+                 for model, read in predictions_by_model(args.predictions, examples,
+                                                         [prompt_of(e, args) for e in examples]).items()}
     meteor, why = choose_meteor(args.meteor) if args.task == "caption" else (None, None)  # no JVM for boxes
     left_out = {"METEOR": why} if why else {}
     if why:
@@ -401,10 +416,10 @@ def draw_folder(args, label: str, runs: dict):
 def evaluate(args, out, examples, skipped, runs, given, scorer, left_out):
     done = store.start(out, plan_of(args, examples, runs), args.resume)
     results, rows = {}, {}
-    if given is not None:
-        name = f"predictions: {args.predictions}"
-        preds, probs = given
-        results[name], rows[name] = score(examples, preds, args, scorer, name, probs, draw_folder(args, name, runs))
+    for model, (preds, probs) in (given or {}).items():
+        name = f"{model} (predictions: {args.predictions})" if model else f"predictions: {args.predictions}"
+        results[name], rows[name] = score(examples, preds, args, scorer, name, probs,
+                                          draw_folder(args, model or name, {"": 0} if not model else given))
     for label, (model_name, adapter, quantize) in runs.items():
         name = f"{label}: {model_name}" + (f" + {adapter}" if adapter else "") + (f" ({quantize})" if quantize else "")
         made = done.get(name, [])

@@ -148,6 +148,20 @@ def test_compare_base_and_adapter(tiny_run, tmp_path):
     rows = read_jsonl(tmp_path / "c" / "predictions.jsonl")
     assert [r["model"] for r in rows] == [a] * 4 + [b] * 4
     assert [r["prediction"] for r in rows[:4]] != [r["prediction"] for r in rows[4:]]
+    # the compare run's predictions.jsonl scored again: its two models as two rows, B paired against A, as the run did
+    saved = tmp_path / "c" / "predictions.jsonl"
+    again = evaluate.main(["--predictions", str(saved), "--data", data, "--out", str(tmp_path / "r"), "--split", "test",
+                           "--max-samples", "4"])
+    assert list(again) == [f"{a} (predictions: {saved})", f"{b} (predictions: {saved})"]
+    named = lambda r: {k: {**v, "against": None} if k == "paired" else v for k, v in r.items()}  # noqa: E731 (the row names differ)
+    assert [named(r) for r in again.values()] == [named(both[a]), named(both[b])] and "paired" in both[b]
+    assert again[f"{b} (predictions: {saved})"]["paired"]["against"] == f"{a} (predictions: {saved})"
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if i != 5 or k != "model"})
+                                                  + "\n" for i, r in enumerate(rows)))
+    from paligemma.captioning.data import DataError
+    with pytest.raises(DataError, match=r"mixed\.jsonl:6: no 'model' field, which other rows have"):
+        evaluate.main(["--predictions", str(tmp_path / "mixed.jsonl"), "--data", data, "--out", str(tmp_path / "m"),
+                       "--split", "test", "--max-samples", "4"])
 
 
 def test_existing_output_is_never_overwritten(tiny_run, tmp_path):
