@@ -278,8 +278,8 @@ MUTANTS = [
            'return "other" if out.is_dir() else "empty"', (EVAL, "-k", "empty_output")),
     Mutant("row_name_without_quantize", "evaluate.py", '+ (f" ({quantize})" if quantize else "")', "",
            (EVAL, "-k", "int8_keeps")),
-    Mutant("prediction_lines_enumerated", "evaluate.py", 'rows = csv_rows(csv.DictReader(io.StringIO(text, newline="")))',
-           'rows = list(enumerate(csv.DictReader(io.StringIO(text, newline="")), 2))', (EVAL, "-k", "quoted_newlines")),
+    Mutant("prediction_lines_enumerated", "evaluate.py", 'else csv_rows(csv.DictReader(io.StringIO(text, newline="")))',
+           'else list(enumerate(csv.DictReader(io.StringIO(text, newline="")), 2))', (EVAL, "-k", "quoted_newlines")),
     Mutant("file_keeps_scored_references_only", "evaluate.py", "prediction=p, references=e.captions)",
            "prediction=p, references=refs[str(e.image)])", (EVAL, "-k", "caption_1_as")),
     # --- training's best model and early stop (train.py, validation.py, training.py) ---
