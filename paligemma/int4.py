@@ -86,21 +86,14 @@ def fused_mm(x: torch.Tensor, module: nn.Module, group: int, in_features: int, o
     if x.dtype == torch.float32:
         if getattr(module, "_bf16", None) is None or changed(sz, module._bf16_of):
             module._bf16, module._bf16_of = sz.bfloat16(), source(sz)
-        return fused_mm(x.bfloat16(), _Bf16View(module), group, in_features, out_features).float()
-    rows = x.reshape(-1, x.shape[-1]).contiguous()  # the kernel refuses strided rows (a prefill's last positions)
+        sz = module._bf16
+    rows = x.reshape(-1, x.shape[-1]).to(sz.dtype).contiguous()  # the kernel refuses strided rows (a prefill's last positions)
     if module.qweight.shape[1] * 2 != in_features:
         rows = F.pad(rows, (0, 2 * module.qweight.shape[1] - in_features))  # zero columns of the padded groups
     y = torch._weight_int4pack_mm_for_cpu(rows, module.qweight, group, sz)
     if len(module.qweight) != out_features:
         y = y[:, :out_features]  # the zero rows of the padding
-    return y.reshape(*x.shape[:-1], out_features)
-
-
-class _Bf16View:
-    """A float32 int4 module's codes with the bfloat16 copy of its scales and zeros, for fused_mm."""
-
-    def __init__(self, module):
-        self.qweight, self.scales_and_zeros = module.qweight, module._bf16
+    return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 
 class Int4Linear(nn.Module):

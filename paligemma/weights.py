@@ -194,7 +194,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, max_shard_byt
     from safetensors.torch import save_file
     from .atomic import atomic_dir
     state = state_dict or model.state_dict()
-    quantized = [k for k in state if k.rpartition(".")[2] in ("qweight", "scales", "scales_and_zeros", "absmax")]
+    quantized = [k for k in state if k.endswith(".qweight")]  # every quantized layer (quantize.py) holds one
     if quantized:  # the hub layout has no such keys: the folder would load nowhere, this project included
         raise ValueError(f"save_pretrained: {quantized[0]} (and {len(quantized) - 1} more) are quantized weights, "
                          "which the hub layout cannot hold: save the unquantized model and quantize when loading "
