@@ -558,3 +558,30 @@ def test_a_reference_box_off_the_loc_grid_is_refused(tmp_path, rows_loader):
                                                                                 "<loc1023> plane")) + "\n")
     with pytest.raises(ValueError, match=r"a\.png: 1 malformed piece\(s\) in the reference"):
         score_file(str(data), str(tmp_path / "p.jsonl"), tmp_path / "e")
+
+
+def test_image_with_no_object_counts_its_boxes_as_false_alarms(detection_set, forced, tmp_path):
+    """A detect row with an empty suffix (none of the asked objects on its image) loads through data.py
+    and has no reference box: every box predicted there is a false alarm, scored as pycocotools scores
+    an image without annotations; the row keeps its empty reference in predictions.jsonl."""
+    from tests.tasks.test_average_precision import coco_reference  # skips without pycocotools
+    model, data = detection_set
+    rows = read_jsonl(data)
+    rows[2]["suffix"] = ""  # the forced model still writes image 2's objects (and a false alarm)
+    rows[5]["suffix"] = ""
+    emptied = write_rows(Path(data).parent, rows, "emptied.jsonl")
+    from paligemma.captioning.data import load_examples  # what evaluate.py reads it with (rows_loader falls back)
+    assert [e.captions for e in load_examples(emptied, "test")[0]][2::3] == [[""], [""]]
+    (scores,) = run(model, str(emptied), tmp_path / "e").values()
+    saved = read_jsonl(tmp_path / "e" / "predictions.jsonl")
+    assert [r["references"] for r in saved[2::3]] == [[""], [""]] and saved[2]["boxes"] and saved[5]["boxes"]
+    preds = [[(b["label"], tuple(b["box"]), b["score"]) for b in r["boxes"]] for r in saved]
+    refs = [[(d.label, d.box) for d in parse_detections(r["suffix"], 64, 64)] for r in rows if r["split"] == "test"]
+    assert refs[2] == [] == refs[5]
+    ap50, ap, per_class = coco_reference(preds, refs, sorted({l for rs in refs for l, _ in rs}))
+    assert scores["mAP@0.5"] == pytest.approx(ap50, abs=1e-6) and scores["mAP"] == pytest.approx(ap, abs=1e-6)
+    for label, (c50, c) in per_class.items():
+        assert scores["per_class"][label]["AP@0.5"] == pytest.approx(c50, abs=1e-6)
+    # the false alarms cost: the same answers scored without images 2 and 5's boxes predicted
+    kept = [p if i not in (2, 5) else [] for i, p in enumerate(preds)]
+    assert coco_reference(kept, refs, sorted(per_class))[0] > scores["mAP@0.5"]

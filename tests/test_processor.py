@@ -31,6 +31,18 @@ def test_matches_transformers_with_suffixes(procs):
     torch.testing.assert_close(got["pixel_values"], ref["pixel_values"], rtol=0, atol=1e-6)
 
 
+def test_empty_suffix_is_eos_alone_as_in_transformers(procs):
+    """A detection image with none of the asked objects trains on its <eos> alone (the model learns to
+    answer nothing): the same ids, types and labels as transformers' processor given suffix ""."""
+    ours, hf = procs
+    ims, prompts, suffixes = images(2), ["detect plane", "detect plane ; ship"], ["", "a bridge"]
+    got = ours(ims, prompts, suffixes)
+    ref = hf(images=ims, text=prompts, suffix=suffixes, return_tensors="pt", padding="longest")
+    for key in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+        assert torch.equal(got[key], ref[key]), key
+    assert [t for t in got["labels"][0].tolist() if t != -100] == [ours.tokenizer.eos_id]
+
+
 def test_matches_transformers_prompt_only(procs):
     ours, hf = procs
     ims = images(2)

@@ -205,6 +205,11 @@ def parse_row(path, line, row, folder, check_images) -> Example:
         return mask_row(where, row, path.parent, folder, check_images)
     caps = references(where, row)
     empty = [i + 1 for i, c in enumerate(caps) if not (c or "").strip()]
+    if caps and len(empty) == len(caps) and is_detect(prefix):
+        # an image with none of the asked objects: trained to answer <eos> at once, as big_vision's
+        # detection sets do, and scored with no reference box (each box predicted on it a false alarm)
+        image, _ = checked_image(where, folder, name, check_images)
+        return Example(image=image, captions=[""], split=split_of(row) or "", prefix=prefix.strip())
     if empty or not caps:
         raise DataError(f"{where}: empty caption(s) {empty or 'all'} for image {name}")
     caps = [c.strip() for c in caps]
@@ -259,6 +264,11 @@ def references(where: str, row: dict) -> list:
         raise DataError(f"{where}: {key} must be strings (a JSONL " +
                         ("'suffix' string or list of strings)" if key == "suffix" else "'captions' list of strings)"))
     return caps
+
+
+def is_detect(prefix: str | None) -> bool:
+    """The row's own prefix asks for boxes ("detect plane ; ship")."""
+    return bool(prefix and prefix.split() and prefix.split()[0].lower() == "detect")
 
 
 def check_answer(where: str, text: str, prefix: str | None):

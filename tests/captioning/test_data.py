@@ -235,6 +235,27 @@ def test_prefix_suffix_rows_load_with_their_prompt_and_references(tmp_path, imag
         load_examples(twice, "train")
 
 
+def test_detection_image_with_no_object_is_an_empty_answer(tmp_path, images):
+    """A detect row whose suffix is empty (or blank, in JSONL or CSV) is an image with none of the asked
+    objects: one empty reference, trained on <eos> alone and scored with no reference box. Anywhere else
+    an empty suffix is still refused, and so is a detect row mixing an empty reference with boxes."""
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"image": "ok.png", "prefix": "detect plane ; tank", "suffix": "", "split": "train"},
+        {"image": "ok2.png", "prefix": "Detect plane", "suffix": ["  "], "split": "train"},
+        {"image": "ok.png", "prefix": "detect ship", "suffix": DET, "split": "train"}])
+    assert [(e.prefix, e.captions) for e in load_examples(path, "train")[0]] == [
+        ("detect plane ; tank", [""]), ("Detect plane", [""]), ("detect ship", [DET])]
+    csv = tmp_path / "d.csv"
+    csv.write_text("image,prefix,suffix,split\nok.png,detect plane,,train\n")
+    assert [e.captions for e in load_examples(csv, "train")[0]] == [[""]]
+    for row, error in (({"image": "ok.png", "prefix": "caption en", "suffix": ""}, r"empty caption\(s\) \[1\]"),
+                       ({"image": "ok.png", "suffix": ""}, r"empty caption\(s\) \[1\]"),  # the run's --prompt decides nothing
+                       ({"image": "ok.png", "prefix": "answer en how many?", "suffix": " "}, r"empty caption\(s\) \[1\]"),
+                       ({"image": "ok.png", "prefix": "detect plane", "suffix": ["", DET]}, r"empty caption\(s\) \[1\]")):
+        with pytest.raises(DataError, match=r"e.jsonl:1: " + error):
+            load_examples(write_jsonl(tmp_path / "e.jsonl", [row]))
+
+
 @pytest.mark.parametrize("row, error", [
     ({"image": "ok.png"}, "neither 'suffix' nor captions"),
     ({"image": "ok.png", "suffix": "a", "captions": ["b"]}, "both a suffix and captions"),
