@@ -263,6 +263,11 @@ MUTANTS = [
     Mutant("number_caption_accepted", "paligemma/captioning/data.py",
            "all(isinstance(c, str) or c is None for c in caps)", "all(isinstance(c, (str, int)) or c is None for c in caps)",
            (DATA, "-k", "jsonl_blank")),
+    Mutant("empty_answer_under_any_prefix", "paligemma/captioning/data.py",
+           'prefix.split()[0].lower() == "detect")', "prefix.split())", (DATA, "-k", "no_object")),
+    Mutant("empty_reference_mixed_with_boxes", "paligemma/captioning/data.py",
+           "if caps and len(empty) == len(caps) and is_detect(prefix):", "if caps and empty and is_detect(prefix):",
+           (DATA, "-k", "no_object")),
     # --- evaluate.py's flags ---
     Mutant("references_first_is_the_last", "evaluate.py", 'e.captions[:1] if args.references == "first"',
            'e.captions[-1:] if args.references == "first"', (EVAL, "-k", "caption_1_as")),  # kind
