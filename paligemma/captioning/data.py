@@ -206,8 +206,8 @@ def parse_row(path, line, row, folder, check_images) -> Example:
     caps = references(where, row)
     empty = [i + 1 for i, c in enumerate(caps) if not (c or "").strip()]
     if caps and len(empty) == len(caps) and is_detect(prefix):
-        # an image with none of the asked objects: trained to answer <eos> at once, as big_vision's
-        # detection sets do, and scored with no reference box (each box predicted on it a false alarm)
+        # an image with none of the asked objects: trained to answer <eos> at once (nothing to box), and
+        # scored with no reference box, so each box predicted on it is a false alarm
         image, _ = checked_image(where, folder, name, check_images)
         return Example(image=image, captions=[""], split=split_of(row) or "", prefix=prefix.strip())
     if empty or not caps:
