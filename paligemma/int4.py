@@ -16,11 +16,14 @@ way, but QLoRA's recipe is NF4: int4 is for inference).
 
 The codes are stored in the order torch's CPU kernel reads them (`_convert_weight_to_int4pack_for_cpu`,
 which `quantize_weight` calls), not re-packed on every call; `unpack` reads that order back. It is
-torch's private layout (torch 2.13): rows in blocks of 64, each block (in, 32) bytes holding rows
-i and i + 32 of the block in the low and high nibble; a last block of r < 64 rows (in, r / 2) bytes
-holding rows 2j and 2j + 1. tests/test_quantize.py checks `unpack` against torch's packer, so a
+torch's private layout (torch 2.13), which depends on the CPU: rows in blocks of B = 64 (AVX512; 32
+on an AVX2-only CPU, `block_rows` probes it), each block (in, B / 2) bytes holding rows i and i + B / 2
+of the block in the low and high nibble; a last block of r < B rows (in, r / 2) bytes holding rows 2j
+and 2j + 1. So packed codes belong to the machine that packed them (quantize on load, as every path here does). tests/test_quantize.py checks `unpack` against torch's packer, so a
 torch upgrade that changes it fails there, not silently.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,14 +60,24 @@ def quantize_weight(w: torch.Tensor, group: int = GROUP) -> dict:
     return {"qweight": qweight, "scales_and_zeros": sz}
 
 
+@functools.cache
+def block_rows() -> int:
+    """Rows in a block of torch's CPU int4 order on this CPU: 64 with AVX512, 32 with AVX2 (the packer
+    follows its kernel's vector width). Probed once on 64 rows whose codes are row // 16: the high nibble
+    of the first byte then holds row B / 2's code, B / 32."""
+    codes = (torch.arange(64, dtype=torch.int32) // 16)[:, None].expand(64, 64).contiguous()
+    return 32 * int(torch._convert_weight_to_int4pack_for_cpu(codes, 1)[0, 0] >> 4)
+
+
 def unpack(qweight: torch.Tensor) -> torch.Tensor:
     """torch's CPU int4 order (out, in / 2) uint8 -> codes (out, in) uint8 in 0..15 (see the module docstring)."""
     out_f, half = qweight.shape
     codes = torch.empty(out_f, 2 * half, dtype=torch.uint8, device=qweight.device)
     flat = qweight.reshape(-1)
-    full = out_f // 64 * 64
-    blocks = flat[:full * half].view(-1, 2 * half, 32)  # (blocks, in, 32): rows i, i + 32 of each block
-    view = codes[:full].view(-1, 2, 32, 2 * half)  # (blocks, low / high, 32, in)
+    b = block_rows()
+    full = out_f // b * b
+    blocks = flat[:full * half].view(-1, 2 * half, b // 2)  # (blocks, in, B / 2): rows i, i + B / 2 of each block
+    view = codes[:full].view(-1, 2, b // 2, 2 * half)  # (blocks, low / high, B / 2, in)
     view[:, 0] = (blocks & 15).transpose(1, 2)
     view[:, 1] = (blocks >> 4).transpose(1, 2)
     if full < out_f:  # the last block: rows 2j and 2j + 1 in one byte
