@@ -22,6 +22,8 @@ product with more rows (below); `pack(model)` packs everything at once.
 The tied output head (257k x 2048 at 3B) gets a packed copy beside the embedding table, which
 lookups still read: +1 GB at 3B for about a fifth of every decode step's bytes.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -203,8 +205,16 @@ class PackedHead(TiedHead):
 
 
 def packable(device, dtype: torch.dtype) -> bool:
-    return torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float32) \
-        and torch.backends.mkldnn.is_available()
+    """oneDNN packs float32 on any CPU it runs on, bfloat16 only where the CPU converts bf16 itself
+    (AVX512 BW / VL / DQ or AVX-NE-CONVERT; not an AVX2-only CPU, where the reorder raises): layers that
+    cannot pack stay plain, the same function at plain speed."""
+    return torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available() and (
+        dtype == torch.float32 or dtype == torch.bfloat16 and bf16_packs())
+
+
+@functools.cache
+def bf16_packs() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def can_pack(model) -> bool:

@@ -5,10 +5,14 @@ import torch.nn.functional as F
 
 from tests.helpers import batch
 from paligemma import PaliGemma
-from paligemma.packing import PackedLinear, pack
+from paligemma.packing import PackedLinear, bf16_packs, pack
+
+# oneDNN packs bfloat16 only on CPUs with AVX512 BW / VL / DQ or AVX-NE-CONVERT; elsewhere packing.packable
+# says no and bf16 layers stay plain (test_a_cpu_that_cannot_pack_bf16_keeps_layers_plain, below, runs anywhere)
+bf16_packing = pytest.mark.skipif(not bf16_packs(), reason="this CPU cannot pack bfloat16 (AVX2 only): layers stay plain")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=bf16_packing)])
 def test_packed_model_computes_the_same_function(pg2_dir, dtype):
     plain = PaliGemma.from_pretrained(pg2_dir, dtype=dtype).eval()
     packed = pack(PaliGemma.from_pretrained(pg2_dir, dtype=dtype))
@@ -42,6 +46,7 @@ def test_packed_model_refuses_to_train(pg1_dir):
         model.loss(**batch(16, suffix_len=2), labels=batch(16, suffix_len=2)["input_ids"])
 
 
+@bf16_packing
 def test_pack_frees_each_plain_weight_before_packing_the_next(pg2_dir, monkeypatch):
     """pack()'s transient memory is one layer, not a second copy of the model: when the k-th weight
     is reordered, the k weights packed before it are already gone (measured at 3B: +1.06 GB during
@@ -64,6 +69,7 @@ def test_pack_frees_each_plain_weight_before_packing_the_next(pg2_dir, monkeypat
     assert alive == [n - k for k in range(n)] + [0]  # the last call is the head's copy of the embedding
 
 
+@bf16_packing
 def test_from_pretrained_for_inference_is_packed_frozen_and_the_same(pg2_dir):
     from paligemma.packing import PackedHead
     plain = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16)
@@ -78,6 +84,7 @@ def test_from_pretrained_for_inference_is_packed_frozen_and_the_same(pg2_dir):
     assert torch.equal(plain.generate(**inputs, **gen), fast.generate(**inputs, **gen))
 
 
+@bf16_packing
 def test_inference_load_packs_each_weight_as_it_is_read_through_one_buffer(pg2_dir, monkeypatch):
     """from_pretrained(inference=True) on a float32 file: every linear weight is converted to bf16 into
     one reused buffer and reordered from there (no plain bf16 copy of the model, no fresh pages per
@@ -103,6 +110,7 @@ def test_inference_load_packs_each_weight_as_it_is_read_through_one_buffer(pg2_d
     assert len({ptr for ptr, _ in linears}) < len(linears) / 4
 
 
+@bf16_packing
 def test_layers_mapped_from_a_bf16_file_pack_themselves_on_their_after_th_call(pg2_dir, tmp_path, monkeypatch):
     """bf16 files: inference=True keeps each linear weight a view of the file, computes one-row products
     with torch.mv (uncounted) and packs a layer on its AFTER-th product with more rows (a one-off
@@ -137,6 +145,7 @@ def test_layers_mapped_from_a_bf16_file_pack_themselves_on_their_after_th_call(p
         assert torch.equal(plain(**inputs), fast(**inputs))
 
 
+@bf16_packing
 def test_layers_not_yet_packed_refuse_to_train_too(pg2_dir):
     from paligemma.packing import AFTER
     model = pack(PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16), after=AFTER)
@@ -152,6 +161,7 @@ def rows(n: int, seed: int = 0, in_features: int = 24, dtype=torch.bfloat16) -> 
     return torch.randn(n, in_features, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+@bf16_packing
 @pytest.mark.parametrize("after", [1, 2, 3])
 def test_a_layer_packs_itself_on_exactly_its_after_th_multi_row_call(after):
     """after = k: multi-row calls 1 .. k-1 run on the plain weight, call k reorders it (and frees the
@@ -171,6 +181,7 @@ def test_a_layer_packs_itself_on_exactly_its_after_th_multi_row_call(after):
     assert layer.plain is None and torch.equal(layer.weight, w)
 
 
+@bf16_packing
 def test_head_packs_its_copy_on_exactly_its_after_th_multi_row_call_and_always_soft_caps():
     """PaliGemma 2's head: tanh(h E^T / c) c on every path (one row through torch.mv, rented multi-row
     calls, packed), the copy made on the after-th multi-row call."""
@@ -205,7 +216,7 @@ def test_one_row_products_add_the_bias(shape):
     torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("after", [0, 8])
+@pytest.mark.parametrize("after", [pytest.param(0, marks=bf16_packing), 8])
 def test_training_mode_is_refused_without_gradients_too(after):
     """model.train() is refused even under torch.no_grad() (a dropout-free eval loop that forgot
     model.eval() would otherwise silently run on frozen packed weights); eval mode runs with gradients
@@ -222,6 +233,7 @@ def test_training_mode_is_refused_without_gradients_too(after):
             layer(x.clone().requires_grad_(True))
 
 
+@bf16_packing
 def test_the_head_refuses_training_mode_without_gradients_too():
     from paligemma.gemma import TiedHead
     from paligemma.packing import PackedHead
@@ -234,6 +246,7 @@ def test_the_head_refuses_training_mode_without_gradients_too():
 
 # --- issue #24: tensors an add-on made move with the model, or the move is refused ------------------
 
+@bf16_packing
 def test_a_packed_model_refuses_to_move_or_cast(pg1_dir):
     """oneDNN's packed weights exist only on the CPU (they cannot even go to `meta`) and are no buffers:
     model.to(...) on a packed model is refused by name instead of leaving them behind; staying on the
@@ -245,3 +258,22 @@ def test_a_packed_model_refuses_to_move_or_cast(pg1_dir):
         for move in (lambda m: m.to("meta"), lambda m: m.float()):
             with pytest.raises(RuntimeError, match=r"Packed(Linear|Head): packed for CPU inference in torch.bfloat16"):
                 move(model)
+
+
+def test_a_cpu_that_cannot_pack_bf16_keeps_layers_plain(pg2_dir, monkeypatch):
+    """On a CPU without bf16 packing (AVX2 only: oneDNN's reorder raises there) from_pretrained(inference=True)
+    in bf16 packs nothing and computes the plain model's function, while float32 still packs. Forced here
+    by what packing.bf16_packs answers, so it runs on any CPU."""
+    from paligemma import packing
+    monkeypatch.setattr(packing, "bf16_packs", lambda: False)
+    assert not packing.packable("cpu", torch.bfloat16) and packing.packable("cpu", torch.float32)
+    monkeypatch.setattr(packing, "_reorder", lambda w: pytest.fail("reordered a weight it cannot pack"))
+    plain = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16)
+    fast = PaliGemma.from_pretrained(pg2_dir, dtype=torch.bfloat16, inference=True)
+    assert not any(isinstance(m, PackedLinear) for m in fast.modules())
+    assert not any(p.requires_grad for p in fast.parameters())
+    inputs = batch(16, prompt_lens=(5, 3), suffix_len=2)
+    with torch.no_grad():
+        assert torch.equal(plain(**inputs), fast(**inputs))
+    gen = dict(max_new_tokens=6, eos_id=-1)
+    assert torch.equal(plain.generate(**inputs, **gen), fast.generate(**inputs, **gen))

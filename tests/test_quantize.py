@@ -610,7 +610,7 @@ def test_quantize_refuses_packed_layers_and_save_pretrained_refuses_quantized_on
     and save_pretrained() of a quantized model (a folder no loader reads); the old folder stays."""
     from paligemma import packing
     from paligemma.weights import save_pretrained
-    packed = packing.pack(PaliGemma.from_pretrained(pg1_dir, dtype=torch.bfloat16, inference=True))
+    packed = packing.pack(PaliGemma.from_pretrained(pg1_dir, dtype=torch.float32, inference=True))  # packs on any CPU
     with pytest.raises(ValueError, match="packed for CPU inference"):
         Q.quantize(packed, "int8")
     model = PaliGemma.from_pretrained(pg1_dir, dtype=torch.bfloat16, quantize="int4")
