@@ -19,8 +19,9 @@ which `quantize_weight` calls), not re-packed on every call; `unpack` reads that
 torch's private layout (torch 2.13), which depends on the CPU: rows in blocks of B = 64 (AVX512; 32
 on an AVX2-only CPU, `block_rows` probes it), each block (in, B / 2) bytes holding rows i and i + B / 2
 of the block in the low and high nibble; a last block of r < B rows (in, r / 2) bytes holding rows 2j
-and 2j + 1. So packed codes belong to the machine that packed them (quantize on load, as every path here does). tests/test_quantize.py checks `unpack` against torch's packer, so a
-torch upgrade that changes it fails there, not silently.
+and 2j + 1. So packed codes belong to the machine that packed them (every path here quantizes as it
+loads). tests/test_quantize.py checks `unpack` against torch's packer, so a torch upgrade (or a CPU)
+that changes it fails there, not silently.
 """
 import functools
 
