@@ -86,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--quantize", choices=["int8", "nf4"], help="QLoRA: LoRA over a frozen int8 or 4-bit NF4 base "
                    "(the adapter still loads on the unquantized model)")
     p.add_argument("--amp", choices=MODES, default="auto", help="autocast compute dtype: bf16, fp16 (with loss "
-                   "scaling, for GPUs without bf16), none (float32); auto: bf16 where the device has it, else fp16")
+                   "scaling, for GPUs without bf16), none (float32); auto: bf16 where the device has it, else fp16 (a CPU: float32)")
     p.add_argument("--eval-every", type=POSITIVE, default=100, help="validation: loss, image reliance, and "
                    "--val-captions captions scored (CIDEr-D picks OUT/best)")
     p.add_argument("--val-captions", type=NON_NEGATIVE, default=32, help="validation images captioned at each "

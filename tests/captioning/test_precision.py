@@ -71,11 +71,16 @@ def test_bf16_and_none_step_unless_the_gradient_is_non_finite():
 
 
 def test_auto_picks_bf16_where_supported_and_says_which(monkeypatch):
+    monkeypatch.setattr(precision_module, "bf16_supported", lambda device: True)
     prec = Precision("auto", "cpu")
     assert prec.mode == "bf16" and prec.dtype == torch.bfloat16 and "bf16" in prec.note
-    monkeypatch.setattr(precision_module, "bf16_supported", lambda device: False)  # a T4, say
-    prec = Precision("auto", "cpu")
-    assert prec.mode == "fp16" and prec.scaler.is_enabled() and "float16" in prec.note
+    monkeypatch.setattr(precision_module, "bf16_supported", lambda device: False)
+    prec = Precision("auto", "cpu")  # an AVX2-only CPU: emulated bf16 was 10x slower than float32
+    assert prec.mode == "none" and prec.dtype == torch.float32 and not prec.scaler.is_enabled()
+    assert "float32" in prec.note
+    with pytest.warns(UserWarning):  # no CUDA here: the scaler says so and disables itself
+        prec = Precision("auto", "cuda")  # a T4, say
+    assert prec.mode == "fp16" and prec.dtype == torch.float16 and "float16" in prec.note
     with pytest.raises(ValueError, match="--amp 'fp8'"):
         Precision("fp8", "cpu")
 
