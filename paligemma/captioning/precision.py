@@ -14,8 +14,8 @@
   after 2000 good steps it doubles. Skipped steps are counted, and the scale and the count are part of
   the checkpoint, so a resumed run continues with the same scale.
 - "none": float32 throughout.
-- "auto": bf16 if the device computes in it, else fp16 (float32 on a CPU without bf16 kernels, where
-  float16 is no faster); `note` says which was picked and why.
+- "auto": bf16 if the device computes in it, else fp16 (float32 on a CPU without bf16 kernels: the demo's
+  step there took 0.15 s in float32, 1.51 in bf16, 1.74 in fp16); `note` says which was picked and why.
 
 Where float32 is kept inside the model under float16 (the residual stream, the norms, the final
 soft-cap): paligemma/gemma.py's docstring.
@@ -45,7 +45,7 @@ class Precision:
             raise ValueError(f"--amp {mode!r}: expected one of {', '.join(MODES)}")
         self.device = torch.device(device)
         self.note = f"--amp {mode}"
-        if mode == "auto":  # a CPU without bf16 is no faster in float16: float32 there
+        if mode == "auto":  # a CPU without bf16 kernels is slower still in float16: float32 there
             mode = "bf16" if bf16_supported(self.device) else "none" if self.device.type == "cpu" else "fp16"
             why = {"bf16": "computes in bfloat16", "fp16": "has no bfloat16: float16 with loss scaling",
                    "none": "has no bfloat16 kernels (AVX2 only): float32"}[mode]
