@@ -264,9 +264,9 @@ MUTANTS = [
            "all(isinstance(c, str) or c is None for c in caps)", "all(isinstance(c, (str, int)) or c is None for c in caps)",
            (DATA, "-k", "jsonl_blank")),
     Mutant("empty_answer_under_any_prefix", "paligemma/captioning/data.py",
-           'prefix.split()[0].lower() == "detect")', "prefix.split())", (DATA, "-k", "no_object")),
+           'names_task(prefix) and task_of(prefix) == "detect":', "names_task(prefix):", (DATA, "-k", "no_object")),
     Mutant("empty_reference_mixed_with_boxes", "paligemma/captioning/data.py",
-           "if caps and len(empty) == len(caps) and is_detect(prefix):", "if caps and empty and is_detect(prefix):",
+           "if caps and len(empty) == len(caps) and names_task", "if caps and empty and names_task",
            (DATA, "-k", "no_object")),
     # --- evaluate.py's flags ---
     Mutant("references_first_is_the_last", "evaluate.py", 'e.captions[:1] if args.references == "first"',

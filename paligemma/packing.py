@@ -214,6 +214,7 @@ def packable(device, dtype: torch.dtype) -> bool:
 
 @functools.cache
 def bf16_packs() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (its reorder and matmuls; also what --amp auto asks)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

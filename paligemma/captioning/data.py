@@ -205,7 +205,8 @@ def parse_row(path, line, row, folder, check_images) -> Example:
         return mask_row(where, row, path.parent, folder, check_images)
     caps = references(where, row)
     empty = [i + 1 for i, c in enumerate(caps) if not (c or "").strip()]
-    if caps and len(empty) == len(caps) and is_detect(prefix):
+    from ..tasks.registry import names_task, task_of
+    if caps and len(empty) == len(caps) and names_task(prefix) and task_of(prefix) == "detect":
         # an image with none of the asked objects: trained to answer <eos> at once (nothing to box), and
         # scored with no reference box, so each box predicted on it is a false alarm
         image, _ = checked_image(where, folder, name, check_images)
@@ -264,11 +265,6 @@ def references(where: str, row: dict) -> list:
         raise DataError(f"{where}: {key} must be strings (a JSONL " +
                         ("'suffix' string or list of strings)" if key == "suffix" else "'captions' list of strings)"))
     return caps
-
-
-def is_detect(prefix: str | None) -> bool:
-    """The row's own prefix asks for boxes ("detect plane ; ship")."""
-    return bool(prefix and prefix.split() and prefix.split()[0].lower() == "detect")
 
 
 def check_answer(where: str, text: str, prefix: str | None):

@@ -27,9 +27,10 @@ MODES = ("bf16", "fp16", "none", "auto")
 
 def bf16_supported(device: torch.device) -> bool:
     """Whether `device` computes in bfloat16 natively (emulation does not count: it is slower than fp16)."""
-    if device.type == "cpu":  # oneDNN's bf16 kernels need AVX512 BW / VL / DQ (or AVX-NE-CONVERT, AMX); an
-        # AVX2-only CPU emulates them: the demo's step took 1.51 s there against 0.15 s in float32
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type == "cpu":  # where oneDNN has bf16 kernels (packing.bf16_packs); an AVX2-only CPU
+        # emulates them: the demo's step took 1.51 s there against 0.15 s in float32
+        from ..packing import bf16_packs
+        return bf16_packs()
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     try:  # mps and others: try the operation
